@@ -63,6 +63,8 @@ class LoRALayer(nn.Module):
         self.base = base
         self.spec = spec
         self.ops, self.up_ops = _ops_for(base)
+        # Remembered so that restore_base() hands the module back exactly as it was found.
+        self._base_requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
         base.requires_grad_(False)
         weight = base.weight
         out_ch, in_ch, *kernel = weight.shape
@@ -162,6 +164,14 @@ class LoRALayer(nn.Module):
             raise RuntimeError("adapter is not merged")
         self.base.weight.copy_(self._merged_from)
         self._merged_from = None
+
+    def restore_base(self) -> AdaptableModule:
+        """Unmerge if needed and return the base module with its original requires_grad flags."""
+        if self.merged:
+            self.unmerge()
+        for name, param in self.base.named_parameters():
+            param.requires_grad_(self._base_requires_grad[name])
+        return self.base
 
 
 class DoRALayer(LoRALayer):
