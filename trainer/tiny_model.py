@@ -1,0 +1,87 @@
+"""A tiny, random SDXL pipeline built entirely offline, for tests and CPU smoke runs.
+
+It has SDXL's exact module layout (``trainer.sdxl_configs``), so every stem, target count and
+checkpoint key matches the real model, while the whole thing builds and saves in a few seconds.
+Saved both as a diffusers folder and as an SGM single file, it exercises both loading paths.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .sdxl_configs import (
+    SDXL_SCHEDULER_CONFIG,
+    TINY_TEXT_ENCODER_1_CONFIG,
+    TINY_TEXT_ENCODER_2_CONFIG,
+    TINY_UNET_CONFIG,
+    TINY_VAE_CONFIG,
+)
+from .sgm_checkpoint import save_sgm_checkpoint
+
+TINY_CHECKPOINT_NAME = "tiny-sdxl.safetensors"
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's printable stand-in for each byte, in CLIP's vocabulary order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    symbols = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            symbols.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in symbols]
+
+
+def tiny_vocab() -> dict[str, int]:
+    """CLIP's base vocabulary without merges: every byte alone and word-final, then the specials.
+
+    With no merges each character is a token, so any caption tokenizes, as with the real tokenizer.
+    """
+    symbols = _bytes_to_unicode()
+    tokens = [*symbols, *(symbol + "</w>" for symbol in symbols), BOS_TOKEN, EOS_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def _tokenizer(pad_token: str) -> CLIPTokenizer:
+    return CLIPTokenizer(vocab=tiny_vocab(), merges=[], pad_token=pad_token, model_max_length=77)
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A random tiny SDXL pipeline; the same seed gives bit-identical weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**copy.deepcopy(TINY_UNET_CONFIG))
+        vae = AutoencoderKL(**copy.deepcopy(TINY_VAE_CONFIG))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER_1_CONFIG))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_ENCODER_2_CONFIG))
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=_tokenizer(pad_token=EOS_TOKEN),
+        tokenizer_2=_tokenizer(pad_token="!"),  # SDXL's tokenizer_2 pads with "!"
+        unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+    )
+
+
+def save_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+    """Save the tiny pipeline as a diffusers folder with its SGM single file inside; returns the folder.
+
+    One folder holds both so that ``from_single_file(file, config=folder)`` has its configs at hand.
+    """
+    out_dir = Path(out_dir)
+    pipe = build_tiny_pipeline(seed)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    save_sgm_checkpoint(pipe, out_dir / TINY_CHECKPOINT_NAME)
+    return out_dir
