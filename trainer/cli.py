@@ -1,0 +1,131 @@
+"""The ``dora-studio`` command. Each subcommand is a small function over the engine's modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED_CHECK, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UserError(Exception):
+    """An error whose message is for the user (names the file and the fix); printed without a traceback."""
+
+
+def _load_adapter(path: Path):
+    from .adapter_file import AdapterFileError, load_adapter
+
+    try:
+        return load_adapter(path)
+    except AdapterFileError as error:
+        raise UserError(str(error)) from error
+
+
+def _load_model(model: str, config_dir: str | None):
+    from .models import ModelLoadError, load_sdxl_pipeline
+
+    try:
+        return load_sdxl_pipeline(model, config_dir)
+    except ModelLoadError as error:
+        raise UserError(str(error)) from error
+
+
+def _match(adapter_path: Path, pipe):
+    from .merge import canonical_stems, match_stems, model_stem_targets, pipeline_parts
+
+    loaded = _load_adapter(adapter_path)
+    parts = pipeline_parts(pipe)
+    adapters = canonical_stems(loaded.adapters, parts)
+    return match_stems(adapters, model_stem_targets(parts))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect_adapter import format_summary, summarize
+
+    summary = summarize(_load_adapter(Path(args.file)))
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import format_report, verify_match
+
+    match = _match(Path(args.file), _load_model(args.model, args.config_dir))
+    report = verify_match(match, tolerance=args.tolerance)
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    return EXIT_OK if report.ok else EXIT_FAILED_CHECK
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import export_pipeline, merge_matched, require_full_match
+
+    pipe = _load_model(args.model, args.config_dir)
+    match = _match(Path(args.adapter), pipe)
+    try:
+        require_full_match(match, Path(args.adapter), args.model)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    if Path(args.out).exists() and Path(args.out).is_dir():
+        raise UserError(f"{args.out} already exists; choose a new output folder so nothing is overwritten")
+    merge_matched(match, args.strength)
+    out = export_pipeline(pipe, Path(args.out))
+    print(f"merged {len(match.matched)} layers at strength {args.strength:g} into {out}")
+    return EXIT_OK
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny_model import save_tiny_model
+
+    out = save_tiny_model(Path(args.out_dir), seed=args.seed)
+    print(f"tiny SDXL-structured model written to {out} (diffusers folder) and {out / 'tiny-sdxl.safetensors'}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dora-studio", description="Train and check LoRA/DoRA adapters for SDXL.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="summarise an adapter file (stems, ranks, kind, axis, metadata)")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    model_help = "SDXL base: a diffusers folder or a single-file .safetensors checkpoint"
+    config_help = "diffusers config folder for a single-file model (default: a folder named like the file)"
+
+    p = sub.add_parser("verify", help="merge a file as ComfyUI/Forge, A1111 and InvokeAI do; compare with ours")
+    p.add_argument("file")
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--config-dir", help=config_help)
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max relative error accepted (default 1e-5)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("merge", help="merge an adapter into a model; write a diffusers folder or .safetensors")
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--config-dir", help=config_help)
+    p.add_argument("--adapter", required=True, help="adapter .safetensors file")
+    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--out", required=True, help="output folder, or a .safetensors path for an SGM single file")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("make-tiny-model", help="write the built-in tiny SDXL-structured model (for tests, demos)")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
