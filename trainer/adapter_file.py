@@ -253,6 +253,8 @@ def rename_stems(loaded: LoadedAdapter, aliases: Mapping[str, str]) -> LoadedAda
 
 def _read_metadata(path: Path) -> dict[str, str]:
     """Check the container by hand before safetensors sees it, so every failure gets a clear message."""
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such adapter file; check the path and its spelling")
     size = path.stat().st_size
     if size == 0:
         raise AdapterFileError(f"{path} is empty (0 bytes): the export or download was interrupted; do it again")

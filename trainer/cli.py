@@ -14,61 +14,46 @@ class UserError(Exception):
     """An error whose message is for the user (names the file and the fix); printed without a traceback."""
 
 
-def _load_adapter(path: Path):
-    from .adapter_file import AdapterFileError, load_adapter
-
-    try:
-        return load_adapter(path)
-    except AdapterFileError as error:
-        raise UserError(str(error)) from error
-
-
-def _load_model(model: str, config_dir: str | None):
-    from .models import ModelLoadError, load_sdxl_pipeline
-
-    try:
-        return load_sdxl_pipeline(model, config_dir)
-    except ModelLoadError as error:
-        raise UserError(str(error)) from error
-
-
-def _match(adapter_path: Path, pipe):
+def _match(loaded, pipe):
+    """The file's stems against every Linear/Conv2d of the model (diffusers-underscore stems renamed)."""
     from .merge import canonical_stems, match_stems, model_stem_targets, pipeline_parts
 
-    loaded = _load_adapter(adapter_path)
     parts = pipeline_parts(pipe)
-    adapters = canonical_stems(loaded.adapters, parts)
-    return match_stems(adapters, model_stem_targets(parts))
+    return match_stems(canonical_stems(loaded, parts).adapters, model_stem_targets(parts))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .adapter_file import load_adapter
     from .inspect_adapter import format_summary, summarize
 
-    summary = summarize(_load_adapter(Path(args.file)))
+    summary = summarize(load_adapter(Path(args.file)))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .adapter_file import load_adapter
+    from .models import load_sdxl_pipeline
     from .verify import format_report, verify_match
 
-    match = _match(Path(args.file), _load_model(args.model, args.config_dir))
+    loaded = load_adapter(Path(args.file))  # before the slow model load, so a bad file fails fast
+    match = _match(loaded, load_sdxl_pipeline(args.model, args.config_dir))
     report = verify_match(match, tolerance=args.tolerance)
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     return EXIT_OK if report.ok else EXIT_FAILED_CHECK
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from .adapter_file import load_adapter
     from .merge import export_pipeline, merge_matched, require_full_match
+    from .models import load_sdxl_pipeline
 
-    pipe = _load_model(args.model, args.config_dir)
-    match = _match(Path(args.adapter), pipe)
-    try:
-        require_full_match(match, Path(args.adapter), args.model)
-    except ValueError as error:
-        raise UserError(str(error)) from error
-    if Path(args.out).exists() and Path(args.out).is_dir():
-        raise UserError(f"{args.out} already exists; choose a new output folder so nothing is overwritten")
+    if Path(args.out).exists():
+        raise UserError(f"{args.out} already exists; choose a new output path so nothing is overwritten")
+    loaded = load_adapter(Path(args.adapter))  # before the slow model load, so a bad file fails fast
+    pipe = load_sdxl_pipeline(args.model, args.config_dir)
+    match = _match(loaded, pipe)
+    require_full_match(match, Path(args.adapter), args.model)
     merge_matched(match, args.strength)
     out = export_pipeline(pipe, Path(args.out))
     print(f"merged {len(match.matched)} layers at strength {args.strength:g} into {out}")
@@ -120,9 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Imported after parsing so that --help answers without loading torch.
+    from .adapter_file import AdapterFileError
+    from .merge import AdapterMismatchError
+    from .models import ModelLoadError
+
     try:
         return args.func(args)
-    except UserError as error:
+    except (UserError, AdapterFileError, AdapterMismatchError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

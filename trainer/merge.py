@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapter_file import LoadedAdapter, rename_stems
 from .adapter_weights import AdapterWeights, merged_weight
 from .naming import Part, stem_for, unet_diffusers_stem_aliases
 
@@ -46,10 +47,10 @@ def pipeline_parts(pipe) -> dict[Part, nn.Module]:
     return {"unet": pipe.unet, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
 
 
-def canonical_stems(adapters: Mapping[str, AdapterWeights], parts: Mapping[Part, nn.Module]) -> dict[str, AdapterWeights]:
+def canonical_stems(loaded: LoadedAdapter, parts: Mapping[Part, nn.Module]) -> LoadedAdapter:
     """Rename diffusers-underscore UNet stems (written by some trainers) to the SGM stems we use."""
     aliases = unet_diffusers_stem_aliases(path for path, _ in parts["unet"].named_modules()) if "unet" in parts else {}
-    return {aliases.get(stem, stem): weights for stem, weights in adapters.items()}
+    return rename_stems(loaded, aliases)
 
 
 def _shape_problem(weights: AdapterWeights, module: nn.Module) -> str | None:
@@ -58,6 +59,10 @@ def _shape_problem(weights: AdapterWeights, module: nn.Module) -> str | None:
     if expected != weight_shape or weights.up.shape[0] != weight_shape[0]:
         return f"adapter {tuple(weights.up.shape)} x {tuple(weights.down.shape)} does not fit weight {weight_shape}"
     return None
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter's stems or shapes do not fit the model."""
 
 
 @dataclass
@@ -87,7 +92,7 @@ def require_full_match(match: StemMatch, adapter_file: Path, model: str | Path) 
     lines = [f"{stem}: no such module" for stem in match.unmatched[:10]]
     lines += [f"{stem}: {why}" for stem, why in list(match.misfit.items())[:10]]
     more = len(match.unmatched) + len(match.misfit) - len(lines)
-    raise ValueError(
+    raise AdapterMismatchError(
         f"{adapter_file} does not fit the model {model}: {len(match.unmatched)} stems not found, "
         f"{len(match.misfit)} with wrong shapes (is it an adapter for another architecture, e.g. SD1.5?)\n  "
         + "\n  ".join(lines) + (f"\n  ... and {more} more" if more > 0 else "")

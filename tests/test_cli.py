@@ -1,0 +1,159 @@
+"""End to end on the tiny SDXL-structured model: inject, save, inspect, verify, merge, and bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.adapter_file import build_metadata, save_adapter
+from trainer.cli import main
+from trainer.injection import NetworkSpec, adapter_weights, inject_adapters, remove_adapters
+from trainer.models import load_sdxl_pipeline
+from trainer.tiny_model import TINY_CHECKPOINT_NAME, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
+
+
+def _unet_inputs(pipe, generator: torch.Generator) -> dict:
+    config = pipe.unet.config
+    size = config.sample_size
+    return {
+        "sample": torch.randn(1, config.in_channels, size, size, generator=generator),
+        "timestep": torch.tensor(500),
+        "encoder_hidden_states": torch.randn(1, 77, config.cross_attention_dim, generator=generator),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(1, pipe.text_encoder_2.config.projection_dim, generator=generator),
+            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]),
+        },
+    }
+
+
+def _write_trained_adapter(tiny_dir: Path, out: Path, axis: str) -> tuple[torch.Tensor, dict]:
+    """Inject DoRA everywhere, move it off the identity, save it; return the adapted UNet's output."""
+    pipe = load_sdxl_pipeline(tiny_dir)
+    generator = torch.Generator().manual_seed(0)
+    network = NetworkSpec(dora=True, rank=4, alpha=2, conv_rank=2, conv_alpha=1, dora_axis=axis)
+    adapters = inject_adapters(pipe.unet, "unet", network, unet_preset="attn+conv")
+    adapters |= inject_adapters(pipe.text_encoder, "te1", network)
+    adapters |= inject_adapters(pipe.text_encoder_2, "te2", network)
+    with torch.no_grad():
+        for layer in adapters.values():
+            layer.lora_up.copy_(torch.randn(layer.lora_up.shape, generator=generator) * 0.05)
+            layer.dora_scale.mul_(1 + 0.05 * torch.randn(layer.dora_scale.shape, generator=generator))
+        inputs = _unet_inputs(pipe, torch.Generator().manual_seed(1))
+        adapted = pipe.unet(**inputs).sample
+    metadata = build_metadata(
+        network_kind="dora", dim=4, alpha=2, conv_dim=2, conv_alpha=1, dora_axis=axis, output_name=out.stem,
+        base_model_name="tiny-sdxl", steps=0, epoch=0, started_at=0, finished_at=0, mixed_precision="no",
+        learning_rate=1e-4, unet_lr=1e-4, text_encoder_lr=1e-5, tag_frequency={}, dataset_dirs={},
+        resolution=(64, 64), title=out.stem,
+    )
+    save_adapter(out, adapter_weights(adapters), metadata, dtype=torch.float32)
+    remove_adapters(pipe.unet)
+    return adapted, inputs
+
+
+@pytest.fixture(scope="module")
+def input_axis_file(tiny_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("adapters") / "tiny-dora.safetensors"
+    adapted, inputs = _write_trained_adapter(tiny_dir, path, "input")
+    return path, adapted, inputs
+
+
+def test_inspect_json(input_axis_file, capsys):
+    path, _, _ = input_axis_file
+    assert main(["inspect", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {part: entry["stems"] for part, entry in summary["parts"].items()} == {"unet": 788, "te1": 72, "te2": 192}
+    assert summary["parts"]["unet"]["kinds"] == {"dora-input": 788}
+    assert summary["metadata"]["ss_network_module"] == "lycoris.kohya"
+    assert summary["unknown_keys"] == []
+
+
+def test_verify_own_input_axis_file(input_axis_file, tiny_dir, capsys):
+    path, _, _ = input_axis_file
+    assert main(["verify", str(path), "--model", str(tiny_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stems_checked"] == 788 + 72 + 192
+    assert report["unmatched_stems"] == []
+    assert {r["front_end"] for r in report["results"]} >= {"ComfyUI", "AUTOMATIC1111", "InvokeAI"}
+    assert {r["strength"] for r in report["results"]} == {1.0, 0.5}
+    errors = {(r["front_end"], r["strength"]): r["max_rel_error"] for r in report["results"]}
+    # A1111 and InvokeAI use ||V|| with no eps, as we do: they must agree to 1e-6.
+    assert max(e for (name, _), e in errors.items() if name in ("AUTOMATIC1111", "InvokeAI")) <= 1e-6
+    # ComfyUI and Forge add float32 eps to ||V||: a column shift of eps/||V||. The tiny model's TE2 keeps
+    # CLIP's init norms (1/sqrt(2*32 layers) = 0.125), so that shift reaches 1.2e-6 there; it is the
+    # front ends' own disagreement with each other, not ours.
+    assert max(e for (name, _), e in errors.items() if name in ("ComfyUI", "Forge")) <= 1.5e-6
+
+
+def test_verify_output_axis_file_shows_front_end_disagreement(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "tiny-dora-output.safetensors"
+    _write_trained_adapter(tiny_dir, path, "output")
+    assert main(["verify", str(path), "--model", str(tiny_dir)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "AUTOMATIC1111" in out and "differs" in out
+
+
+@pytest.mark.parametrize("layout", ["folder", "single-file"])
+def test_merge_gives_the_adapted_model(input_axis_file, tiny_dir, tmp_path, layout):
+    path, adapted, inputs = input_axis_file
+    out = tmp_path / ("merged" if layout == "folder" else "merged.safetensors")
+    args = ["merge", "--model", str(tiny_dir), "--adapter", str(path), "--out", str(out)]
+    assert main(args) == 0
+    merged = load_sdxl_pipeline(out) if layout == "folder" else load_sdxl_pipeline(out, config_dir=tiny_dir)
+    with torch.no_grad():
+        output = merged.unet(**inputs).sample
+    assert ((output - adapted).abs().max() / adapted.abs().max()).item() < 1e-5
+
+
+def test_merge_from_single_file_model(input_axis_file, tiny_dir, tmp_path):
+    path, adapted, inputs = input_axis_file
+    single = tiny_dir / TINY_CHECKPOINT_NAME
+    out = tmp_path / "merged-from-single"
+    args = ["merge", "--model", str(single), "--config-dir", str(tiny_dir), "--adapter", str(path), "--out", str(out)]
+    assert main(args) == 0
+    with torch.no_grad():
+        output = load_sdxl_pipeline(out).unet(**inputs).sample
+    assert ((output - adapted).abs().max() / adapted.abs().max()).item() < 1e-5
+
+
+class _Bomb:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/dora-studio-unpickled-marker"),))
+
+
+@pytest.mark.parametrize("case", ["pickle_adapter", "pickle_model", "missing_model", "missing_adapter", "other_arch"])
+def test_bad_input_gives_a_named_error_not_a_traceback(case, input_axis_file, tiny_dir, tmp_path, capsys):
+    adapter, model = str(input_axis_file[0]), str(tiny_dir)
+    if case == "pickle_adapter":
+        adapter = str(tmp_path / "evil.safetensors")
+        Path(adapter).write_bytes(pickle.dumps(_Bomb()))
+    elif case == "pickle_model":
+        model = str(tmp_path / "model.ckpt")
+        Path(model).write_bytes(pickle.dumps(_Bomb()))
+    elif case == "missing_model":
+        model = str(tmp_path / "nowhere")
+    elif case == "missing_adapter":
+        adapter = str(tmp_path / "nowhere.safetensors")
+    else:  # an SD1.5-sized layer under an SDXL stem: shapes do not fit
+        from trainer.adapter_weights import AdapterWeights
+
+        weights = {"lora_unet_input_blocks_4_1_proj_in": AdapterWeights(torch.zeros(4, 320), torch.zeros(320, 4), 4.0)}
+        adapter = str(tmp_path / "sd15.safetensors")
+        save_adapter(Path(adapter), weights, {})
+    code = main(["merge", "--model", model, "--adapter", adapter, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    named = {"pickle_model": model, "missing_model": model}.get(case, adapter)
+    assert "error: " in err and named in err
+    assert "Traceback" not in err
+    assert not Path("/tmp/dora-studio-unpickled-marker").exists()
+    assert not (tmp_path / "out").exists()
