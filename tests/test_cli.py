@@ -157,3 +157,24 @@ def test_bad_input_gives_a_named_error_not_a_traceback(case, input_axis_file, ti
     assert "Traceback" not in err
     assert not Path("/tmp/dora-studio-unpickled-marker").exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_diffusers_underscore_stems_are_renamed_and_verified(input_axis_file, tiny_dir, tmp_path, capsys):
+    """Files from trainers that write diffusers-style UNet stems verify like ours after renaming."""
+    from trainer.adapter_file import load_adapter
+    from trainer.naming import attention_module_paths, conv_module_paths, stem_for
+
+    path = input_axis_file[0]
+    loaded = load_adapter(path)
+    unet = load_sdxl_pipeline(tiny_dir).unet
+    diffusers_stem = {
+        stem_for("unet", p): "lora_unet_" + p.replace(".", "_")
+        for p in attention_module_paths(unet) + conv_module_paths(unet)
+    }
+    renamed = {diffusers_stem.get(stem, stem): weights for stem, weights in loaded.adapters.items()}
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q" in renamed
+    foreign = tmp_path / "diffusers-stems.safetensors"
+    save_adapter(foreign, renamed, loaded.metadata, dtype=torch.float32)
+    assert main(["verify", str(foreign), "--model", str(tiny_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stems_checked"] == len(loaded.adapters) and report["unmatched_stems"] == []
