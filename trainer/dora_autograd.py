@@ -22,15 +22,21 @@ from torch import Tensor
 
 
 class LinearOps:
-    """Linear as the DoRA functions need it: apply, and input/weight gradients on demand."""
+    """Linear as the DoRA functions need it: apply, and the input and weight gradients."""
 
     def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
 
-    def grads(self, x: Tensor, weight: Tensor, dy: Tensor, need_input: bool, need_weight: bool):
-        dx = dy @ weight if need_input else None
-        dw = dy.flatten(0, -2).T @ x.flatten(0, -2) if need_weight else None
-        return dx, dw
+    def input_grad(self, x: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """sum_k dy_k @ w_k, accumulated in place by the GEMM (beta=1) instead of through temporaries."""
+        (w0, dy0), *rest = pairs
+        dx = dy0.flatten(0, -2) @ w0
+        for w, dy in rest:
+            dx.addmm_(dy.flatten(0, -2), w)
+        return dx.reshape(x.shape)
+
+    def weight_grad(self, x: Tensor, weight: Tensor, dy: Tensor) -> Tensor:
+        return dy.flatten(0, -2).T @ x.flatten(0, -2)
 
     def channel_shape(self, channels: int) -> tuple[int, ...]:
         return (channels,)
@@ -47,18 +53,30 @@ class ConvOps:
     def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
-    def grads(self, x: Tensor, weight: Tensor, dy: Tensor, need_input: bool, need_weight: bool):
-        dx, dw, _ = torch.ops.aten.convolution_backward(
+    def _backward(self, x: Tensor, weight: Tensor, dy: Tensor, need_input: bool, need_weight: bool):
+        return torch.ops.aten.convolution_backward(
             dy, x, weight, None, self.stride, self.padding, self.dilation,
             False, [0, 0], 1, [need_input, need_weight, False],
         )
-        return dx, dw
+
+    def input_grad(self, x: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+        (w0, dy0), *rest = pairs
+        dx = self._backward(x, w0, dy0, True, False)[0]
+        for w, dy in rest:
+            dx.add_(self._backward(x, w, dy, True, False)[0])
+        return dx
+
+    def weight_grad(self, x: Tensor, weight: Tensor, dy: Tensor) -> Tensor:
+        return self._backward(x, weight, dy, False, True)[1]
 
     def channel_shape(self, channels: int) -> tuple[int, ...]:
         return (1, channels, 1, 1)
 
 
 Ops = LinearOps | ConvOps
+
+# Positions of the differentiable inputs of both functions' forward(x, scale, weight, bias, down, up, ...).
+_X, _SCALE, _BIAS, _DOWN, _UP = 0, 1, 3, 4, 5
 
 
 def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
@@ -70,84 +88,90 @@ def _bias_grad(dy: Tensor, bias: Tensor, ops: Ops) -> Tensor:
     return dy.sum_to_size(ops.channel_shape(bias.shape[0])).reshape(bias.shape)
 
 
-def _lora_backward(ctx, x_in: Tensor, dz: Tensor, weight, down, up, h, rank_mask, need_x: bool):
-    """Shared tail of both axes: gradients of up, down and of V's input from d(V x)."""
-    ops, up_ops, gamma = ctx.ops, ctx.up_ops, ctx.gamma
-    dh, d_up = up_ops.grads(h, up, dz, True, ctx.needs_input_grad[5])
+def _up_backward(ctx, dz: Tensor, up: Tensor, h: Tensor, rank_mask: Tensor | None):
+    """d(up) and d(h) from the gradient of V x = W x + gamma * up(h); d(h) already carries gamma and mask."""
+    up_ops, gamma = ctx.up_ops, ctx.gamma
+    d_up = up_ops.weight_grad(h, up, dz) * gamma if ctx.needs_input_grad[_UP] else None
+    dh = up_ops.input_grad(h, [(up, dz)])
     dh = dh * (gamma if rank_mask is None else gamma * rank_mask)
-    dx_lora, d_down = ops.grads(x_in, down, dh, need_x, ctx.needs_input_grad[4])
-    dx = None
-    if need_x:
-        dx, _ = ops.grads(x_in, weight, dz, True, False)
-        dx = dx + dx_lora
-    if d_up is not None:
-        d_up = d_up * gamma
-    return dx, d_down, d_up
+    return d_up, dh
+
+
+def _lora_forward(ctx, v_input: Tensor, weight, bias, down, up, gamma, rank_mask, ops, up_ops) -> Tensor:
+    """V x + b = W x + b + gamma * up(mask * down(x)), saving the rank-r hidden for backward."""
+    h = ops.apply(v_input, down)
+    if rank_mask is not None:
+        h = h * rank_mask
+    out = ops.apply(v_input, weight, bias)
+    out.add_(up_ops.apply(h, up), alpha=gamma)
+    ctx.ops, ctx.up_ops, ctx.gamma = ops, up_ops, gamma
+    return out, h
 
 
 class DoraInputAxis(torch.autograd.Function):
-    """y = W (c*x) + gamma * up(down(c*x)) + b; saves x, not c*x."""
+    """y = W (c*x) + gamma * up(down(c*x)) + b; saves x, not c*x.
+
+    The scaled input is not even recomputed in backward: the down weight's gradient is linear in each
+    input channel, so d(down) = grad(x) * c, a rank-sized product.
+    """
 
     @staticmethod
     def forward(ctx, x, scale, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops):
-        scaled_x = (x * scale).to(x.dtype)
-        h = ops.apply(scaled_x, down)
-        if rank_mask is not None:
-            h = h * rank_mask
-        y = ops.apply(scaled_x, weight, bias)
-        y = y + gamma * up_ops.apply(h, up)
+        y, h = _lora_forward(ctx, (x * scale).to(x.dtype), weight, bias, down, up, gamma, rank_mask, ops, up_ops)
         ctx.save_for_backward(x, scale, weight, bias, down, up, h, rank_mask)
-        ctx.ops, ctx.up_ops, ctx.gamma = ops, up_ops, gamma
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, scale, weight, bias, down, up, h, rank_mask = ctx.saved_tensors
-        scaled_x = (x * scale).to(x.dtype)
-        d_scaled_x, d_down, d_up = _lora_backward(
-            ctx, scaled_x, dy, weight, down, up, h, rank_mask, ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        )
+        needs = ctx.needs_input_grad
+        d_up, dh = _up_backward(ctx, dy, up, h, rank_mask)
+        # scale broadcasts over down's input-channel dim: (in,) against (r, in), (1, in, 1, 1) against (r, in, kh, kw).
+        d_down = (ctx.ops.weight_grad(x, down, dh) * scale).to(down.dtype) if needs[_DOWN] else None
         dx = d_scale = d_bias = None
-        if d_scaled_x is not None:
-            if ctx.needs_input_grad[1]:
+        if needs[_X] or needs[_SCALE]:
+            d_scaled_x = ctx.ops.input_grad(x, [(weight, dy), (down, dh)])
+            if needs[_SCALE]:
                 d_scale = _sum_to(d_scaled_x * x, scale.shape)
-            if ctx.needs_input_grad[0]:
-                dx = (d_scaled_x * scale).to(x.dtype)
-        if ctx.needs_input_grad[3]:
+            if needs[_X]:
+                dx = d_scaled_x.mul_(scale) if d_scaled_x.dtype == scale.dtype else (d_scaled_x * scale).to(x.dtype)
+        if needs[_BIAS]:
             d_bias = _bias_grad(dy, bias, ctx.ops)
         return dx, d_scale, None, d_bias, d_down, d_up, None, None, None, None
 
 
 class DoraOutputAxis(torch.autograd.Function):
-    """y = c * (W x + gamma * up(down(x))) + b; the unscaled output is recovered from y in backward."""
+    """y = c * (W x + gamma * up(down(x))) + b; the magnitude gradient is taken from y itself.
+
+    dL/dc = sum dy * (y - b) / c = (sum dy*y - b * sum dy) / c, so nothing beyond y (which the next op
+    usually keeps anyway) is saved and no output-sized temporary is built.
+    """
 
     @staticmethod
     def forward(ctx, x, scale, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops):
-        h = ops.apply(x, down)
-        if rank_mask is not None:
-            h = h * rank_mask
-        unscaled = ops.apply(x, weight) + gamma * up_ops.apply(h, up)
-        y = (unscaled * scale).to(unscaled.dtype)
+        unscaled, h = _lora_forward(ctx, x, weight, None, down, up, gamma, rank_mask, ops, up_ops)
+        y = unscaled.mul_(scale) if unscaled.dtype == scale.dtype else (unscaled * scale).to(unscaled.dtype)
         if bias is not None:
-            y = y + bias.reshape(ops.channel_shape(bias.shape[0]))
+            y.add_(bias.reshape(ops.channel_shape(bias.shape[0])))
         ctx.save_for_backward(x, scale, weight, bias, down, up, h, rank_mask, y)
-        ctx.ops, ctx.up_ops, ctx.gamma = ops, up_ops, gamma
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, scale, weight, bias, down, up, h, rank_mask, y = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         d_scale = d_bias = None
-        if ctx.needs_input_grad[1]:
-            shifted = y if bias is None else y - bias.reshape(ctx.ops.channel_shape(bias.shape[0]))
+        dy_sum = _sum_to(dy, scale.shape) if needs[_SCALE] or needs[_BIAS] else None
+        if needs[_SCALE]:
+            shifted_sum = _sum_to(dy * y, scale.shape)
+            if bias is not None:
+                shifted_sum = shifted_sum - bias.float().reshape(scale.shape) * dy_sum
             # A channel whose magnitude is exactly 0 has lost its unscaled output; its m gets no gradient.
-            safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-            unscaled = torch.where(scale == 0, torch.zeros_like(shifted), shifted / safe_scale)
-            d_scale = _sum_to(dy * unscaled, scale.shape)
+            d_scale = torch.where(scale == 0, 0.0, shifted_sum / torch.where(scale == 0, 1.0, scale))
+        if needs[_BIAS]:
+            d_bias = dy_sum.reshape(bias.shape).to(bias.dtype)
         d_unscaled = (dy * scale).to(dy.dtype)
-        dx, d_down, d_up = _lora_backward(
-            ctx, x, d_unscaled, weight, down, up, h, rank_mask, ctx.needs_input_grad[0]
-        )
-        if ctx.needs_input_grad[3]:
-            d_bias = _bias_grad(dy, bias, ctx.ops)
+        d_up, dh = _up_backward(ctx, d_unscaled, up, h, rank_mask)
+        d_down = ctx.ops.weight_grad(x, down, dh) if needs[_DOWN] else None
+        dx = ctx.ops.input_grad(x, [(weight, d_unscaled), (down, dh)]) if needs[_X] else None
         return dx, d_scale, None, d_bias, d_down, d_up, None, None, None, None
