@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 from trainer.injection import NetworkSpec, inject_adapters, remove_adapters, select_targets

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import secrets
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +21,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from trainer.adapter_weights import DORA_AXES, AdapterWeights, DoraAxis, dora_axis_from_shape
+from trainer.atomic_io import write_bytes_atomically
 
 DOWN, UP, ALPHA, DORA_SCALE = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
 # PEFT / diffusers names map one to one onto kohya's (A = down, B = up).
@@ -77,7 +76,7 @@ def save_adapter(
     header = {"__metadata__": dict(sorted(full_metadata.items())), **{k: entries[k] for k in sorted(entries)}}
     header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # keep the data 8-byte aligned, as safetensors does
-    _write_atomically(path, (len(header_bytes).to_bytes(8, "little"), header_bytes, data))
+    write_bytes_atomically(path, (len(header_bytes).to_bytes(8, "little"), header_bytes, data))
 
 
 def _file_tensors(path: Path, stem: str, weights: AdapterWeights, dtype: torch.dtype) -> list[tuple[str, Tensor]]:
@@ -106,28 +105,6 @@ def _file_tensors(path: Path, stem: str, weights: AdapterWeights, dtype: torch.d
 
 def _file_copy(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor.detach().to("cpu", dtype, copy=True).contiguous()
-
-
-def _write_atomically(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
-    """Temp file in the same folder, fsync, rename over ``path``: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 so the umask applies
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def build_metadata(
