@@ -44,23 +44,35 @@ def weight_norm_sq(weight: Tensor, axis: DoraAxis) -> Tensor:
     return _per_input_channel(per_column, weight.shape[1])
 
 
+def _rows_times(weight2d: Tensor, other: Tensor, transpose_rows: bool) -> Tensor:
+    """up^T @ W (transpose_rows) or W @ down^T, in float32, reading a low-precision W in row chunks."""
+    if weight2d.dtype == torch.float32:  # one GEMM, no generator: this runs per layer per optimizer step
+        return other.T @ weight2d if transpose_rows else weight2d @ other
+    if transpose_rows:
+        return sum(other[rows].T @ w_rows for rows, w_rows in _float_row_chunks(weight2d))
+    return torch.cat([w_rows @ other for _, w_rows in _float_row_chunks(weight2d)])
+
+
 @torch.no_grad()
 def direction_norm(
     weight: Tensor, weight_sq: Tensor, down: Tensor, up: Tensor, gamma: float, axis: DoraAxis
 ) -> Tensor:
-    """||V|| along ``axis`` (shape (in,) or (out,)), float32, given the cached ||W||^2 from weight_norm_sq."""
+    """||V|| along ``axis`` (shape (in,) or (out,)), float32, given the cached ||W||^2 from weight_norm_sq.
+
+    Both cross and quadratic terms come from one rank-sized product T, e.g. for the input axis
+    T = up^T W + (g/2) (up^T up) down, and ||V_j||^2 = ||W_j||^2 + 2g <down_j, T_j>.
+    """
     w2d = weight.detach().flatten(1)
     a = down.detach().float().flatten(1)  # (r, k)
     b = up.detach().float().flatten(1)  # (out, r)
     if axis == "input":
-        up_t_w = sum(b[rows].T @ w_rows for rows, w_rows in _float_row_chunks(w2d))  # (r, k)
-        cross = (up_t_w * a).sum(dim=0)
-        quad = (a * ((b.T @ b) @ a)).sum(dim=0)
-        norm_sq = weight_sq + _per_input_channel(2 * gamma * cross + gamma * gamma * quad, weight.shape[1])
+        t = torch.addmm(_rows_times(w2d, b, transpose_rows=True), b.T @ b, a, alpha=gamma / 2)  # (r, k)
+        per_column = (a * t).sum(dim=0)
+        if per_column.shape[0] != weight.shape[1]:  # conv: fold kernel positions into their input channel
+            per_column = _per_input_channel(per_column, weight.shape[1])
+        norm_sq = torch.add(weight_sq, per_column, alpha=2 * gamma)
     else:
-        w_down_t = torch.cat([w_rows @ a.T for _, w_rows in _float_row_chunks(w2d)])  # (out, r)
-        cross = (b * w_down_t).sum(dim=1)
-        quad = (b * (b @ (a @ a.T))).sum(dim=1)
-        norm_sq = weight_sq + 2 * gamma * cross + gamma * gamma * quad
+        t = torch.addmm(_rows_times(w2d, a.T, transpose_rows=False), b, a @ a.T, alpha=gamma / 2)  # (out, r)
+        norm_sq = torch.add(weight_sq, (b * t).sum(dim=1), alpha=2 * gamma)
     # The sum can dip below zero by rounding when V's column is ~0; the floor keeps the scale finite.
-    return norm_sq.clamp_min(0).sqrt()
+    return norm_sq.clamp_min_(0).sqrt_()

@@ -192,7 +192,7 @@ class DoRALayer(LoRALayer):
         self._norm_cache: Tensor | None = None
 
     def direction_norm(self) -> Tensor:
-        """||V|| along the axis, float32, detached; recomputed only after the adapter's tensors change.
+        """||V|| along the axis, float32, detached, floored at eps, shaped to broadcast like the scale.
 
         Detached as in the paper (section 4.3): treating ||V|| as a constant in backward saves its gradient
         path (and memory) and barely changes what is learned. Cached on the tensors' version counters, so it
@@ -202,19 +202,29 @@ class DoRALayer(LoRALayer):
         key = (self.lora_down._version, self.lora_up._version, weight._version,
                self.lora_down.data_ptr(), self.lora_up.data_ptr(), weight.data_ptr())
         if key != self._norm_cache_key or self._norm_cache is None:
-            self._norm_cache = direction_norm(
+            norm = direction_norm(
                 weight, self.weight_norm_sq, self.lora_down, self.lora_up, self.gamma, self.spec.dora_axis
             )
+            self._norm_cache = norm.clamp_min_(NORM_EPS).reshape(self._scale_shape)
             self._norm_cache_key = key
         return self._norm_cache
+
+    @property
+    def _scale_shape(self) -> tuple[int, ...]:
+        """Input axis: the magnitude's own shape broadcasts over activations; output axis: channels."""
+        if self.spec.dora_axis == "input":
+            return tuple(self.dora_scale.shape)
+        return self.ops.channel_shape(self.dora_scale.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
         if self._skip_adapter():
             return self.base(x)
         rank_mask, gamma = self._rank_mask_and_gamma(x)
         x_c, down, up = self._compute_operands(x)
-        norm = self.direction_norm().clamp_min(NORM_EPS)
-        scale = (self.dora_scale.float().reshape(-1) / norm).reshape(self.ops.channel_shape(norm.shape[0]))
+        magnitude = self.dora_scale.float()
+        if self.spec.dora_axis == "output":
+            magnitude = magnitude.reshape(self._scale_shape)
+        scale = magnitude / self.direction_norm()
         weight, bias = self.base.weight, self.base.bias
         if weight.dtype != x_c.dtype:
             weight = weight.to(x_c.dtype)
