@@ -68,6 +68,21 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .buckets import BucketSpec
+    from .check_data import check_dataset, format_report
+
+    try:
+        spec = BucketSpec(resolution=args.resolution)
+    except ValueError as error:
+        raise UserError(f"--resolution {args.resolution}: {error}") from None
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be 1 or more")
+    report = check_dataset(Path(args.dir), args.caption_extension, spec, args.batch_size)
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dora-studio", description="Train and check LoRA/DoRA adapters for SDXL.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("check-data", help="scan a dataset folder: repeats, captions, broken files, buckets, steps")
+    p.add_argument("dir", help="dataset folder: images with same-name captions, or subfolders like 10_name")
+    p.add_argument("--caption-extension", default=".txt", help="caption file extension (default .txt)")
+    p.add_argument("--batch-size", type=int, default=1, help="for the steps-per-epoch count (default 1)")
+    p.add_argument("--resolution", type=int, default=1024, help="bucket resolution (default 1024)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_check_data)
     return parser
 
 
@@ -107,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported after parsing so that --help answers without loading torch.
     from .adapter_file import AdapterFileError
+    from .dataset_scan import DatasetError
     from .merge import AdapterMismatchError
     from .models import ModelLoadError
 
     try:
         return args.func(args)
-    except (UserError, AdapterFileError, AdapterMismatchError, ModelLoadError) as error:
+    except (UserError, AdapterFileError, AdapterMismatchError, ModelLoadError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

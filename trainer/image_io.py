@@ -1,0 +1,142 @@
+"""Read training images the way they look in a viewer: upright, opaque RGB, 8 bits, whatever the file.
+
+Two entry points: ``probe_image`` reads only the header (the dataset scan calls it on every file), and
+``load_image_rgb`` decodes pixels (training calls it). Both refuse decompression bombs before any pixel
+is decoded, and both report failures as ``ImageLoadError`` naming the file, the reason and the fix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow's own DecompressionBombError threshold (2 x MAX_IMAGE_PIXELS = 2 x 89,478,485). Set here rather
+# than read from Pillow so another library changing the global cannot change what we accept; images up to
+# it (a 12000x12000 scan is 144 MP) open without Pillow's DecompressionBombWarning.
+PIXEL_LIMIT = 178_956_970
+
+# Only these parsers run on user files: a .jpg that is really a TIFF or GIF still reads, but no
+# rarely-used plugin (EPS, PSD, ...) is ever handed an unknown file. The JPEG parser also yields "MPO".
+READABLE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF")
+
+# EXIF orientations that turn the stored image a quarter turn, so width and height trade places.
+_QUARTER_TURN_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION_TAG = 0x0112
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+class ImageLoadError(ValueError):
+    """An image that cannot be used. ``kind`` is "unreadable" or "too_large"; the message has the fix."""
+
+    def __init__(self, message: str, kind: str = "unreadable") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    width: int  # upright, after EXIF orientation
+    height: int
+    format: str  # what Pillow detected from the content, e.g. "PNG", whatever the extension says
+
+
+@contextmanager
+def _open(path: Path) -> Iterator[Image.Image]:
+    """Open with our pixel limit; header only. Any Pillow failure becomes an ``ImageLoadError``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path, formats=READABLE_FORMATS)
+    except Image.DecompressionBombError:  # Pillow's own guard, at the same limit unless changed globally
+        raise _too_large(path) from None
+    except FileNotFoundError:
+        raise ImageLoadError(f"{path}: file not found (moved or deleted while scanning?)") from None
+    except (OSError, ValueError, SyntaxError) as error:  # PIL.UnidentifiedImageError is an OSError
+        raise _unreadable(path, error) from None
+    with image:
+        width, height = image.size
+        if width * height > PIXEL_LIMIT:
+            raise _too_large(path, f"{width}x{height} = {width * height / 1e6:.0f} MP, ")
+        yield image
+
+
+def _too_large(path: Path, size: str = "") -> ImageLoadError:
+    return ImageLoadError(
+        f"{path}: image too large ({size}over the {PIXEL_LIMIT / 1e6:.0f} megapixel limit that guards "
+        "against decompression bombs); downscale it: training resizes to about 1 megapixel anyway",
+        kind="too_large",
+    )
+
+
+def _unreadable(path: Path, error: Exception) -> ImageLoadError:
+    if path.stat().st_size == 0:
+        reason = "the file is empty (0 bytes)"
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    return ImageLoadError(f"{path}: cannot read this image: {reason}; re-export or remove it")
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation from the header bytes only (``getexif`` on a PNG would decode all pixels)."""
+    raw = image.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+    except Exception:  # a damaged EXIF block must not make a readable image unusable
+        return 1
+    return exif.get(_EXIF_ORIENTATION_TAG, 1)
+
+
+def probe_image(path: str | Path) -> ImageProbe:
+    """Size and detected format without decoding pixels; ``verify`` catches broken PNG chunks cheaply.
+
+    JPEG has no cheap check in Pillow (its ``verify`` does nothing), so a truncated JPEG passes here and
+    fails in ``load_image_rgb``.
+    """
+    path = Path(path)
+    with _open(path) as image:
+        width, height = image.size
+        if _orientation(image) in _QUARTER_TURN_ORIENTATIONS:
+            width, height = height, width
+        detected = image.format or "unknown"
+        try:
+            image.verify()
+        except Exception as error:  # verify raises anything from struct.error to SyntaxError
+            raise _unreadable(path, error) from None
+    return ImageProbe(width, height, detected)
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """Scale 16-bit grey to 8 bits; Pillow's ``convert("L")`` clips everything above 255 to white."""
+    values = np.asarray(image).astype(np.float32)
+    return Image.fromarray(np.round(np.clip(values, 0, 65535) / 257).astype(np.uint8))
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = _sixteen_bit_to_l(image)
+    has_alpha = image.mode in {"RGBA", "RGBa", "LA", "La", "PA"} or "transparency" in image.info
+    if not has_alpha:
+        return image.convert("RGB")  # also CMYK, YCbCr, L, 1 and opaque palettes
+    rgba = image.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+
+
+def load_image_rgb(path: str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """The image as 8-bit RGB, upright per EXIF, transparency composited onto ``background``."""
+    path = Path(path)
+    with _open(path) as image:
+        try:
+            upright = ImageOps.exif_transpose(image)  # decodes the pixels
+            return _to_rgb(upright, background)
+        except (OSError, ValueError, SyntaxError) as error:
+            raise _unreadable(path, error) from None
