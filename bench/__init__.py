@@ -1,0 +1,1 @@
+"""Benchmarks: run as scripts (``python bench/adapter_step.py``); nothing here is imported by the trainer."""
