@@ -31,7 +31,8 @@ _PART_SUFFIXES = {DOWN: DOWN, UP: UP, ALPHA: ALPHA, DORA_SCALE: DORA_SCALE,
 # reported unknown as a whole rather than merged without them.
 _FOREIGN_STEM_SUFFIXES = (".lora_magnitude_vector.weight", ".lora_magnitude_vector", ".lora_mid.weight")
 _PEFT_PREFIXES = (("unet.", "lora_unet_"), ("text_encoder_2.", "lora_te2_"), ("text_encoder.", "lora_te1_"))
-_PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+# Pickle-based checkpoint formats: loading them can run arbitrary code, so they are never opened.
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -244,7 +245,7 @@ def _read_metadata(path: Path) -> dict[str, str]:
     except (UnicodeDecodeError, json.JSONDecodeError):
         header = None
     if not isinstance(header, dict):
-        if prefix[:1] == b"\x80" or prefix[:4] == b"PK\x03\x04" or path.suffix.lower() in _PICKLE_SUFFIXES:
+        if prefix[:1] == b"\x80" or prefix[:4] == b"PK\x03\x04" or path.suffix.lower() in PICKLE_SUFFIXES:
             raise AdapterFileError(
                 f"{path} is a pickle / PyTorch checkpoint, not a safetensors file. It was not opened, because "
                 "unpickling can run arbitrary code; get the .safetensors version or convert it with a tool you trust")

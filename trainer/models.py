@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+from .adapter_file import PICKLE_SUFFIXES
 
 
 class ModelLoadError(ValueError):
