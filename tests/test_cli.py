@@ -13,15 +13,10 @@ from trainer.adapter_file import build_metadata, save_adapter
 from trainer.cli import main
 from trainer.injection import NetworkSpec, adapter_weights, inject_adapters, remove_adapters
 from trainer.models import load_sdxl_pipeline
-from trainer.tiny_model import TINY_CHECKPOINT_NAME, save_tiny_model
+from trainer.tiny_model import TINY_CHECKPOINT_NAME
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
-
-
-def _unet_inputs(pipe, generator: torch.Generator) -> dict:
+def unet_inputs(pipe, generator: torch.Generator) -> dict:
     config = pipe.unet.config
     size = config.sample_size
     return {
@@ -47,7 +42,7 @@ def _write_trained_adapter(tiny_dir: Path, out: Path, axis: str) -> tuple[torch.
         for layer in adapters.values():
             layer.lora_up.copy_(torch.randn(layer.lora_up.shape, generator=generator) * 0.05)
             layer.dora_scale.mul_(1 + 0.05 * torch.randn(layer.dora_scale.shape, generator=generator))
-        inputs = _unet_inputs(pipe, torch.Generator().manual_seed(1))
+        inputs = unet_inputs(pipe, torch.Generator().manual_seed(1))
         adapted = pipe.unet(**inputs).sample
     metadata = build_metadata(
         network_kind="dora", dim=4, alpha=2, conv_dim=2, conv_alpha=1, dora_axis=axis, output_name=out.stem,
