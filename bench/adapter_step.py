@@ -236,7 +236,7 @@ def run_child(method: str, case: str, args: argparse.Namespace) -> dict:
         Path("/proc/self/clear_refs").write_text("5")
         rss_how, rss_before_kb = "VmHWM after clear_refs=5", _proc_status_kb("VmRSS")
     except OSError:
-        rss_how = "ru_maxrss (monotone: includes the warm-up)"
+        rss_how = "ru_maxrss (monotone: includes the build and warm-up)"
     # Others may share these cores, and two OpenMP threads on a busy core slow small ops tenfold or worse: a step
     # counts only if the rest of the machine stayed under CLEAN_BELOW cores; at most 3x reps steps are tried.
     times, others = [], []
