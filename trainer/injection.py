@@ -118,18 +118,3 @@ def adapter_weights(adapters: Mapping[str, LoRALayer]) -> dict[str, AdapterWeigh
     """What the file stores, per stem."""
     return {stem: layer.to_weights() for stem, layer in adapters.items()}
 
-
-def load_adapter_weights(adapters: Mapping[str, LoRALayer], weights: Mapping[str, AdapterWeights]) -> None:
-    """Copy a file's tensors into injected layers; every stem must be present on both sides."""
-    missing = sorted(set(adapters) - set(weights))
-    extra = sorted(set(weights) - set(adapters))
-    if missing or extra:
-        raise ValueError(
-            f"adapter stems do not match the injected layers: missing from file {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, not in model {extra[:5]}{' ...' if len(extra) > 5 else ''}"
-        )
-    for stem, layer in adapters.items():
-        try:
-            layer.load_weights(weights[stem])
-        except ValueError as error:
-            raise ValueError(f"{stem}: {error}") from error
