@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .buckets import BucketSpec, assign_bucket, make_buckets
-from .dataset_scan import FolderReport, Problem, scan_dataset
+from .dataset_scan import DatasetScan, FolderReport, Problem, scan_dataset
 
 # Enlarging more than this makes soft, blurry training targets; worth a warning, not a refusal.
 UPSCALE_WARNING = 2.0
@@ -53,9 +53,13 @@ def steps_per_epoch(bucket_counts: dict[tuple[int, int], int], batch_size: int) 
 
 def check_dataset(root: Path, caption_extension: str, bucket_spec: BucketSpec, batch_size: int) -> DataReport:
     """Scan ``root`` and bucket every image; raises ``DatasetError`` when nothing is usable."""
+    return report_for_scan(scan_dataset(Path(root), caption_extension), bucket_spec, batch_size)
+
+
+def report_for_scan(scan: DatasetScan, bucket_spec: BucketSpec, batch_size: int) -> DataReport:
+    """The report on an existing scan (training scans once and reports from the same scan)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be 1 or more, got {batch_size}")
-    scan = scan_dataset(Path(root), caption_extension)
     buckets = make_buckets(bucket_spec)
     bucket_counts: Counter[tuple[int, int]] = Counter()
     problems = list(scan.problems)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED_CHECK, EXIT_BAD_INPUT = 0, 1, 2
@@ -83,6 +84,56 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _train_config(args: argparse.Namespace):
+    """The preset + --set, or, when resuming a run with no preset given, the run's own config.toml."""
+    from .presets import load_config
+
+    if args.preset is None and args.resume and args.run_dir:
+        return load_config(Path(args.run_dir) / "config.toml", args.set)
+    if args.preset is None:
+        raise UserError("give a preset, e.g. `dora-studio train presets/quickstart.toml` (or --run-dir and "
+                        "--resume auto to continue a run with its saved settings)")
+    return load_config(args.preset, args.set)
+
+
+def _run_dir(args: argparse.Namespace, output_name: str) -> Path:
+    if args.run_dir:
+        return Path(args.run_dir)
+    if args.resume and args.resume != "auto":
+        return Path(args.resume).resolve().parent.parent  # <run>/state/step-N
+    if args.resume:
+        raise UserError("--resume auto needs --run-dir: the folder of the run to continue")
+    return Path(args.runs_dir) / f"{output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .run_dir import RunDirectory
+    from .train_log import log_to
+    from .training import StopRequested, Trainer
+
+    config = _train_config(args)
+    run = RunDirectory(_run_dir(args, config.saving.output_name))
+    if not args.resume and run.config_path.exists():
+        raise UserError(f"{run.root} already holds a run; pass --resume auto to continue it, or choose another "
+                        "--run-dir")
+    with log_to(run.log_path):
+        try:
+            adapter = Trainer(config, run, show_progress=not args.no_progress).run_training(args.resume)
+        except StopRequested:
+            print(f"stopped and saved; continue with: dora-studio train --run-dir {run.root} --resume auto",
+                  file=sys.stderr)
+            return EXIT_OK
+    print(f"adapter: {adapter}\nsamples: {run.samples_dir}\nrun folder: {run.root}")
+    return EXIT_OK
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    from .config_docs import settings_markdown, settings_text
+
+    print(settings_markdown() if args.markdown else settings_text())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dora-studio", description="Train and check LoRA/DoRA adapters for SDXL.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=1024, help="bucket resolution (default 1024)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("train", help="train an adapter from a TOML preset; writes a run folder")
+    p.add_argument("preset", nargs="?", help="preset .toml (see presets/); optional with --run-dir --resume")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set network.rank=8 (repeatable; see `dora-studio settings`)")
+    p.add_argument("--run-dir", help="run folder (default: RUNS_DIR/<output_name>-<date>-<time>)")
+    p.add_argument("--runs-dir", default="runs", help="where new run folders go (default ./runs)")
+    p.add_argument("--resume", metavar="auto|STATE", help="continue from the run's newest state, or this state")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to train.log)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("settings", help="list every preset setting with its default and meaning")
+    p.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's)")
+    p.set_defaults(func=cmd_settings)
     return parser
 
 
@@ -130,13 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported after parsing so that --help answers without loading torch.
     from .adapter_file import AdapterFileError
+    from .config import ConfigError
     from .dataset_scan import DatasetError
     from .merge import AdapterMismatchError
     from .models import ModelLoadError
+    from .optimizers import MissingPackageError
+    from .sample_prompts import PromptSyntaxError
+    from .train_state import TrainStateError
+    from .training_setup import TrainingError
 
+    user_errors = (UserError, AdapterFileError, AdapterMismatchError, ModelLoadError, DatasetError, ConfigError,
+                   MissingPackageError, PromptSyntaxError, TrainStateError, TrainingError)
     try:
         return args.func(args)
-    except (UserError, AdapterFileError, AdapterMismatchError, ModelLoadError, DatasetError) as error:
+    except user_errors as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

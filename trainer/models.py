@@ -7,9 +7,14 @@ before anything reads them.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .adapter_file import PICKLE_SUFFIXES
 
@@ -34,8 +39,43 @@ def _check_diffusers_folder(path: Path) -> None:
             "or an SDXL single-file .safetensors checkpoint."
         )
     found = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "?")
+    families = {"StableDiffusionPipeline": " (Stable Diffusion 1.x or 2.x)"}
     if found != "StableDiffusionXLPipeline":
-        raise ModelLoadError(f"{path}: this is a {found} folder, not SDXL (StableDiffusionXLPipeline)")
+        raise ModelLoadError(f"{path}: this is a {found} folder{families.get(found, '')}, not SDXL "
+                             "(StableDiffusionXLPipeline); DoRA Studio trains SDXL base models")
+
+
+# Key prefixes that tell checkpoint families apart, first match wins (as ComfyUI's model detection does it).
+ARCHITECTURE_MARKERS = (
+    ("conditioner.embedders.1.model.", "SDXL"),
+    ("conditioner.embedders.0.model.", "the SDXL refiner (it has no CLIP-L text encoder; train on SDXL base)"),
+    ("cond_stage_model.model.", "Stable Diffusion 2.x"),
+    ("cond_stage_model.transformer.", "Stable Diffusion 1.x"),
+    ("double_blocks.", "Flux"),
+    ("model.diffusion_model.double_blocks.", "Flux"),
+    ("model.diffusion_model.joint_blocks.", "Stable Diffusion 3"),
+)
+
+
+def checkpoint_architecture(keys: Iterable[str]) -> str:
+    """What a single-file checkpoint is, from its tensor names alone (nothing is loaded)."""
+    keys = list(keys)
+    for prefix, name in ARCHITECTURE_MARKERS:
+        if any(key.startswith(prefix) for key in keys):
+            return name
+    return "not a Stable Diffusion checkpoint we recognise"
+
+
+def _check_single_file(path: Path) -> None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as error:  # safetensors raises its own SafetensorError for damaged headers
+        raise ModelLoadError(f"{path}: not a readable .safetensors file ({error}); download it again") from None
+    found = checkpoint_architecture(keys)
+    if found != "SDXL":
+        raise ModelLoadError(f"{path}: this checkpoint is {found}, not SDXL; DoRA Studio trains SDXL base models "
+                             "(SDXL 1.0, Pony, Illustrious, NoobAI and other SDXL fine-tunes)")
 
 
 def load_sdxl_pipeline(model: str | Path, config_dir: str | Path | None = None, dtype: torch.dtype = torch.float32):
@@ -57,6 +97,7 @@ def load_sdxl_pipeline(model: str | Path, config_dir: str | Path | None = None, 
         )
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"{path}: unknown model file type; expected a .safetensors checkpoint or a folder")
+    _check_single_file(path)
     config = Path(config_dir) if config_dir else path.with_suffix("")
     if not (config / "model_index.json").is_file():
         raise ModelLoadError(
@@ -66,3 +107,42 @@ def load_sdxl_pipeline(model: str | Path, config_dir: str | Path | None = None, 
     return StableDiffusionXLPipeline.from_single_file(
         str(path), config=str(config), torch_dtype=dtype, local_files_only=True
     )
+
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("tiny-sdxl",)
+
+
+def default_cache_dir() -> Path:
+    """``$DORA_STUDIO_CACHE``, else the XDG cache folder (``~/.cache/dora-studio``)."""
+    if os.environ.get("DORA_STUDIO_CACHE"):
+        return Path(os.environ["DORA_STUDIO_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dora-studio"
+
+
+def resolve_builtin(model: str, cache_dir: Path | None = None) -> Path:
+    """The folder of a ``builtin:`` model, built on first use into the cache and reused after.
+
+    Built under a temp name and renamed, so two runs starting together never see a half-written model.
+    """
+    name = model.removeprefix(BUILTIN_PREFIX)
+    if name not in BUILTIN_MODELS:
+        raise ModelLoadError(f"{model}: unknown built-in model; built-ins are "
+                             + ", ".join(BUILTIN_PREFIX + known for known in BUILTIN_MODELS))
+    from .tiny_model import save_tiny_model
+
+    folder = (cache_dir or default_cache_dir()) / "models" / f"{name}-seed0"
+    if not (folder / "model_index.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+        try:
+            save_tiny_model(staging, seed=0)
+            if not folder.exists():  # another process may have finished first; theirs is identical
+                os.replace(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def resolve_model_path(model: str) -> Path:
+    return resolve_builtin(model) if model.startswith(BUILTIN_PREFIX) else Path(model)

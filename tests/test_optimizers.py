@@ -1,0 +1,116 @@
+"""Optimizers and schedules by name: param groups, lr curves equal to diffusers', clear errors."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from diffusers.optimization import get_scheduler
+from torch import nn
+
+from trainer.optimizers import (
+    OPTIMIZERS,
+    SCHEDULERS,
+    MissingPackageError,
+    ParamGroup,
+    build_optimizer,
+    build_scheduler,
+)
+
+ADAM = {"weight_decay": 0.1, "betas": (0.9, 0.99), "eps": 1e-8}
+
+
+def groups() -> tuple[list[ParamGroup], nn.Parameter]:
+    """UNet with a DoRA magnitude, one text encoder, and an empty second text encoder."""
+    unet, te1 = nn.Linear(4, 3), nn.Linear(3, 2)
+    magnitude = nn.Parameter(torch.ones(3, 1))
+    return [
+        ParamGroup("unet", [unet.weight, magnitude, unet.bias], 1e-4),
+        ParamGroup("text_encoder_1", list(te1.parameters()), 2e-5),
+        ParamGroup("text_encoder_2", [], 3e-5),
+    ], magnitude
+
+
+def test_groups_keep_name_and_lr_and_split_off_no_decay():
+    param_groups, magnitude = groups()
+    optimizer = build_optimizer("adamw", param_groups, **ADAM, no_decay=lambda p: p is magnitude)
+    summary = [(g["name"], g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups]
+    assert summary == [("unet", 1e-4, 0.1, 2), ("unet/no_decay", 1e-4, 0.0, 1), ("text_encoder_1", 2e-5, 0.1, 2)]
+    assert optimizer.param_groups[1]["params"][0] is magnitude
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    assert not optimizer.defaults["fused"]  # CPU parameters: the fused kernel is for CUDA
+
+
+def test_no_decay_none_and_all_no_decay():
+    param_groups, _ = groups()
+    optimizer = build_optimizer("adamw", param_groups, **ADAM, no_decay=None)
+    assert [g["name"] for g in optimizer.param_groups] == ["unet", "text_encoder_1"]
+    optimizer = build_optimizer("adamw", param_groups[1:], **ADAM, no_decay=lambda p: True)
+    assert [(g["name"], g["weight_decay"]) for g in optimizer.param_groups] == [("text_encoder_1/no_decay", 0.0)]
+
+
+def test_every_group_empty_is_an_error():
+    with pytest.raises(ValueError, match="no parameters"):
+        build_optimizer("adamw", [ParamGroup("unet", [], 1e-4)], **ADAM, no_decay=None)
+
+
+@pytest.mark.parametrize("name", ["adamw", "prodigy", "adafactor"])
+def test_optimizers_use_the_given_lr(name):
+    param_groups, magnitude = groups()
+    if name == "prodigy":  # one lr for all groups, conventionally 1.0
+        param_groups = [ParamGroup(g.name, g.params, 1.0 if g.params else 0.5) for g in param_groups]
+    optimizer = build_optimizer(name, param_groups, **ADAM, no_decay=lambda p: p is magnitude)
+    before = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
+    loss = sum((p * p).sum() for g in optimizer.param_groups for p in g["params"])
+    loss.backward()
+    optimizer.step()
+    after = [p for g in optimizer.param_groups for p in g["params"]]
+    lrs = {g.name: g.lr for g in param_groups}
+    assert [g["lr"] for g in optimizer.param_groups] == [lrs["unet"], lrs["unet"], lrs["text_encoder_1"]]
+    assert all(not torch.equal(b, a) for b, a in zip(before, after))
+
+
+def test_prodigy_refuses_different_lrs_when_built():
+    with pytest.raises(ValueError, match="unet=0.0001, text_encoder_1=2e-05"):
+        build_optimizer("prodigy", groups()[0], **ADAM, no_decay=None)
+
+
+def test_adafactor_keeps_a_fixed_lr():
+    param_groups, _ = groups()
+    optimizer = build_optimizer("adafactor", param_groups, **ADAM, no_decay=None)
+    assert type(optimizer).__name__ == "Adafactor"
+    assert all(not g["relative_step"] and not g["scale_parameter"] for g in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_scheduler_curves_match_diffusers(name):
+    ours = build_optimizer("adamw", groups()[0], **ADAM, no_decay=None)
+    theirs = build_optimizer("adamw", groups()[0], **ADAM, no_decay=None)
+    kwargs = {"num_cycles": 3, "power": 2.0}
+    schedule = build_scheduler(name, ours, warmup_steps=4, total_steps=30, **kwargs)
+    reference = get_scheduler(name, theirs, num_warmup_steps=4, num_training_steps=30, **kwargs)
+    curve, expected = [], []
+    for _ in range(32):
+        curve.append(schedule.get_last_lr())
+        expected.append(reference.get_last_lr())
+        ours.step(), theirs.step(), schedule.step(), reference.step()
+    assert curve == expected
+    assert len({tuple(lrs) for lrs in curve}) > 1 or name == "constant"
+
+
+def test_unknown_names_list_the_choices():
+    with pytest.raises(ValueError, match="adamw, adamw8bit, prodigy, adafactor"):
+        build_optimizer("sgd", groups()[0], **ADAM, no_decay=None)
+    optimizer = build_optimizer("adamw", groups()[0], **ADAM, no_decay=None)
+    with pytest.raises(ValueError, match="cosine_with_restarts"):
+        build_scheduler("piecewise_constant", optimizer, warmup_steps=0, total_steps=10)
+    assert OPTIMIZERS == ("adamw", "adamw8bit", "prodigy", "adafactor")
+
+
+@pytest.mark.parametrize(("name", "package"), [("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")])
+def test_missing_package_says_what_to_install(monkeypatch, name, package):
+    monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail, installed or not
+    with pytest.raises(MissingPackageError, match=f"'{name}' needs the '{package}' package") as info:
+        build_optimizer(name, groups()[0], **ADAM, no_decay=None)
+    assert f"pip install {package}" in str(info.value)

@@ -1,0 +1,333 @@
+"""The training loop: for each step, noise a latent, ask the UNet for the noise, step the adapter.
+
+Set-up is in ``training_setup``, data in ``train_data``/``batches``; bookkeeping (saving, sampling,
+status, commands, signals) is in named helpers below, so the interesting lines of ``_train_steps``
+read as plainly as nanoGPT's loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .batches import Batch, EpochBatches, batch_loader
+from .config import TrainConfig, to_dict
+from .diffusion_loss import add_noise, denoising_loss, prediction_target
+from .latent_cache import encode_moments, sample_latents
+from .network import PART_GROUP_NAMES, save_network
+from .presets import write_config
+from .resume import check_resume_config, find_state
+from .run_dir import RunDirectory
+from .sampling import SampleDefaults, generate_samples
+from .text_encoding import encode_captions
+from .train_data import plan_epoch
+from .train_state import load_train_state, prune_states, save_train_state
+from .training_setup import Session, TrainingError, prepare_session
+
+log = logging.getLogger("dora_studio")
+STATUS_INTERVAL_S = 1.0  # status.json is rewritten at most this often between state changes
+
+
+@dataclass
+class Progress:
+    """Where the run is: what a saved state records, and all a resume needs (data order is seeded)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs fully done
+    batches_done: int = 0  # batches of the current epoch done
+
+
+class StopRequested(Exception):
+    """Ctrl-C, SIGTERM or a ``stop`` command: save, then end the run as ``stopped``."""
+
+
+@dataclass
+class _Signals:
+    stop: bool = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The first Ctrl-C / SIGTERM asks for a clean stop; a second Ctrl-C interrupts at once."""
+        def handler(signum, frame):
+            self.stop = True
+            log.info("stop requested (%s): finishing this step, then saving", signal.Signals(signum).name)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for sig in previous:
+                signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. a test harness): no signal handling
+            previous = {}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+def step_seed(seed: int, micro_step: int) -> int:
+    """The torch seed of one micro-batch: noise, timesteps and adapter dropout replay exactly on resume."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{micro_step}".encode()).digest()[:8], "little") >> 1
+
+
+def _conditioning(session: Session, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    pipe, device = session.pipe, session.device
+    if session.text_cache is not None:
+        embeds, pooled = zip(*(session.text_cache[caption] for caption in captions))
+        return torch.stack(embeds), torch.stack(pooled)
+    grad = torch.enable_grad() if session.trains_text_encoders else torch.no_grad()
+    with grad:
+        return encode_captions((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
+                               captions, device)
+
+
+def training_loss(session: Session, unet, batch: Batch) -> torch.Tensor:
+    """The denoising loss of one batch, as SDXL was trained (diffusers' train_text_to_image_sdxl.py)."""
+    vae = session.pipe.vae
+    moments = batch.moments if batch.moments is not None else encode_moments(vae, batch.pixels.to(session.device))
+    latents = sample_latents(moments.to(session.device, torch.float32), vae.config.scaling_factor)
+    embeds, pooled = _conditioning(session, batch.captions)
+    noisy, noise, timesteps = add_noise(session.noise_scheduler, latents, session.config.training.noise_offset)
+    prediction = unet(
+        noisy, timesteps, encoder_hidden_states=embeds,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids.to(session.device)},
+    ).sample
+    target = prediction_target(session.noise_scheduler, latents, noise, timesteps)
+    return denoising_loss(session.noise_scheduler, prediction, target, timesteps,
+                          session.config.training.min_snr_gamma)
+
+
+class Trainer:
+    """One run in one run directory: owns the session, the progress and the bookkeeping."""
+
+    def __init__(self, config: TrainConfig, run: RunDirectory, show_progress: bool = True):
+        self.config, self.run, self.show_progress = config, run, show_progress
+        self.signals = _Signals()
+        self.progress = Progress()
+        self.started_at = time.time()
+        self._last_status = 0.0
+        self._session_start: tuple[float, int] | None = None  # (time, step) when this process began stepping
+
+    # -- entry point -------------------------------------------------------------------------------
+
+    def run_training(self, resume: str | None = None) -> Path:
+        """Train to the end (or a stop request); returns the newest adapter written."""
+        self.run.create()
+        write_config(self.config, self.run.config_path)
+        self.run.write_status(state="starting", message="loading data and models", started_at=self.started_at)
+        accelerator = Accelerator(mixed_precision=self.config.training.mixed_precision,
+                                  step_scheduler_with_optimizer=False)
+        with self.signals.installed():
+            try:
+                return self._run(accelerator, resume)
+            except StopRequested:
+                self.run.write_status(state="stopped", message="stopped before training began")
+                raise
+            except BaseException as error:
+                self.run.write_status(state="failed", message=str(error) or type(error).__name__,
+                                      error_type=type(error).__name__)
+                raise
+
+    def _run(self, accelerator: Accelerator, resume: str | None) -> Path:
+        self.run.write_status(state="caching", message="checking the dataset and caching latents")
+        session = prepare_session(self.config, accelerator.device, on_caching=self._caching_progress)
+        self.session = session
+        log.info("%d images, %d batches per epoch, %d optimizer steps in all", len(session.examples),
+                 session.batches_per_epoch, session.total_steps)
+        prepared = accelerator.prepare(session.pipe.unet, session.optimizer)
+        self.unet, session.optimizer = prepared
+        self.accelerator = accelerator
+        if resume:
+            self._resume(resume)
+        elif self.config.sampling.at_start and session.sample_prompts:
+            self._sample(self.run.samples_dir / "epoch_000", adapters=False)
+        self.run.truncate_metrics(self.progress.step)
+        adapter = self._train_steps()
+        self.run.write_status(state="done", message=f"finished: {adapter}", last_adapter=str(adapter),
+                              step=self.progress.step, eta_seconds=0)
+        return adapter
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _train_steps(self) -> Path:
+        session, config, accelerator = self.session, self.config, self.accelerator
+        accumulation = config.training.gradient_accumulation
+        bar = tqdm(total=session.total_steps, initial=self.progress.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.show_progress and accelerator.is_main_process))
+        self.run.write_status(state="training", message="training", total_steps=session.total_steps,
+                              epochs=config.training.epochs)
+        last_adapter: Path | None = None
+        while self.progress.epoch < config.training.epochs and self.progress.step < session.total_steps:
+            epoch = self.progress.epoch
+            draws = plan_epoch(session.examples, session.augment, config.training.batch_size, config.training.seed,
+                               epoch)
+            dataset = EpochBatches(draws, session.examples, session.latent_cache, session.augment.background)
+            group_loss, data_wait, tick = 0.0, 0.0, time.perf_counter()
+            for index, batch in enumerate(batch_loader(dataset, self.progress.batches_done,
+                                                       config.dataset.loader_workers),
+                                          start=self.progress.batches_done):
+                data_wait += time.perf_counter() - tick
+                group_start = index - index % accumulation
+                group_size = min(accumulation, len(draws) - group_start)
+                syncs = index == group_start + group_size - 1
+                torch.manual_seed(step_seed(config.training.seed, epoch * len(draws) + index))
+                with contextlib.nullcontext() if syncs else accelerator.no_sync(self.unet):
+                    loss = training_loss(session, self.unet, batch)
+                    accelerator.backward(loss / group_size)
+                group_loss += loss.item() / group_size
+                if syncs:
+                    self._check_finite(group_loss)
+                    if config.optimizer.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(session.trainable.values(), config.optimizer.max_grad_norm)
+                    session.optimizer.step()
+                    session.lr_scheduler.step()
+                    session.optimizer.zero_grad(set_to_none=True)
+                    self.progress.step += 1
+                    self.progress.batches_done = index + 1
+                    seconds = time.perf_counter() - tick + data_wait
+                    self._after_step(bar, group_loss, seconds, data_wait)
+                    last_adapter = self._step_bookkeeping() or last_adapter
+                    group_loss, data_wait = 0.0, 0.0
+                    if self.progress.step >= session.total_steps:
+                        break
+                tick = time.perf_counter()
+            else:
+                self.progress.epoch, self.progress.batches_done = epoch + 1, 0
+                last_adapter = self._epoch_bookkeeping() or last_adapter
+                continue
+            break  # max_steps reached inside the epoch
+        bar.close()
+        return self._save("final")
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+
+    def _check_finite(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss} at step {self.progress.step + 1}; nothing was saved after the last good "
+                "step. Usual fixes: lower the learning rate, use mixed_precision = \"bf16\" instead of fp16, "
+                "or lower noise_offset"
+            )
+
+    def _after_step(self, bar, loss: float, seconds: float, data_wait: float) -> None:
+        step = self.progress.step
+        if self._session_start is None:
+            self._session_start = (time.perf_counter() - seconds, step - 1)
+        lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.session.optimizer.param_groups)
+               if not str(group.get("name", "")).endswith("/no_decay")}
+        if self.accelerator.is_main_process:
+            self.run.append_metrics({"step": step, "epoch": self.progress.epoch + 1, "loss": loss, "lr": lrs,
+                                     "seconds": seconds, "data_seconds": data_wait, "time": time.time()})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}", refresh=False)
+        now = time.perf_counter()
+        if now - self._last_status >= STATUS_INTERVAL_S or step == self.session.total_steps:
+            self._last_status = now
+            started, first_step = self._session_start
+            rate = (step - first_step) / max(now - started, 1e-9)
+            self.run.write_status(state="training", step=step, epoch=self.progress.epoch + 1, loss=loss,
+                                  eta_seconds=round((self.session.total_steps - step) / rate, 1),
+                                  message=f"step {step}/{self.session.total_steps}")
+
+    def _step_bookkeeping(self) -> Path | None:
+        """Commands, signals and every-N-steps saving/sampling, after an optimizer step."""
+        commands = self.run.take_commands() if self.accelerator.is_main_process else set()
+        step, saving, sampling = self.progress.step, self.config.saving, self.config.sampling
+        adapter = None
+        if "sample" in commands or (sampling.every_n_steps and step % sampling.every_n_steps == 0):
+            self._sample(self.run.samples_dir / f"step_{step:06d}")
+        if "stop" in commands or self.signals.stop:
+            self._save("step")
+            raise StopRequested
+        if step < self.session.total_steps and ("save" in commands or
+                                                (saving.every_n_steps and step % saving.every_n_steps == 0)):
+            adapter = self._save("step")
+        return adapter
+
+    def _epoch_bookkeeping(self) -> Path | None:
+        epoch, saving, sampling = self.progress.epoch, self.config.saving, self.config.sampling
+        if sampling.every_n_epochs and epoch % sampling.every_n_epochs == 0:
+            self._sample(self.run.samples_dir / f"epoch_{epoch:03d}")
+        last = epoch == self.config.training.epochs or self.progress.step >= self.session.total_steps
+        if not last and saving.every_n_epochs and epoch % saving.every_n_epochs == 0:
+            return self._save("epoch")
+        return None
+
+    def _sample(self, out_dir: Path, adapters: bool = True) -> None:
+        session = self.session
+        if not session.sample_prompts or not self.accelerator.is_main_process:
+            return
+        self.run.write_status(state="sampling", message=f"sampling {out_dir.name}")
+        resolution = self.config.dataset.resolution
+        defaults = SampleDefaults(resolution, resolution, self.config.sampling.steps,
+                                  self.config.sampling.guidance_scale, self.config.sampling.seed)
+        layers = {stem: layer for part in session.adapters.values() for stem, layer in part.items()} if adapters else {}
+        generate_samples(session.pipe, layers, session.sample_prompts, defaults, out_dir)
+        log.info("samples written to %s", out_dir)
+        self.run.write_status(state="training", message="training")
+
+    def _save(self, kind: str) -> Path:
+        """Adapter file (and resume state) now; ``kind``: "epoch", "step" or "final"."""
+        step, epoch, name = self.progress.step, self.progress.epoch, self.config.saving.output_name
+        path = self.run.adapters_dir / {
+            "final": f"{name}.safetensors", "epoch": f"{name}-epoch{epoch:03d}.safetensors",
+            "step": f"{name}-step{step:06d}.safetensors",
+        }[kind]
+        if not self.accelerator.is_main_process:
+            return path
+        self.run.write_status(state="saving", message=f"saving {path.name}")
+        save_network(path, self.session.adapters, self.config, steps=step, epoch=epoch, started_at=self.started_at,
+                     dataset_dirs=self.session.dataset_dirs, tag_frequencies=self._tag_frequencies())
+        if self.config.saving.save_state:
+            save_train_state(self.run.states_dir, step, trainable=self.session.trainable,
+                             optimizer=self.session.optimizer, lr_scheduler=self.session.lr_scheduler,
+                             progress=asdict(self.progress), extra={"config": to_dict(self.config)})
+            prune_states(self.run.states_dir, self.config.saving.keep_last_states)
+        if kind != "final":
+            self._prune_adapters()
+        log.info("saved %s", path)
+        self.run.write_status(state="training", message=f"saved {path.name}", last_adapter=str(path))
+        return path
+
+    def _tag_frequencies(self) -> dict[str, dict[str, int]]:
+        from .network import tag_frequency
+
+        return tag_frequency(self.session.captions_by_folder, self.config.dataset.tag_separator)
+
+    def _prune_adapters(self) -> None:
+        keep = self.config.saving.keep_last
+        if keep <= 0:
+            return
+        name = self.config.saving.output_name
+        intermediate = sorted(self.run.adapters_dir.glob(f"{name}-*.safetensors"), key=lambda p: p.stat().st_mtime)
+        for old in intermediate[:-keep]:
+            old.unlink(missing_ok=True)
+
+    def _caching_progress(self, done: int, total: int) -> None:
+        if self.signals.stop:
+            raise StopRequested
+        if done == total or done % 10 == 0:
+            self.run.write_status(state="caching", message=f"caching latents {done}/{total}")
+
+    def _resume(self, resume: str) -> None:
+        state_dir = find_state(resume, self.run)
+        loaded = load_train_state(state_dir, trainable=self.session.trainable, optimizer=self.session.optimizer,
+                                  lr_scheduler=self.session.lr_scheduler)
+        check_resume_config(loaded["extra"]["config"], to_dict(self.config), state_dir)
+        self.progress = Progress(**loaded["progress"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", state_dir, self.progress.step,
+                 self.progress.epoch + 1, self.progress.batches_done)
+        names = [PART_GROUP_NAMES[p] for p in self.session.adapters]
+        log.debug("resumed parameter groups: %s", names)
