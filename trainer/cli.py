@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -193,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Library chatter (optional-backend notices, dtype advice meant for library authors) hides our own
+    # messages; users who want it back can set these variables themselves.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     # Imported after parsing so that --help answers without loading torch.
     from .adapter_file import AdapterFileError
     from .config import ConfigError

@@ -26,7 +26,8 @@ CACHE_FORMAT = 1  # bump when the entry layout changes, so old entries are never
 
 def vae_fingerprint(vae: nn.Module, encode_dtype: torch.dtype) -> str:
     """A short hash of the VAE's config, weights and encoding dtype."""
-    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    config = {key: value for key, value in vae.config.items() if not key.startswith("_")}  # not _name_or_path
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(str(encode_dtype).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())

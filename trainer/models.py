@@ -78,6 +78,15 @@ def _check_single_file(path: Path) -> None:
                              "(SDXL 1.0, Pony, Illustrious, NoobAI and other SDXL fine-tunes)")
 
 
+def _quiet_library_progress() -> None:
+    """Per-component load/save bars from diffusers and transformers are noise above our own progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def load_sdxl_pipeline(model: str | Path, config_dir: str | Path | None = None, dtype: torch.dtype = torch.float32):
     """A ``StableDiffusionXLPipeline`` from a folder or single file, offline.
 
@@ -86,6 +95,7 @@ def load_sdxl_pipeline(model: str | Path, config_dir: str | Path | None = None, 
     """
     from diffusers import StableDiffusionXLPipeline
 
+    _quiet_library_progress()
     path = Path(model)
     _refuse_pickle(path)
     if not path.exists():
@@ -93,7 +103,7 @@ def load_sdxl_pipeline(model: str | Path, config_dir: str | Path | None = None, 
     if path.is_dir():
         _check_diffusers_folder(path)
         return StableDiffusionXLPipeline.from_pretrained(
-            path, torch_dtype=dtype, use_safetensors=True, local_files_only=True
+            path, dtype=dtype, use_safetensors=True, local_files_only=True
         )
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"{path}: unknown model file type; expected a .safetensors checkpoint or a folder")
@@ -105,7 +115,7 @@ def load_sdxl_pipeline(model: str | Path, config_dir: str | Path | None = None, 
             "Pass the folder of a diffusers SDXL model (only its *.json and tokenizer files are read)."
         )
     return StableDiffusionXLPipeline.from_single_file(
-        str(path), config=str(config), torch_dtype=dtype, local_files_only=True
+        str(path), config=str(config), dtype=dtype, local_files_only=True
     )
 
 
@@ -131,6 +141,7 @@ def resolve_builtin(model: str, cache_dir: Path | None = None) -> Path:
                              + ", ".join(BUILTIN_PREFIX + known for known in BUILTIN_MODELS))
     from .tiny_model import save_tiny_model
 
+    _quiet_library_progress()
     folder = (cache_dir or default_cache_dir()) / "models" / f"{name}-seed0"
     if not (folder / "model_index.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
