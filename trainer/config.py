@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -288,6 +289,8 @@ def _check_value(key: str, spec: dataclasses.Field, annotation: Any, value: Any)
         value = _coerce(annotation, value)
     except ValueError:
         return None, f"{key}: expected {_type_name(annotation)}, got {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):  # TOML allows nan and inf; no bound rejects nan
+        return None, f"{key}: expected a finite number, got {value}"
     meta = spec.metadata
     if meta["choices"] and value not in meta["choices"]:
         return None, f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}"
@@ -301,7 +304,7 @@ def _check_value(key: str, spec: dataclasses.Field, annotation: Any, value: Any)
 
 def unknown_key_message(key: str) -> str:
     close = difflib.get_close_matches(key, all_keys(), n=1)
-    hint = f"did you mean {close[0]}?" if close else "see `dora-studio train --help-config` for the list"
+    hint = f"did you mean {close[0]}?" if close else "`dora-studio settings` lists them all"
     return f"{key}: unknown setting; {hint}"
 
 

@@ -32,7 +32,7 @@ def add_noise(
     The noise offset adds a per-channel constant so the model can learn overall brightness
     (Guttenberg 2023), as in diffusers' ``--noise_offset``.
     """
-    noise = torch.randn_like(latents)
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # layout-independent
     if noise_offset > 0:
         noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device,
                                                    dtype=latents.dtype)

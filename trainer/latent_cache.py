@@ -45,9 +45,12 @@ def file_digest(path: Path) -> str:
 
 def sample_latents(moments: Tensor, scaling_factor: float) -> Tensor:
     """One draw from the posterior, scaled for the UNet; what ``latent_dist.sample()`` computes."""
-    mean, logvar = moments.chunk(2, dim=1)
+    mean, logvar = moments.contiguous().chunk(2, dim=1)
     std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-    return (mean + std * torch.randn_like(mean)) * scaling_factor
+    # randn(shape), not randn_like: the VAE may hand back channels-last moments, and randn_like would lay
+    # the same random numbers out in another order, so cached and fresh latents would differ
+    noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+    return (mean + std * noise) * scaling_factor
 
 
 class LatentCache:

@@ -38,7 +38,11 @@ def _check_diffusers_folder(path: Path) -> None:
             f"{path}: not a diffusers model folder (no model_index.json). Give a diffusers SDXL folder "
             "or an SDXL single-file .safetensors checkpoint."
         )
-    found = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "?")
+    try:
+        found = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "?")
+    except (ValueError, AttributeError) as error:  # bad JSON or bad UTF-8 (both ValueError), or not an object
+        raise ModelLoadError(f"{index}: not a readable diffusers model_index.json ({error}); download the model "
+                             "folder again") from None
     families = {"StableDiffusionPipeline": " (Stable Diffusion 1.x or 2.x)"}
     if found != "StableDiffusionXLPipeline":
         raise ModelLoadError(f"{path}: this is a {found} folder{families.get(found, '')}, not SDXL "

@@ -143,6 +143,12 @@ def load_train_state(
     return result
 
 
+def read_state_extra(state_dir: Path) -> dict:
+    """The caller's ``extra`` alone (e.g. the run's settings), to check a resume before loading anything."""
+    state, tensors = _read(Path(state_dir))
+    return _decode(state["extra"], tensors)
+
+
 def list_states(states_root: Path) -> list[Path]:
     """Complete state folders under ``states_root``, oldest (lowest step) first."""
     states_root = Path(states_root)

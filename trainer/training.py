@@ -25,14 +25,14 @@ from .batches import Batch, EpochBatches, batch_loader
 from .config import TrainConfig, to_dict
 from .diffusion_loss import add_noise, denoising_loss, prediction_target
 from .latent_cache import encode_moments, sample_latents
-from .network import PART_GROUP_NAMES, save_network
+from .network import save_network, tag_frequency
 from .presets import write_config
 from .resume import check_resume_config, find_state
 from .run_dir import RunDirectory
 from .sampling import SampleDefaults, generate_samples
 from .text_encoding import encode_captions
 from .train_data import plan_epoch
-from .train_state import load_train_state, prune_states, save_train_state
+from .train_state import load_train_state, prune_states, read_state_extra, save_train_state
 from .training_setup import Session, TrainingError, prepare_session
 
 log = logging.getLogger("dora_studio")
@@ -133,7 +133,8 @@ class Trainer:
             try:
                 return self._run(accelerator, resume)
             except StopRequested:
-                self.run.write_status(state="stopped", message="stopped before training began")
+                if self.run.read_status().get("state") != "stopped":
+                    self.run.write_status(state="stopped", message="stopped before training began")
                 raise
             except BaseException as error:
                 self.run.write_status(state="failed", message=str(error) or type(error).__name__,
@@ -168,7 +169,6 @@ class Trainer:
                    disable=not (self.show_progress and accelerator.is_main_process))
         self.run.write_status(state="training", message="training", total_steps=session.total_steps,
                               epochs=config.training.epochs)
-        last_adapter: Path | None = None
         while self.progress.epoch < config.training.epochs and self.progress.step < session.total_steps:
             epoch = self.progress.epoch
             draws = plan_epoch(session.examples, session.augment, config.training.batch_size, config.training.seed,
@@ -198,16 +198,17 @@ class Trainer:
                     self.progress.batches_done = index + 1
                     seconds = time.perf_counter() - tick + data_wait
                     self._after_step(bar, group_loss, seconds, data_wait)
-                    last_adapter = self._step_bookkeeping() or last_adapter
+                    self._step_bookkeeping()
                     group_loss, data_wait = 0.0, 0.0
-                    if self.progress.step >= session.total_steps:
-                        break
+                    if self.progress.step >= session.total_steps and index + 1 < len(draws):
+                        break  # max_steps reached inside the epoch
                 tick = time.perf_counter()
             else:
                 self.progress.epoch, self.progress.batches_done = epoch + 1, 0
-                last_adapter = self._epoch_bookkeeping() or last_adapter
+                self._epoch_bookkeeping()
                 continue
-            break  # max_steps reached inside the epoch
+            self._sample(self.run.samples_dir / f"step_{self.progress.step:06d}")  # the last look at the run
+            break
         bar.close()
         return self._save("final")
 
@@ -241,29 +242,28 @@ class Trainer:
                                   eta_seconds=round((self.session.total_steps - step) / rate, 1),
                                   message=f"step {step}/{self.session.total_steps}")
 
-    def _step_bookkeeping(self) -> Path | None:
+    def _step_bookkeeping(self) -> None:
         """Commands, signals and every-N-steps saving/sampling, after an optimizer step."""
         commands = self.run.take_commands() if self.accelerator.is_main_process else set()
         step, saving, sampling = self.progress.step, self.config.saving, self.config.sampling
-        adapter = None
         if "sample" in commands or (sampling.every_n_steps and step % sampling.every_n_steps == 0):
             self._sample(self.run.samples_dir / f"step_{step:06d}")
         if "stop" in commands or self.signals.stop:
-            self._save("step")
+            path = self._save("step")
+            self.run.write_status(state="stopped", step=step, last_adapter=str(path),
+                                  message=f"stopped at step {step}; saved {path.name}; resume with --resume auto")
             raise StopRequested
         if step < self.session.total_steps and ("save" in commands or
                                                 (saving.every_n_steps and step % saving.every_n_steps == 0)):
-            adapter = self._save("step")
-        return adapter
+            self._save("step")
 
-    def _epoch_bookkeeping(self) -> Path | None:
+    def _epoch_bookkeeping(self) -> None:
         epoch, saving, sampling = self.progress.epoch, self.config.saving, self.config.sampling
         if sampling.every_n_epochs and epoch % sampling.every_n_epochs == 0:
             self._sample(self.run.samples_dir / f"epoch_{epoch:03d}")
         last = epoch == self.config.training.epochs or self.progress.step >= self.session.total_steps
         if not last and saving.every_n_epochs and epoch % saving.every_n_epochs == 0:
-            return self._save("epoch")
-        return None
+            self._save("epoch")
 
     def _sample(self, out_dir: Path, adapters: bool = True) -> None:
         session = self.session
@@ -302,8 +302,6 @@ class Trainer:
         return path
 
     def _tag_frequencies(self) -> dict[str, dict[str, int]]:
-        from .network import tag_frequency
-
         return tag_frequency(self.session.captions_by_folder, self.config.dataset.tag_separator)
 
     def _prune_adapters(self) -> None:
@@ -323,11 +321,9 @@ class Trainer:
 
     def _resume(self, resume: str) -> None:
         state_dir = find_state(resume, self.run)
+        check_resume_config(read_state_extra(state_dir)["config"], to_dict(self.config), state_dir)
         loaded = load_train_state(state_dir, trainable=self.session.trainable, optimizer=self.session.optimizer,
                                   lr_scheduler=self.session.lr_scheduler)
-        check_resume_config(loaded["extra"]["config"], to_dict(self.config), state_dir)
         self.progress = Progress(**loaded["progress"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", state_dir, self.progress.step,
                  self.progress.epoch + 1, self.progress.batches_done)
-        names = [PART_GROUP_NAMES[p] for p in self.session.adapters]
-        log.debug("resumed parameter groups: %s", names)

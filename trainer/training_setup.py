@@ -183,6 +183,7 @@ def prepare_session(
     for note in config.cache_conflicts():
         log.info("note: %s", note)
     pipe = load_pipeline(config, device)
+    torch.manual_seed(config.training.seed)  # the adapters' random init is part of what the seed fixes
     adapters = inject_network(pipe, config)
     pipe.unet.train()
     if config.network.train_text_encoders:

@@ -1,0 +1,219 @@
+"""End to end on the tiny SDXL-structured model: train, sample, save, verify, load in diffusers, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from trainer.adapter_file import load_adapter
+from trainer.config import from_dict
+from trainer.merge import canonical_stems, match_stems, model_stem_targets, pipeline_parts
+from trainer.models import load_sdxl_pipeline
+from trainer.run_dir import RunDirectory
+from trainer.training import StopRequested, Trainer
+from trainer.verify import verify_match
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    """Four images in two buckets (square and landscape) with captions, one folder with 2 repeats."""
+    root = tmp_path_factory.mktemp("data")
+    folder = root / "2_thing"
+    folder.mkdir()
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    for index, colour in enumerate(colours):
+        size = (64, 64) if index < 2 else (128, 64)
+        image = Image.new("RGB", size, colour)
+        image.paste((255, 255, 255), (8 * index, 8, 8 * index + 16, 24))
+        image.save(folder / f"img{index}.png")
+        (folder / f"img{index}.txt").write_text(f"a square, colour {index}, plain background")
+    return root
+
+
+def settings(tiny_dir: Path, data_root: Path, cache: Path, **sections) -> dict:
+    base = {
+        "model": {"path": str(tiny_dir)},
+        "dataset": {"path": str(data_root), "resolution": 64, "min_bucket_side": 64, "max_bucket_side": 128,
+                    "latent_cache_dir": str(cache), "loader_workers": 0, "trigger_word": "zqx"},
+        "network": {"kind": "dora", "rank": 4, "alpha": 4.0},
+        "optimizer": {"learning_rate": 1e-3, "scheduler": "cosine", "warmup_steps": 2},
+        "training": {"epochs": 2, "batch_size": 2, "mixed_precision": "no", "seed": 7},
+        "sampling": {"prompts": ["zqx, a square --d 3"], "steps": 2},
+        "saving": {"output_name": "test"},
+    }
+    for name, values in sections.items():
+        base[name] = {**base[name], **values}
+    return base
+
+
+def train(data: dict, run_dir: Path, resume: str | None = None) -> Path:
+    return Trainer(from_dict(data), RunDirectory(run_dir), show_progress=False).run_training(resume)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dora_run_end_to_end(tiny_dir, small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    adapter = train(settings(tiny_dir, small_dataset, tmp_path / "cache"), run_dir)
+
+    # 4 images x 2 repeats = 8 per epoch; batches of 2 never mix the two buckets -> 4 steps per epoch
+    rows = metrics(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, 9))
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
+    assert rows[0]["lr"]["unet"] == pytest.approx(5e-4)  # warmup: step 1 of 2
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "done" and status["step"] == 8 and status["last_adapter"] == str(adapter)
+
+    for epoch in (1, 2):
+        prompts = json.loads((run_dir / f"samples/epoch_{epoch:03d}/prompts.json").read_text())
+        assert prompts[0]["prompt"] == "zqx, a square" and prompts[0]["seed"] == 3
+        assert Image.open(run_dir / f"samples/epoch_{epoch:03d}/00.png").size == (64, 64)
+    assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["test-epoch001.safetensors",
+                                                                         "test.safetensors"]
+    config_toml = (run_dir / "config.toml").read_text()
+    assert 'kind = "dora"' in config_toml and str(small_dataset) in config_toml
+
+    loaded = load_adapter(adapter)
+    meta = loaded.metadata
+    assert meta["ss_steps"] == "8" and meta["ss_network_dim"] == "4" and meta["dora_studio.dora_axis"] == "input"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"2_thing": {"n_repeats": 2, "img_count": 4}}
+    assert json.loads(meta["ss_tag_frequency"])["2_thing"]["a square"] == 4
+    assert len(loaded.adapters) == 722 and all(w.is_dora for w in loaded.adapters.values())
+    assert any(w.up.abs().max() > 0 for w in loaded.adapters.values())  # it learned something
+
+    parts = pipeline_parts(load_sdxl_pipeline(tiny_dir))
+    report = verify_match(match_stems(canonical_stems(loaded, parts).adapters, model_stem_targets(parts)),
+                          tolerance=1e-5)
+    assert report.ok
+
+
+def test_lora_with_text_encoders_conv_checkpointing_and_accumulation(tiny_dir, small_dataset, tmp_path):
+    """Many paths at once: LoRA, attn+conv, both text encoders, gradient checkpointing, accumulation."""
+    data = settings(
+        tiny_dir, small_dataset, tmp_path / "cache",
+        network={"kind": "lora", "unet_targets": "attn+conv", "train_text_encoders": True, "conv_rank": 2,
+                 "conv_alpha": 1.0},
+        optimizer={"text_encoder_1_lr": 5e-4, "text_encoder_2_lr": 2e-4},
+        training={"epochs": 1, "gradient_accumulation": 3, "gradient_checkpointing": True},
+        sampling={"prompts": []},
+    )
+    adapter = train(data, tmp_path / "run")
+    rows = metrics(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2]  # 4 batches in groups of 3: one full, one short
+    assert set(rows[0]["lr"]) == {"unet", "text_encoder_1", "text_encoder_2"}
+
+    loaded = load_adapter(adapter)
+    stems = set(loaded.adapters)
+    assert len(stems) == 722 + 66 + 72 + 192
+    trained = {part: max(w.up.abs().max().item() for s, w in loaded.adapters.items() if s.startswith(prefix))
+               for part, prefix in (("unet", "lora_unet"), ("te1", "lora_te1"), ("te2", "lora_te2"))}
+    assert all(value > 0 for value in trained.values()), trained
+
+    # diffusers' own loader takes every key (nothing reported unknown, every layer becomes a LoRA layer)
+    pipe = load_sdxl_pipeline(tiny_dir)
+    pipe.load_lora_weights(str(adapter))
+    counts = {name: sum(hasattr(m, "lora_A") for m in model.modules())
+              for name, model in (("unet", pipe.unet), ("te1", pipe.text_encoder), ("te2", pipe.text_encoder_2))}
+    assert counts == {"unet": 722 + 66, "te1": 72, "te2": 192}
+
+
+def _stop_when(run_dir: Path, step: int) -> threading.Thread:
+    """Drop a ``stop`` command once ``step`` appears in metrics.jsonl, as the UI would."""
+    def watch():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            path = run_dir / "metrics.jsonl"
+            if path.exists() and len(path.read_text().splitlines()) >= step:
+                RunDirectory(run_dir).send_command("stop")
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_stop_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_dir, small_dataset, tmp_path):
+    data = settings(tiny_dir, small_dataset, tmp_path / "cache", dataset={"flip": True},
+                    network={"rank_dropout": 0.2}, sampling={"prompts": []})
+    straight = train(data, tmp_path / "straight")
+
+    interrupted = tmp_path / "interrupted"
+    _stop_when(interrupted, 3)
+    with pytest.raises(StopRequested):
+        train(data, interrupted)
+    stopped_at = json.loads((interrupted / "status.json").read_text())
+    assert stopped_at["state"] == "stopped"
+    assert 3 <= stopped_at["step"] < 8
+    resumed = train(data, interrupted, resume="auto")
+
+    assert [row["step"] for row in metrics(interrupted)] == list(range(1, 9))  # nothing repeated or missing
+    ours, theirs = load_file(resumed), load_file(straight)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    losses = [row["loss"] for row in metrics(interrupted)]
+    assert losses == [row["loss"] for row in metrics(tmp_path / "straight")]
+
+
+def test_resume_refuses_changed_training_settings(tiny_dir, small_dataset, tmp_path):
+    from trainer.train_state import TrainStateError
+
+    data = settings(tiny_dir, small_dataset, tmp_path / "cache", training={"epochs": 1}, sampling={"prompts": []})
+    train(data, tmp_path / "run")
+    changed = settings(tiny_dir, small_dataset, tmp_path / "cache", training={"epochs": 2}, sampling={"prompts": []},
+                       network={"rank": 8})
+    with pytest.raises(TrainStateError, match="network.rank"):
+        train(changed, tmp_path / "run", resume="auto")
+
+
+def test_latent_and_text_caches_do_not_change_the_loss(tiny_dir, small_dataset, tmp_path):
+    """Caching stores the posterior moments and the exact conditioning, so the steps are the same."""
+    common = dict(training={"epochs": 1}, sampling={"prompts": []})
+    train(settings(tiny_dir, small_dataset, tmp_path / "cache", **common), tmp_path / "cached")
+    uncached = settings(tiny_dir, small_dataset, tmp_path / "cache2", **common)
+    uncached["dataset"] |= {"cache_latents": False, "cache_text_encoder_outputs": False}
+    train(uncached, tmp_path / "uncached")
+    assert not (tmp_path / "cache2").exists()
+    cached_losses = [row["loss"] for row in metrics(tmp_path / "cached")]
+    uncached_losses = [row["loss"] for row in metrics(tmp_path / "uncached")]
+    assert cached_losses == pytest.approx(uncached_losses, rel=1e-4)
+
+
+def test_sigterm_saves_and_stops_cleanly(tiny_dir, small_dataset, tmp_path):
+    """The CLI in its own process: SIGTERM mid-run saves adapter and state, exits 0, and can resume."""
+    data = settings(tiny_dir, small_dataset, tmp_path / "cache", training={"epochs": 50}, sampling={"prompts": []})
+    preset = tmp_path / "preset.toml"
+    import tomli_w
+
+    preset.write_text(tomli_w.dumps(data))
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "trainer.cli", "train", str(preset), "--run-dir", str(run_dir), "--no-progress"]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "--resume auto" in err
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "stopped"
+    step = status["step"]
+    assert (run_dir / f"adapters/test-step{step:06d}.safetensors").is_file()
+    assert (run_dir / f"state/step-{step:08d}/state.json").is_file()
