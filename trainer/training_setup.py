@@ -31,6 +31,7 @@ from .train_data import AugmentOptions, Draw, TrainExample, plan_epoch, plan_exa
 
 log = logging.getLogger("dora_studio")
 
+MAX_PROBLEMS_LOGGED = 20
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -178,6 +179,11 @@ def prepare_session(
     # the same pre-flight as `dora-studio check-data`; raises DatasetError when nothing is usable
     scan = scan_dataset(Path(config.dataset.path), config.dataset.caption_extension)
     report = report_for_scan(scan, bucket_spec(config), config.training.batch_size)
+    for problem in report.problems[:MAX_PROBLEMS_LOGGED]:
+        log.warning("%s%s", "skipped: " if problem.skipped else "", problem.message)
+    if len(report.problems) > MAX_PROBLEMS_LOGGED:
+        log.warning("... and %d more; `dora-studio check-data %s` lists them all",
+                    len(report.problems) - MAX_PROBLEMS_LOGGED, config.dataset.path)
     augment = augment_options(config)
     examples = plan_examples(scan, augment.bucket_spec)
     for note in config.cache_conflicts():
