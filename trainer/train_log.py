@@ -28,7 +28,8 @@ def log_to(path: Path) -> Iterator[logging.Logger]:
         with logging_redirect_tqdm(loggers=[logger]):
             yield logger
     except BaseException as error:
-        logger.error("%s: %s", type(error).__name__, error)
+        logger.removeHandler(console)  # the CLI prints the error itself; the log file keeps it too
+        logger.error("%s: %s", type(error).__name__, error, exc_info=True)
         raise
     finally:
         logger.removeHandler(file_handler)

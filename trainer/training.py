@@ -142,6 +142,9 @@ class Trainer:
                 raise
 
     def _run(self, accelerator: Accelerator, resume: str | None) -> Path:
+        if accelerator.device.type == "cpu" and self.config.training.mixed_precision == "fp16":
+            raise TrainingError("training.mixed_precision = \"fp16\" needs a GPU (CPUs have no fp16 autocast); "
+                                "use \"bf16\" or \"no\" on this machine")
         self.run.write_status(state="caching", message="checking the dataset and caching latents")
         session = prepare_session(self.config, accelerator.device, on_caching=self._caching_progress)
         self.session = session
