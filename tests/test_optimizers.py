@@ -9,10 +9,10 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch import nn
 
+from trainer.optional_packages import MissingPackageError
 from trainer.optimizers import (
     OPTIMIZERS,
     SCHEDULERS,
-    MissingPackageError,
     ParamGroup,
     build_optimizer,
     build_scheduler,
@@ -111,6 +111,6 @@ def test_unknown_names_list_the_choices():
 @pytest.mark.parametrize(("name", "package"), [("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")])
 def test_missing_package_says_what_to_install(monkeypatch, name, package):
     monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail, installed or not
-    with pytest.raises(MissingPackageError, match=f"'{name}' needs the '{package}' package") as info:
+    with pytest.raises(MissingPackageError, match=f"optimizer '{name}' needs the '{package}' package") as info:
         build_optimizer(name, groups()[0], **ADAM, no_decay=None)
     assert f"pip install {package}" in str(info.value)

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     from .dataset_scan import DatasetError
     from .merge import AdapterMismatchError
     from .models import ModelLoadError
-    from .optimizers import MissingPackageError
+    from .optional_packages import MissingPackageError
     from .sample_prompts import PromptSyntaxError
     from .train_state import TrainStateError
     from .training_setup import TrainingError

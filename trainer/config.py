@@ -205,6 +205,11 @@ class TrainConfig:
             found.append("optimizer.betas: give two numbers in [0, 1), like [0.9, 0.999]")
         if not self.saving.output_name or any(c in self.saving.output_name for c in '/\\:*?"<>|'):
             found.append(f"saving.output_name: {self.saving.output_name!r} must be a plain file name")
+        part_lrs = {self.optimizer.unet_lr, self.optimizer.text_encoder_1_lr, self.optimizer.text_encoder_2_lr}
+        if self.optimizer.name == "prodigy" and len(part_lrs - {None}) > 0 and self.network.train_text_encoders:
+            if len({lr if lr is not None else self.optimizer.learning_rate for lr in part_lrs}) > 1:
+                found.append("optimizer.unet_lr / text_encoder_*_lr: prodigy finds one step size for all parts; "
+                             "leave them unset and set optimizer.learning_rate (usually 1.0)")
         for key in ("network.include", "network.exclude"):
             for pattern in lookup(self, key):
                 try:

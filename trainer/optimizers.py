@@ -8,21 +8,17 @@ Optional optimizer packages are imported only when chosen; a missing one says wh
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch.nn import Parameter
 
+from .optional_packages import import_optional
+
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-
-
-class MissingPackageError(RuntimeError):
-    """An optimizer needs a package that is not installed; the message has the ``pip install`` line."""
 
 
 @dataclass(frozen=True)
@@ -64,10 +60,10 @@ def build_optimizer(
         return torch.optim.AdamW(torch_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                  fused=fused or None)
     if name == "adamw8bit":
-        bnb = _import_optional("bitsandbytes", optimizer=name)
+        bnb = import_optional("bitsandbytes", feature=f"optimizer {name!r}")
         return bnb.optim.AdamW8bit(torch_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "prodigy":
-        prodigyopt = _import_optional("prodigyopt", optimizer=name)
+        prodigyopt = import_optional("prodigyopt", feature=f"optimizer {name!r}")
         # Prodigy estimates one step size for all groups and refuses, at the first step, groups whose lr
         # differ (0 excepted, meaning frozen): said here, before any model is loaded.
         if len({g["lr"] for g in torch_groups} - {0.0}) > 1:
@@ -114,13 +110,3 @@ def _torch_param_groups(
                 torch_groups.append({"name": group.name + suffix, "params": params, "lr": group.lr,
                                      "weight_decay": decay})
     return torch_groups
-
-
-def _import_optional(package: str, *, optimizer: str) -> ModuleType:
-    try:
-        return importlib.import_module(package)
-    except ImportError as exc:
-        raise MissingPackageError(
-            f"optimizer {optimizer!r} needs the {package!r} package, which could not be imported ({exc}); "
-            f"install it with: pip install {package}"
-        ) from exc

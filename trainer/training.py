@@ -26,6 +26,7 @@ from .config import TrainConfig, to_dict
 from .diffusion_loss import add_noise, denoising_loss, prediction_target
 from .latent_cache import encode_moments, sample_latents
 from .network import save_network, tag_frequency
+from .optional_packages import import_optional
 from .presets import write_config
 from .resume import check_resume_config, find_state
 from .run_dir import RunDirectory
@@ -145,6 +146,7 @@ class Trainer:
         if accelerator.device.type == "cpu" and self.config.training.mixed_precision == "fp16":
             raise TrainingError("training.mixed_precision = \"fp16\" needs a GPU (CPUs have no fp16 autocast); "
                                 "use \"bf16\" or \"no\" on this machine")
+        self.tensorboard = self._tensorboard_writer(accelerator)  # a missing package is said before any work
         self.run.write_status(state="caching", message="checking the dataset and caching latents")
         session = prepare_session(self.config, accelerator.device, on_caching=self._caching_progress)
         self.session = session
@@ -213,6 +215,8 @@ class Trainer:
             self._sample(self.run.samples_dir / f"step_{self.progress.step:06d}")  # the last look at the run
             break
         bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return self._save("final")
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -234,6 +238,10 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.run.append_metrics({"step": step, "epoch": self.progress.epoch + 1, "loss": loss, "lr": lrs,
                                      "seconds": seconds, "data_seconds": data_wait, "time": time.time()})
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("loss", loss, step)
+            for name, lr in lrs.items():
+                self.tensorboard.add_scalar(f"lr/{name}", lr, step)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}", refresh=False)
         now = time.perf_counter()
@@ -244,6 +252,14 @@ class Trainer:
             self.run.write_status(state="training", step=step, epoch=self.progress.epoch + 1, loss=loss,
                                   eta_seconds=round((self.session.total_steps - step) / rate, 1),
                                   message=f"step {step}/{self.session.total_steps}")
+
+    def _tensorboard_writer(self, accelerator: Accelerator):
+        if not (self.config.saving.tensorboard and accelerator.is_main_process):
+            return None
+        import_optional("tensorboard", feature="saving.tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run.root / "tensorboard"))
 
     def _step_bookkeeping(self) -> None:
         """Commands, signals and every-N-steps saving/sampling, after an optimizer step."""
