@@ -41,7 +41,7 @@ class EpochBatches(Dataset):
             return Batch(captions, time_ids, pixels=pixels)
         moments = []
         for draw in draws:
-            key = self.cache.key(self.examples[draw.example], draw)
+            key = self.cache.key(self.examples[draw.example], draw, self.background)
             cached = self.cache.load(key)
             if cached is None:
                 raise RuntimeError(f"latent cache entry {self.cache.path_for(key)} vanished during training; "

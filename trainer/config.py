@@ -205,6 +205,9 @@ class TrainConfig:
             found.append("optimizer.betas: give two numbers in [0, 1), like [0.9, 0.999]")
         if not self.saving.output_name or any(c in self.saving.output_name for c in '/\\:*?"<>|'):
             found.append(f"saving.output_name: {self.saving.output_name!r} must be a plain file name")
+        if self.model.zero_terminal_snr and self.model.prediction_type != "v_prediction":
+            found.append("model.zero_terminal_snr: needs model.prediction_type = \"v_prediction\" (with epsilon the "
+                         "last timestep has nothing to predict: Lin et al. 2023, section 3.2)")
         part_lrs = {self.optimizer.unet_lr, self.optimizer.text_encoder_1_lr, self.optimizer.text_encoder_2_lr}
         if self.optimizer.name == "prodigy" and len(part_lrs - {None}) > 0 and self.network.train_text_encoders:
             if len({lr if lr is not None else self.optimizer.learning_rate for lr in part_lrs}) > 1:

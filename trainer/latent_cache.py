@@ -3,8 +3,9 @@
 A cache entry holds the VAE's posterior moments (mean and log-variance), not one sample of it: training
 draws a fresh sample from them each step, exactly as it would when encoding on the fly, so turning the
 cache on or off does not change what is learned. Entries are keyed by the image's bytes, its crop, its
-flip and the VAE (config and weights), so an edited image, another bucket or another VAE never reuses a
-stale latent, while a second run or a resume on the same data reuses everything.
+flip, the background transparency is put on, and the VAE (config and weights), so an edited image, another
+bucket, another background colour or another VAE never reuses a stale latent, while a second run or a
+resume on the same data reuses everything.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -58,14 +60,16 @@ class LatentCache:
         self.folder = Path(root) / f"v{CACHE_FORMAT}-{vae_id}"
         self._digests: dict[Path, str] = {}
 
-    def key(self, example: TrainExample, draw: Draw) -> str:
+    def key(self, example: TrainExample, draw: Draw, background: tuple[int, int, int]) -> str:
+        """Names everything that decides the pixels; the background matters for images with transparency."""
         if example.path not in self._digests:
             self._digests[example.path] = file_digest(example.path)
         (top, left), (width, height) = draw.crop.crop_top_left, draw.crop.bucket
         resized_width, resized_height = draw.crop.resized_size
         flip = "f" if draw.flipped else "n"
+        red, green, blue = background
         return (f"{self._digests[example.path][:32]}-{width}x{height}-r{resized_width}x{resized_height}"
-                f"-c{top}_{left}-{flip}")
+                f"-c{top}_{left}-{flip}-b{red:02x}{green:02x}{blue:02x}")
 
     def path_for(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
@@ -79,6 +83,14 @@ class LatentCache:
             return load_file(path)["moments"]
         except Exception:  # a damaged entry (e.g. a disk that filled up elsewhere) costs one re-encode
             return None
+
+    def has(self, key: str) -> bool:
+        """Whether a readable entry exists; reads only the header, so checking every entry is cheap."""
+        try:
+            with safe_open(self.path_for(key), "pt") as entry:
+                return "moments" in entry.keys()  # noqa: SIM118 (safe_open has no __contains__)
+        except (OSError, SafetensorError):  # absent, cut short or not safetensors: encode it again
+            return False
 
     def store(self, key: str, moments: Tensor) -> None:
         with atomic_path(self.path_for(key)) as tmp:
@@ -99,11 +111,12 @@ def fill_cache(
     background: tuple[int, int, int],
     on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> int:
-    """Encode every draw not yet cached, one image at a time (buckets differ); returns how many were new."""
+    """Encode every draw not yet cached (or cached but unreadable), one image at a time (buckets differ);
+    returns how many were encoded."""
     pending: dict[str, Draw] = {}
     for draw in draws:
-        key = cache.key(examples[draw.example], draw)
-        if key not in pending and not cache.path_for(key).is_file():
+        key = cache.key(examples[draw.example], draw, background)
+        if key not in pending and not cache.has(key):
             pending[key] = draw
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     for done, (key, draw) in enumerate(pending.items(), start=1):
