@@ -233,3 +233,17 @@ def test_quickstart_preset_runs_from_the_cli(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "cache/models/tiny-sdxl-seed0/model_index.json").is_file()
     assert sorted(p.name for p in (run_dir / "samples/step_000002").iterdir()) == ["00.png", "01.png", "prompts.json"]
     assert load_adapter(run_dir / "adapters/quickstart-dora.safetensors").metadata["ss_steps"] == "2"
+
+
+def test_dora_magnitudes_are_never_weight_decayed(tiny_dir, small_dataset, tmp_path):
+    from trainer.network import inject_network
+    from trainer.training_setup import _optimizer
+
+    config = from_dict(settings(tiny_dir, small_dataset, tmp_path / "cache", optimizer={"weight_decay": 0.1}))
+    adapters = inject_network(load_sdxl_pipeline(tiny_dir), config)
+    optimizer, _ = _optimizer(config, adapters, total_steps=10)
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    magnitudes = {id(layer.dora_scale) for layer in adapters["unet"].values()}
+    assert {id(p) for p in groups["unet/no_decay"]["params"]} == magnitudes
+    assert groups["unet/no_decay"]["weight_decay"] == 0 and groups["unet"]["weight_decay"] == 0.1
+    assert not magnitudes & {id(p) for p in groups["unet"]["params"]}

@@ -21,7 +21,7 @@ from .injection import NetworkSpec, adapter_weights, inject_adapters
 from .layers import DoRALayer, LoRALayer
 from .naming import Part
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SAVE_DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PART_LR_SETTINGS: dict[Part, str] = {"unet": "unet_lr", "te1": "text_encoder_1_lr", "te2": "text_encoder_2_lr"}
 PART_GROUP_NAMES: dict[Part, str] = {"unet": "unet", "te1": "text_encoder_1", "te2": "text_encoder_2"}
 
@@ -59,10 +59,10 @@ def trainable_parameters(adapters: Adapters) -> dict[str, nn.Parameter]:
     }
 
 
-def is_magnitude(param: nn.Parameter, adapters: Adapters) -> bool:
-    """DoRA magnitudes stay out of weight decay: decay would pull ||W'|| toward zero, not the update."""
-    return any(param is layer.dora_scale for layers in adapters.values() for layer in layers.values()
-               if isinstance(layer, DoRALayer))
+def magnitude_parameter_ids(adapters: Adapters) -> set[int]:
+    """ids of the DoRA magnitudes, kept out of weight decay: decay would pull ||W'|| toward zero."""
+    return {id(layer.dora_scale) for layers in adapters.values() for layer in layers.values()
+            if isinstance(layer, DoRALayer)}
 
 
 def tag_frequency(captions_by_folder: Mapping[str, list[str]], separator: str) -> dict[str, dict[str, int]]:
@@ -95,4 +95,4 @@ def save_network(
         extra={"dora_studio.network": json.dumps({"unet_targets": net.unet_targets, "include": net.include,
                                                   "exclude": net.exclude})},
     )
-    save_adapter(path, weights, metadata, SAVE_DTYPES[config.saving.save_dtype])
+    save_adapter(path, weights, metadata, SAVE_DTYPE_NAMES[config.saving.save_dtype])

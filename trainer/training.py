@@ -25,7 +25,7 @@ from .batches import Batch, EpochBatches, batch_loader
 from .config import TrainConfig, to_dict
 from .diffusion_loss import add_noise, denoising_loss, prediction_target
 from .latent_cache import encode_moments, sample_latents
-from .network import save_network, tag_frequency
+from .network import save_network
 from .optional_packages import import_optional
 from .presets import write_config
 from .resume import check_resume_config, find_state
@@ -308,7 +308,7 @@ class Trainer:
             return path
         self.run.write_status(state="saving", message=f"saving {path.name}")
         save_network(path, self.session.adapters, self.config, steps=step, epoch=epoch, started_at=self.started_at,
-                     dataset_dirs=self.session.dataset_dirs, tag_frequencies=self._tag_frequencies())
+                     dataset_dirs=self.session.dataset_dirs, tag_frequencies=self.session.tag_frequencies)
         if self.config.saving.save_state:
             save_train_state(self.run.states_dir, step, trainable=self.session.trainable,
                              optimizer=self.session.optimizer, lr_scheduler=self.session.lr_scheduler,
@@ -319,9 +319,6 @@ class Trainer:
         log.info("saved %s", path)
         self.run.write_status(state="training", message=f"saved {path.name}", last_adapter=str(path))
         return path
-
-    def _tag_frequencies(self) -> dict[str, dict[str, int]]:
-        return tag_frequency(self.session.captions_by_folder, self.config.dataset.tag_separator)
 
     def _prune_adapters(self) -> None:
         keep = self.config.saving.keep_last

@@ -23,11 +23,14 @@ from .dataset_scan import scan_dataset
 from .diffusion_loss import training_noise_scheduler
 from .latent_cache import LatentCache, fill_cache, vae_fingerprint
 from .models import default_cache_dir, load_sdxl_pipeline, resolve_model_path
-from .network import PART_GROUP_NAMES, PART_LR_SETTINGS, Adapters, inject_network, is_magnitude, trainable_parameters
+from .network import (
+    PART_GROUP_NAMES, PART_LR_SETTINGS, Adapters, inject_network, magnitude_parameter_ids, tag_frequency,
+    trainable_parameters,
+)
 from .optimizers import ParamGroup, build_optimizer, build_scheduler
 from .sample_prompts import SamplePrompt, parse_prompt_line, read_prompt_file
 from .text_encoding import encode_captions
-from .train_data import AugmentOptions, Draw, TrainExample, plan_epoch, plan_examples
+from .train_data import AugmentOptions, Draw, TrainExample, epoch_batches, plan_examples
 
 log = logging.getLogger("dora_studio")
 
@@ -60,8 +63,8 @@ class Session:
     sample_prompts: list[SamplePrompt]
     latent_cache: LatentCache | None = None
     text_cache: dict[str, tuple[Tensor, Tensor]] | None = None
-    dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
-    captions_by_folder: dict[str, list[str]] = field(default_factory=dict)
+    dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)  # kohya's ss_dataset_dirs
+    tag_frequencies: dict[str, dict[str, int]] = field(default_factory=dict)  # kohya's ss_tag_frequency
 
     @property
     def trains_text_encoders(self) -> bool:
@@ -132,8 +135,9 @@ def _optimizer(config: TrainConfig, adapters: Adapters, total_steps: int):
                    getattr(opt, PART_LR_SETTINGS[part]) or opt.learning_rate)
         for part, layers in adapters.items()
     ]
+    magnitudes = magnitude_parameter_ids(adapters)
     optimizer = build_optimizer(opt.name, groups, weight_decay=opt.weight_decay, betas=tuple(opt.betas),
-                                eps=opt.eps, no_decay=lambda p: is_magnitude(p, adapters))
+                                eps=opt.eps, no_decay=lambda p: id(p) in magnitudes)
     scheduler = build_scheduler(opt.scheduler, optimizer, warmup_steps=opt.warmup_steps, total_steps=total_steps)
     return optimizer, scheduler
 
@@ -152,9 +156,9 @@ def _latent_cache(config: TrainConfig, pipe, examples, augment, on_progress) -> 
         return None
     root = Path(config.dataset.latent_cache_dir) if config.dataset.latent_cache_dir else default_cache_dir() / "latents"
     cache = LatentCache(root, vae_fingerprint(pipe.vae, torch.float32))
-    new = fill_cache(cache, examples, cacheable_draws(examples, augment), pipe.vae, augment.background, on_progress)
-    log.info("latent cache %s: %d encoded now, %d reused", cache.folder, new,
-             len(cacheable_draws(examples, augment)) - new)
+    draws = cacheable_draws(examples, augment)
+    new = fill_cache(cache, examples, draws, pipe.vae, augment.background, on_progress)
+    log.info("latent cache %s: %d encoded now, %d reused", cache.folder, new, len(draws) - new)
     return cache
 
 
@@ -200,7 +204,7 @@ def prepare_session(
         if config.network.train_text_encoders:
             pipe.text_encoder.gradient_checkpointing_enable()
             pipe.text_encoder_2.gradient_checkpointing_enable()
-    batches_per_epoch = len(plan_epoch(examples, augment, config.training.batch_size, config.training.seed, 0))
+    batches_per_epoch = len(epoch_batches(examples, config.training.batch_size, config.training.seed, epoch=0))
     steps_per_epoch, total_steps = schedule_lengths(batches_per_epoch, config)
     optimizer, lr_scheduler = _optimizer(config, adapters, total_steps)
     root = Path(config.dataset.path)
@@ -220,5 +224,5 @@ def prepare_session(
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, sample_prompts=sample_prompts(config),
         latent_cache=_latent_cache(config, pipe, examples, augment, on_caching),
         text_cache=_text_cache(config, pipe, examples, augment, device),
-        dataset_dirs=folders, captions_by_folder=captions,
+        dataset_dirs=folders, tag_frequencies=tag_frequency(captions, config.dataset.tag_separator),
     )
