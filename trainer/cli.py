@@ -35,11 +35,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .adapter_file import load_adapter
-    from .models import load_sdxl_pipeline
+    from .models import load_sdxl_pipeline, resolve_model_path
     from .verify import format_report, verify_match
 
     loaded = load_adapter(Path(args.file))  # before the slow model load, so a bad file fails fast
-    match = _match(loaded, load_sdxl_pipeline(args.model, args.config_dir))
+    match = _match(loaded, load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir))
     report = verify_match(match, tolerance=args.tolerance)
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     return EXIT_OK if report.ok else EXIT_FAILED_CHECK
@@ -48,12 +48,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .adapter_file import load_adapter
     from .merge import export_pipeline, merge_matched, require_full_match
-    from .models import load_sdxl_pipeline
+    from .models import load_sdxl_pipeline, resolve_model_path
 
     if Path(args.out).exists():
         raise UserError(f"{args.out} already exists; choose a new output path so nothing is overwritten")
     loaded = load_adapter(Path(args.adapter))  # before the slow model load, so a bad file fails fast
-    pipe = load_sdxl_pipeline(args.model, args.config_dir)
+    pipe = load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir)
     match = _match(loaded, pipe)
     require_full_match(match, Path(args.adapter), args.model)
     merge_matched(match, args.strength)
@@ -135,6 +135,19 @@ def cmd_settings(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from app.ui import serve
+
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not (sep and user and password):
+            raise UserError("--auth: write it as USER:PASSWORD")
+        auth = (user, password)
+    serve(Path(args.runs_dir), host=args.host, port=args.port, auth=auth)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dora-studio", description="Train and check LoRA/DoRA adapters for SDXL.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_inspect)
 
-    model_help = "SDXL base: a diffusers folder or a single-file .safetensors checkpoint"
+    model_help = "SDXL base: a diffusers folder, a single-file .safetensors checkpoint, or builtin:tiny-sdxl"
     config_help = "diffusers config folder for a single-file model (default: a folder named like the file)"
 
     p = sub.add_parser("verify", help="merge a file as ComfyUI/Forge, A1111 and InvokeAI do; compare with ours")
@@ -185,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="auto|STATE", help="continue from the run's newest state, or this state")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to train.log)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ui", help="the web studio: configure, start, watch and export runs in a browser")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; use 0.0.0.0 with --auth to reach it from elsewhere)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", metavar="USER:PASSWORD", help="require this login for every page, file and API call")
+    p.add_argument("--runs-dir", default="runs", help="where run folders live (default ./runs)")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("settings", help="list every preset setting with its default and meaning")
     p.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's)")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .buckets import BucketSpec
 from .optimizers import OPTIMIZERS, SCHEDULERS
 
 
@@ -87,6 +88,10 @@ class DatasetSettings:
     )
     loader_workers: int = setting(2, "processes reading images ahead of the GPU (0: read in the main process)",
                                   minimum=0, maximum=64, advanced=True)
+
+    def bucket_spec(self) -> BucketSpec:
+        return BucketSpec(self.resolution, self.min_bucket_side, self.max_bucket_side, self.bucket_step,
+                          self.bucket_no_upscale)
 
 
 @dataclass

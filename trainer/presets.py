@@ -100,6 +100,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def config_from_text(text: str, base_dir: Path, where: str = "preset") -> TrainConfig:
+    """A preset given as text (the UI's upload box, the API): paths and ``base`` relative to ``base_dir``."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{where}: not valid TOML: {error}") from None
+    base_name = data.pop("base", None)
+    data = resolve_paths(data, base_dir)
+    if base_name is not None:
+        data = _merge(read_preset(base_dir / str(base_name)), data)
+    return from_dict(data, where=where)
+
+
 def load_config(preset: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """The validated config a run uses: schema defaults, then the preset chain, then ``--set``."""
     data = read_preset(preset) if preset is not None else {}

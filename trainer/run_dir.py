@@ -72,7 +72,8 @@ class RunDirectory:
         state = fields.get("state")
         if state is not None and state not in STATES:
             raise ValueError(f"unknown run state {state!r}")
-        status = {**self.read_status(), **fields, "updated_at": time.time(), "pid": os.getpid()}
+        # pid: the writer's, unless given (the UI records the trainer it spawned before the trainer can)
+        status = {**self.read_status(), "pid": os.getpid(), **fields, "updated_at": time.time()}
         write_bytes_atomically(self.status_path, [json.dumps(status, indent=1).encode()])
         return status
 

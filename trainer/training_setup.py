@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .buckets import BucketSpec, crop_plan
+from .buckets import crop_plan
 from .captions import CaptionOptions, is_randomised, process_caption
 from .check_data import DataReport, report_for_scan
 from .config import TrainConfig
@@ -77,13 +77,8 @@ def augment_options(config: TrainConfig) -> AugmentOptions:
     return AugmentOptions(
         captions=CaptionOptions(d.trigger_word, d.shuffle_tags, d.keep_tokens, d.caption_dropout, d.tag_dropout,
                                 d.tag_separator),
-        bucket_spec=bucket_spec(config), flip=d.flip, random_crop=d.random_crop, background=colour,
+        bucket_spec=config.dataset.bucket_spec(), flip=d.flip, random_crop=d.random_crop, background=colour,
     )
-
-
-def bucket_spec(config: TrainConfig) -> BucketSpec:
-    d = config.dataset
-    return BucketSpec(d.resolution, d.min_bucket_side, d.max_bucket_side, d.bucket_step, d.bucket_no_upscale)
 
 
 def sample_prompts(config: TrainConfig) -> list[SamplePrompt]:
@@ -182,7 +177,7 @@ def prepare_session(
 ) -> Session:
     # the same pre-flight as `dora-studio check-data`; raises DatasetError when nothing is usable
     scan = scan_dataset(Path(config.dataset.path), config.dataset.caption_extension)
-    report = report_for_scan(scan, bucket_spec(config), config.training.batch_size)
+    report = report_for_scan(scan, config.dataset.bucket_spec(), config.training.batch_size)
     for problem in report.problems[:MAX_PROBLEMS_LOGGED]:
         log.warning("%s%s", "skipped: " if problem.skipped else "", problem.message)
     if len(report.problems) > MAX_PROBLEMS_LOGGED:

@@ -1,0 +1,58 @@
+"""What the Export tab says about an adapter: the ``inspect`` summary and the ``verify`` result.
+
+Verification loads the base model, so it runs as ``dora-studio verify`` in its own process (the UI never
+holds a model) and its result is kept beside the adapter as ``NAME.verify.json`` to be shown again.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from trainer.adapter_file import AdapterFileError, load_adapter
+from trainer.atomic_io import write_bytes_atomically
+from trainer.inspect_adapter import format_summary, summarize
+
+VERIFY_TIMEOUT_S = 1800
+
+
+def adapter_summary(path: Path) -> str:
+    try:
+        return format_summary(summarize(load_adapter(path)))
+    except AdapterFileError as error:
+        return str(error)
+
+
+def _verify_cache(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".safetensors") + ".verify.json")
+
+
+def _format(result: dict) -> str:
+    if "error" in result:
+        return result["error"]
+    verdict = "OK: every front end merges this file to our weights" if result["ok"] else "MISMATCH"
+    lines = [verdict, f"{result['stems_checked']} stems checked, tolerance {result['tolerance']:g}"]
+    lines += [f"{r['front_end']:<14} strength {r['strength']:<4} max relative error {r['max_rel_error']:.2e}"
+              for r in result["results"]]
+    return "\n".join(lines)
+
+
+def verify_adapter(path: Path, run: bool) -> str:
+    """The stored verify result; with ``run``, verify now against the run's base model and store it."""
+    cache = _verify_cache(path)
+    if not run:
+        return _format(json.loads(cache.read_text())) if cache.is_file() else "Not verified yet."
+    config = tomllib.loads((path.parent.parent / "config.toml").read_text(encoding="utf-8"))
+    command = [sys.executable, "-m", "trainer.cli", "verify", str(path), "--model", config["model"]["path"], "--json"]
+    if config["model"].get("config_dir"):
+        command += ["--config-dir", config["model"]["config_dir"]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=VERIFY_TIMEOUT_S)
+    try:
+        result = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        result = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "verify failed"}
+    write_bytes_atomically(cache, [json.dumps(result).encode()])
+    return _format(result)

@@ -1,0 +1,136 @@
+"""The Configure form, generated from the trainer's settings schema so the two cannot drift apart.
+
+Each schema field becomes one component (checkbox, dropdown, number or text box) labelled with its key
+and described by its help text; advanced fields go into one collapsed "Advanced" section. The form's
+values travel as a flat list in ``FORM_KEYS`` order, which is how Gradio hands inputs to handlers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, get_args, get_origin
+
+import gradio as gr
+
+from trainer.config import SECTIONS, ConfigError, TrainConfig, field_type, fields_of, from_dict, to_dict
+
+SECTION_TITLES = {
+    "model": "Model", "dataset": "Dataset", "network": "Network", "optimizer": "Optimizer",
+    "training": "Training", "sampling": "Sampling", "saving": "Saving",
+}
+FORM_KEYS: list[str] = [f"{section}.{spec.name}" for section, cls in SECTIONS.items() for spec in fields_of(cls)]
+
+
+def _spec(key: str) -> tuple[dataclasses.Field, Any]:
+    section, _, name = key.partition(".")
+    cls = SECTIONS[section]
+    return next(f for f in fields_of(cls) if f.name == name), field_type(cls, name)
+
+
+def _is_list(annotation: Any) -> bool:
+    return get_origin(annotation) is list
+
+
+def _component(key: str, value: Any) -> gr.components.Component:
+    spec, annotation = _spec(key)
+    meta = spec.metadata
+    label, info = key.partition(".")[2], meta["help"]
+    if annotation is bool:
+        return gr.Checkbox(value=value, label=label, info=info)
+    if meta["choices"]:
+        return gr.Dropdown(choices=list(meta["choices"]), value=value, label=label, info=info)
+    if annotation is int:
+        return gr.Number(value=value, label=label, info=info, precision=0, minimum=meta["minimum"],
+                         maximum=meta["maximum"])
+    if annotation in (float, float | None):
+        return gr.Number(value=value, label=label, info=info + (" (blank: unset)" if value is None else ""))
+    if _is_list(annotation):
+        separator = "one per line" if get_args(annotation)[0] is str else "comma-separated"
+        return gr.Textbox(value=_list_to_text(value, annotation), label=label, info=f"{info} ({separator})",
+                          lines=3 if get_args(annotation)[0] is str else 1)
+    return gr.Textbox(value=value, label=label, info=info)
+
+
+def _list_to_text(values: list, annotation: Any) -> str:
+    return "\n".join(values) if get_args(annotation)[0] is str else ", ".join(str(v) for v in values)
+
+
+def _text_to_list(text: str, annotation: Any) -> list:
+    if get_args(annotation)[0] is str:
+        return [line.strip() for line in (text or "").splitlines() if line.strip()]
+    items = [item.strip() for item in (text or "").split(",") if item.strip()]
+    return [float(item) for item in items]
+
+
+def build_form(config: TrainConfig) -> dict[str, gr.components.Component]:
+    """Key -> component, in FORM_KEYS order; call inside a ``gr.Blocks`` context."""
+    values = form_values(config)
+    components: dict[str, gr.components.Component] = {}
+    advanced = {key for key in FORM_KEYS if _spec(key)[0].metadata["advanced"]}
+    for section, title in SECTION_TITLES.items():
+        with gr.Accordion(title, open=section in ("model", "dataset", "network")):
+            for key in FORM_KEYS:
+                if key.startswith(section + ".") and key not in advanced:
+                    components[key] = _component(key, values[FORM_KEYS.index(key)])
+    with gr.Accordion("Advanced", open=False):
+        for section, title in SECTION_TITLES.items():
+            keys = [key for key in FORM_KEYS if key.startswith(section + ".") and key in advanced]
+            if keys:
+                gr.Markdown(f"**{title}**")
+                for key in keys:
+                    components[key] = _component(key, values[FORM_KEYS.index(key)])
+    return {key: components[key] for key in FORM_KEYS}
+
+
+def form_values(config: TrainConfig) -> list[Any]:
+    """The config as the form shows it, in FORM_KEYS order."""
+    data = dataclasses.asdict(config)
+    shown = []
+    for key in FORM_KEYS:
+        section, _, name = key.partition(".")
+        value, annotation = data[section][name], _spec(key)[1]
+        shown.append(_list_to_text(value, annotation) if _is_list(annotation) else value)
+    return shown
+
+
+def settings_from_form(values: list[Any]) -> tuple[dict, list[str]]:
+    """Nested settings from the form's values, plus problems found while converting (e.g. 8.5 for an int)."""
+    settings: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    problems = []
+    for key, value in zip(FORM_KEYS, values):
+        section, _, name = key.partition(".")
+        annotation = _spec(key)[1]
+        if _is_list(annotation):
+            try:
+                value = _text_to_list(value, annotation)
+            except ValueError:
+                problems.append(f"{key}: expected numbers separated by commas, got {value!r}")
+                continue
+        elif annotation is int and isinstance(value, float):
+            if not value.is_integer():
+                problems.append(f"{key}: expected a whole number, got {value}")
+                continue
+            value = int(value)
+        elif annotation is str and value is None:
+            value = ""
+        if value is None and annotation is not (float | None):
+            problems.append(f"{key}: required")
+            continue
+        if value is not None:
+            settings[section][name] = value
+    return settings, problems
+
+
+def config_from_form(values: list[Any]) -> tuple[TrainConfig | None, list[str]]:
+    """The validated config, or None and every problem as 'key: what is wrong' lines."""
+    settings, problems = settings_from_form(values)
+    if problems:
+        return None, problems
+    try:
+        return from_dict(settings, where="form"), []
+    except ConfigError as error:
+        return None, [line.strip() for line in str(error).splitlines()[1:]]
+
+
+def config_as_settings(config: TrainConfig) -> dict:
+    return to_dict(config)

@@ -1,0 +1,298 @@
+"""Reading run folders for the UI: what a run is doing, its curves, samples, adapters and logs.
+
+The run directory (``trainer/run_dir.py``) is the whole contract between trainer and UI, and the UI
+reads it while the trainer writes it, or after the trainer died. So every reader here tolerates
+missing and half-written files and never raises on them: a poll that fails would blank the page.
+Names come from the browser, so they are checked before they touch the filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.run_dir import RunDirectory
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # names the browser may send
+ACTIVE_STATES = ("starting", "caching", "training", "sampling", "saving")
+KNOWN_STATES = (*ACTIVE_STATES, "done", "failed", "stopped")
+STARTING_GRACE_S = 60.0  # a folder without status.json this young is a trainer still starting up
+LOG_READ_LIMIT = 1 << 20  # bytes read from the end of a log: enough lines, however big the file
+_SAMPLE_DIR = re.compile(r"^(epoch|step)_(\d+)$")
+_SAMPLE_FILE = re.compile(r"^(\d+)\.png$")
+
+
+class RunNameError(ValueError):
+    """A run name the UI refuses: it could leave the runs folder or is not a plain folder name."""
+
+
+def validate_run_name(name: str) -> str:
+    # fullmatch, not match: RUN_NAME's "$" would otherwise accept a trailing newline.
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+        raise RunNameError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-' "
+                           "(starting with a letter or digit, at most 100 characters)")
+    return name
+
+
+def run_path(runs_dir: Path, name: str) -> Path:
+    """The run folder for ``name``, resolved; refused if it (through a symlink) lies outside ``runs_dir``."""
+    root = Path(runs_dir).resolve()
+    path = (root / validate_run_name(name)).resolve()
+    if path == root or not path.is_relative_to(root):
+        raise RunNameError(f"run {name!r} points outside {root}")
+    return path
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this id exists (signal 0 checks without sending anything)."""
+    # pid <= 0 would address process groups; bool is an int but never a pid.
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    except (OSError, OverflowError):  # ProcessLookupError: no such process
+        return False
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """An exited child its parent (maybe this UI) has not reaped yet still answers signal 0 (Linux only)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
+@dataclass
+class RunStatus:
+    name: str
+    state: str  # a trainer state, or "died" (active but its process is gone) or "unknown"
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    epochs: int = 0
+    eta_seconds: float | None = None
+    loss: float | None = None
+    message: str = ""
+    last_adapter: str = ""
+    updated_at: float | None = None  # status.json's, else the folder's mtime: when the run last changed
+    pid: int | None = None
+    alive: bool = False
+
+
+def _number(value, kind, default):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return default
+    return kind(value)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_status(run_dir: Path) -> RunStatus:
+    run_dir = Path(run_dir)
+    try:
+        folder_mtime = run_dir.stat().st_mtime
+    except OSError:
+        folder_mtime = None
+    status = _read_json(RunDirectory(run_dir).status_path)
+    if not isinstance(status, dict) or status.get("state") not in KNOWN_STATES:
+        young = folder_mtime is not None and time.time() - folder_mtime < STARTING_GRACE_S
+        return RunStatus(run_dir.name, "starting" if young else "unknown", updated_at=folder_mtime,
+                         message="waiting for the trainer to start" if young else "no readable status.json")
+    pid = _number(status.get("pid"), int, None)
+    run = RunStatus(
+        name=run_dir.name, state=status["state"], pid=pid, alive=pid_alive(pid),
+        step=_number(status.get("step"), int, 0), total_steps=_number(status.get("total_steps"), int, 0),
+        epoch=_number(status.get("epoch"), int, 0), epochs=_number(status.get("epochs"), int, 0),
+        eta_seconds=_number(status.get("eta_seconds"), float, None), loss=_number(status.get("loss"), float, None),
+        message=str(status.get("message") or ""), last_adapter=str(status.get("last_adapter") or ""),
+        updated_at=_number(status.get("updated_at"), float, folder_mtime),
+    )
+    if run.state in ACTIVE_STATES and not run.alive:
+        # Killed (OOM, SIGKILL, a closed terminal) before it could write "failed" or "stopped".
+        run.message = (f"the trainer (pid {pid}) is gone while {run.state} at step {run.step}, without saying why; "
+                       "see the log. Continue from its last saved state with the UI's Resume or "
+                       f"`dora-studio train --run-dir {shlex.quote(str(run_dir))} --resume auto`")
+        run.state, run.eta_seconds = "died", None
+    return run
+
+
+def read_metrics(run_dir: Path, after_step: int = 0) -> list[dict]:
+    """Whole records for steps after ``after_step``; a torn last line (a write in progress) is skipped."""
+    try:
+        text = RunDirectory(Path(run_dir)).metrics_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and _number(record.get("step"), int, 0) > after_step:
+            records.append(record)
+    return records
+
+
+@dataclass
+class Sample:
+    path: Path
+    epoch_label: str  # "epoch 3", "step 120", or "base model" for the before-training epoch_000
+    order: int  # larger is newer; the same for every image of one sampling
+    index: int  # which sample prompt
+    prompt: str
+
+
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return [folder / name for name in os.listdir(folder)]
+    except OSError:
+        return []
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _sample_dirs(run_dir: Path) -> list[tuple[Path, str]]:
+    """(folder, label) oldest first: by when written, as epoch and step folders can interleave."""
+    found = []
+    for folder in _listdir(RunDirectory(Path(run_dir)).samples_dir):
+        match, stat = _SAMPLE_DIR.match(folder.name), _stat(folder)
+        if match and stat and folder.is_dir():
+            kind, number = match[1], int(match[2])
+            label = "base model" if (kind, number) == ("epoch", 0) else f"{kind} {number}"
+            # The base model is drawn before any training, whatever a copy did to the mtimes.
+            found.append(((label != "base model", stat[0], kind == "step", number), folder, label))
+    return [(folder, label) for _, folder, label in sorted(found)]
+
+
+def read_samples(run_dir: Path) -> list[Sample]:
+    """Every sample image, newest sampling first, then by prompt index."""
+    samples = []
+    for order, (folder, label) in enumerate(_sample_dirs(run_dir)):
+        records = _read_json(folder / "prompts.json")  # written after the images: may be missing yet
+        records = records if isinstance(records, list) else []
+        prompts = {r.get("file"): str(r.get("prompt", "")) for r in records if isinstance(r, dict)}
+        for path in _listdir(folder):
+            match = _SAMPLE_FILE.match(path.name)  # also skips ".00.png.<hex>.tmp" files being written
+            if match:
+                samples.append(Sample(path, label, order, int(match[1]), prompts.get(path.name, "")))
+    samples.sort(key=lambda s: (-s.order, s.index))
+    return samples
+
+
+def samples_for_prompt(samples: list[Sample], index: int) -> list[Sample]:
+    """One prompt across the run, oldest first: how the adapter changed the same picture."""
+    return sorted((s for s in samples if s.index == index), key=lambda s: s.order)
+
+
+def read_adapters(run_dir: Path) -> list[Path]:
+    """Saved adapters, newest first; temp files of a save in progress (".name.tmp") are left out."""
+    found = []
+    for path in RunDirectory(Path(run_dir)).adapters_dir.glob("*.safetensors"):
+        try:
+            if not path.name.startswith(".") and path.is_file():
+                found.append((path.stat().st_mtime_ns, path.name, path))
+        except OSError:
+            continue  # pruned while we looked
+    return [path for *_, path in sorted(found, reverse=True)]
+
+
+def _tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines, reading at most LOG_READ_LIMIT bytes from the end of the file."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - LOG_READ_LIMIT))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    rows = text.split("\n")
+    if size > LOG_READ_LIMIT:
+        rows = rows[1:]  # the first row was cut by the seek
+    if rows and rows[-1] == "":
+        rows.pop()
+    rows = rows[-lines:] if lines > 0 else []
+    # A progress bar redraws one line with "\r": show what a terminal would, its last state.
+    return "\n".join(row.rsplit("\r", 1)[-1] for row in rows)
+
+
+def log_tail(run_dir: Path, lines: int = 40) -> str:
+    """train.log's tail; console.log's too when the run failed or died, or never got to train.log,
+    since a traceback or a crash at start-up only reaches the process's stderr."""
+    run_dir = Path(run_dir)
+    text = _tail(RunDirectory(run_dir).log_path, lines)
+    if read_status(run_dir).state in ("failed", "died", "unknown") or not text:
+        console = _tail(run_dir / "console.log", lines)
+        if console:
+            text = f"{text}\n\n--- console.log ---\n{console}" if text else console
+    return text
+
+
+def list_runs(runs_dir: Path) -> list[RunStatus]:
+    """Every run folder (one with status.json, config.toml or preset.toml), most recently updated first."""
+    runs = []
+    for entry in _listdir(Path(runs_dir)):
+        if entry.is_symlink():
+            continue  # an alias of a run would be listed twice; one pointing out is not ours
+        try:
+            path = run_path(runs_dir, entry.name)  # drops hidden folders and invalid names
+        except RunNameError:
+            continue
+        if path.is_dir() and any((path / f).is_file() for f in ("status.json", "config.toml", "preset.toml")):
+            runs.append(read_status(path))
+    runs.sort(key=lambda run: (run.updated_at or 0.0, run.name), reverse=True)
+    return runs
+
+
+def active_run(runs_dir: Path) -> RunStatus | None:
+    """The newest run whose trainer is at work, if any (read_status already turned dead ones into "died")."""
+    return next((run for run in list_runs(runs_dir) if run.state in ACTIVE_STATES and run.alive), None)
+
+
+def signature(run_dir: Path) -> tuple:
+    """A cheap fingerprint of what the UI shows: equal between two polls means nothing to redraw.
+
+    It includes the derived state because a killed trainer changes no file, yet the run turns "died".
+    """
+    run = RunDirectory(Path(run_dir))
+    status, metrics = _stat(run.status_path), _stat(run.metrics_path)
+    sample_files = sum(not path.name.startswith(".") for folder, _ in _sample_dirs(run.root)
+                       for path in _listdir(folder))
+    adapters = tuple((p.name, *(_stat(p) or ())) for p in read_adapters(run.root))
+    logs = tuple(_stat(p) for p in (run.log_path, run.root / "console.log"))
+    return (status and status[0], metrics and metrics[1], sample_files, adapters, logs,
+            read_status(run.root).state)
+
+
+def format_eta(seconds: float | None) -> str:
+    """ "45 s", "3 min 20 s", "1 h 05 min"; "" when there is nothing sensible to say."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return ""
+    total = round(seconds)
+    if total < 60:
+        return f"{total} s"
+    if total < 3600:
+        return f"{total // 60} min {total % 60:02d} s"
+    minutes = round(total / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min"

@@ -1,0 +1,307 @@
+"""The studio: a Gradio page over run folders. It configures, starts and watches runs; it trains nothing.
+
+Everything it shows is read from the runs folder on each poll (``app.runs``), and everything it does
+goes through ``app.launcher`` (start a trainer process, drop a command file). So a reloaded page, a
+second tab or a restarted UI shows the same run in the same state, and no per-tab server state
+(``gr.State``) is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from trainer.check_data import check_dataset, format_report
+from trainer.config import from_dict
+from trainer.presets import config_from_text, config_toml, load_config
+
+from .export import adapter_summary, verify_adapter
+from .form import FORM_KEYS, build_form, config_from_form, form_values, settings_from_form
+from .launcher import LaunchRefused, resume_run, send_command, start_run
+from .runs import (
+    RunNameError, format_eta, list_runs, log_tail, read_adapters, read_metrics, read_samples, read_status,
+    run_path, samples_for_prompt, signature,
+)
+from .theme import THEME
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+POLL_SECONDS = 2.0
+STATE_BADGES = {"done": "finished", "failed": "failed", "died": "stopped unexpectedly", "stopped": "stopped"}
+
+
+def _preset_choices() -> list[str]:
+    return sorted(p.name for p in PRESETS_DIR.glob("*.toml"))
+
+
+def _error_box(lines: list[str]) -> str:
+    return "**Please fix:**\n" + "\n".join(f"- `{line.split(':', 1)[0]}`:{line.split(':', 1)[1]}"
+                                            if ":" in line else f"- {line}" for line in lines)
+
+
+class Studio:
+    """The handlers, bound to one runs folder."""
+
+    def __init__(self, runs_dir: Path):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- configure ---------------------------------------------------------------------------------
+
+    def load_preset(self, name: str | None, upload: str | None):
+        path = Path(upload) if upload else PRESETS_DIR / (name or "quickstart.toml")
+        if not upload and path.name not in _preset_choices():
+            return [gr.skip()] * len(FORM_KEYS) + [_error_box([f"unknown preset {name!r}"])]
+        try:
+            config = load_config(path)
+        except ValueError as error:
+            return [gr.skip()] * len(FORM_KEYS) + [_error_box(str(error).splitlines()[1:] or [str(error)])]
+        return [*form_values(config), f"Loaded {path.name}."]
+
+    def check_data(self, *values):
+        """The pre-flight report for the form's dataset settings (the rest of the form may be unfinished)."""
+        settings, _ = settings_from_form(list(values))
+        try:
+            config = from_dict({"dataset": settings["dataset"], "training": settings["training"]}, where="form")
+            report = check_dataset(Path(config.dataset.path), config.dataset.caption_extension,
+                                   config.dataset.bucket_spec(), config.training.batch_size)
+        except ValueError as error:  # ConfigError and DatasetError both say what to fix
+            return _error_box(str(error).splitlines()), ""
+        return "Dataset checked.", format_report(report)
+
+    def save_preset(self, *values):
+        config, problems = config_from_form(list(values))
+        if config is None:
+            return gr.skip(), _error_box(problems)
+        folder = self.runs_dir / ".presets"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{config.saving.output_name}.toml"
+        path.write_text(config_toml(config), encoding="utf-8")
+        return gr.DownloadButton(value=str(path), visible=True), f"Preset ready: {path.name}"
+
+    def start(self, *values):
+        config, problems = config_from_form(list(values))
+        if config is None:
+            return _error_box(problems), gr.skip(), gr.skip()
+        try:
+            name = start_run(self.runs_dir, config)
+        except LaunchRefused as error:
+            return _error_box([str(error)]), gr.skip(), gr.skip()
+        return f"Started run **{name}**.", gr.Dropdown(choices=self._run_names(), value=name), gr.Tabs(selected="run")
+
+    # -- watch ---------------------------------------------------------------------------------------
+
+    def _run_names(self) -> list[str]:
+        return [run.name for run in list_runs(self.runs_dir)]
+
+    def initial_run(self):
+        """On page load: the active run, else the newest, so a reload or a new tab shows the same run."""
+        runs = list_runs(self.runs_dir)
+        active = next((run for run in runs if run.alive), None)
+        chosen = active or (runs[0] if runs else None)
+        return gr.Dropdown(choices=[run.name for run in runs], value=chosen.name if chosen else None)
+
+    def _status_markdown(self, name: str) -> str:
+        status = read_status(run_path(self.runs_dir, name))
+        parts = [f"### {name}", f"**{STATE_BADGES.get(status.state, status.state)}**"]
+        if status.total_steps:
+            parts.append(f"step {status.step} / {status.total_steps}")
+        if status.epochs:
+            parts.append(f"epoch {status.epoch} / {status.epochs}")
+        if status.loss is not None:
+            parts.append(f"loss {status.loss:.4f}")
+        if status.alive and status.eta_seconds:
+            parts.append(f"ETA {format_eta(status.eta_seconds)}")
+        text = " · ".join(parts[1:])
+        message = status.message or ""
+        if status.state in ("failed", "died"):
+            return f"{parts[0]}\n{text}\n\n> **{message}**"
+        return f"{parts[0]}\n{text}\n\n{message}"
+
+    def refresh(self, name: str | None, last_signature: str):
+        """Everything the Run tab shows; unchanged runs skip every output (no traffic, no flicker)."""
+        outputs = 7
+        if not name:
+            return ["No run yet: configure one and press Start.", None, [], gr.Dropdown(choices=[]), "", "",
+                    gr.skip()]
+        try:
+            run_dir = run_path(self.runs_dir, name)
+        except RunNameError as error:
+            return [str(error)] + [gr.skip()] * (outputs - 1)
+        current = repr(signature(run_dir))
+        if current == last_signature:
+            return [gr.skip()] * outputs
+        metrics = read_metrics(run_dir)
+        plot = pd.DataFrame({"step": [m["step"] for m in metrics], "loss": [m["loss"] for m in metrics]})
+        samples = read_samples(run_dir)
+        gallery = [(str(s.path), f"{s.epoch_label} · {s.index}: {s.prompt}") for s in samples]
+        prompts = sorted({(s.index, s.prompt) for s in samples})
+        choices = [(f"{index}: {prompt[:60]}", str(index)) for index, prompt in prompts]
+        return [self._status_markdown(name), plot, gallery, gr.Dropdown(choices=choices),
+                log_tail(run_dir), gr.Dropdown(choices=self._adapter_choices(run_dir)), current]
+
+    def compare(self, name: str | None, prompt_index: str | None):
+        if not name or prompt_index is None:
+            return []
+        samples = samples_for_prompt(read_samples(run_path(self.runs_dir, name)), int(prompt_index))
+        return [(str(s.path), s.epoch_label) for s in samples]
+
+    # -- control -------------------------------------------------------------------------------------
+
+    def command(self, name: str | None, command: str) -> str:
+        if not name:
+            return "No run selected."
+        try:
+            send_command(self.runs_dir, name, command)
+        except (LaunchRefused, RunNameError) as error:
+            return str(error)
+        return {"stop": "Stopping after this step (the adapter and state are saved first).",
+                "save": "Saving after this step.", "sample": "Sampling after this step."}[command]
+
+    def resume(self, name: str | None) -> str:
+        if not name:
+            return "No run selected."
+        try:
+            resume_run(self.runs_dir, name)
+        except (LaunchRefused, RunNameError) as error:
+            return str(error)
+        return f"Resuming {name}."
+
+    # -- export --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _adapter_choices(run_dir: Path) -> list[str]:
+        return [path.name for path in read_adapters(run_dir)]
+
+    def _adapter_path(self, name: str | None, adapter: str | None) -> Path | None:
+        if not name or not adapter:
+            return None
+        path = run_path(self.runs_dir, name) / "adapters" / adapter
+        return path if path.parent.name == "adapters" and path.is_file() and "/" not in adapter else None
+
+    def show_adapter(self, name: str | None, adapter: str | None):
+        path = self._adapter_path(name, adapter)
+        if path is None:
+            return "", gr.DownloadButton(visible=False), ""
+        return adapter_summary(path), gr.DownloadButton(value=str(path), visible=True), verify_adapter(path, run=False)
+
+    def verify(self, name: str | None, adapter: str | None) -> str:
+        path = self._adapter_path(name, adapter)
+        return verify_adapter(path, run=True) if path else "Choose an adapter first."
+
+    # -- API (plain types, for scripts and gradio_client) -------------------------------------------
+
+    def api_start(self, preset_toml: str) -> str:
+        """Start a run from preset text (TOML, paths relative to presets/); returns the run name."""
+        with _as_user_error():
+            return start_run(self.runs_dir, config_from_text(preset_toml, PRESETS_DIR, where="start_run"))
+
+    def api_status(self, name: str) -> dict[str, Any]:
+        """The run's status (state, step, total_steps, epoch, eta_seconds, loss, message, ...)."""
+        with _as_user_error():
+            status = read_status(run_path(self.runs_dir, name))
+        return {key: getattr(status, key) for key in status.__dataclass_fields__} | {"name": name}
+
+    def api_stop(self, name: str) -> str:
+        """Ask the run to save and stop after its current step."""
+        with _as_user_error():
+            send_command(self.runs_dir, name, "stop")
+        return "stopping"
+
+
+@contextlib.contextmanager
+def _as_user_error() -> Iterator[None]:
+    """Refusals reach API callers as their message (gr.Error), not as a server traceback."""
+    try:
+        yield
+    except (ValueError, LaunchRefused) as error:  # ConfigError, RunNameError, DatasetError are ValueErrors
+        raise gr.Error(str(error)) from None
+
+
+def build(runs_dir: Path) -> gr.Blocks:
+    studio = Studio(runs_dir)
+    with gr.Blocks(title="DoRA Studio", analytics_enabled=False) as demo:
+        gr.Markdown("# DoRA Studio\nTrain LoRA and DoRA adapters for SDXL.")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Configure", id="configure"):
+                with gr.Row():
+                    preset = gr.Dropdown(choices=_preset_choices(), value="quickstart.toml", label="Preset")
+                    upload = gr.File(label="or upload a preset (.toml)", file_types=[".toml"], type="filepath")
+                    load = gr.Button("Load preset")
+                form = build_form(load_config(PRESETS_DIR / "quickstart.toml"))
+                inputs = list(form.values())
+                message = gr.Markdown()
+                with gr.Row():
+                    check = gr.Button("Check dataset")
+                    save = gr.Button("Save as preset")
+                    download_preset = gr.DownloadButton("Download preset", visible=False)
+                    start = gr.Button("Start", variant="primary")
+                report = gr.Code(label="Dataset report", language=None, interactive=False)
+            with gr.Tab("Run", id="run"):
+                run = gr.Dropdown(label="Run", choices=[], allow_custom_value=False)
+                status = gr.Markdown()
+                with gr.Row():
+                    stop = gr.Button("Stop (saves first)", variant="stop")
+                    save_now = gr.Button("Save now")
+                    sample_now = gr.Button("Sample now")
+                    resume = gr.Button("Resume")
+                control = gr.Markdown()
+                loss = gr.LinePlot(x="step", y="loss", label="Loss", height=260)
+                gallery = gr.Gallery(label="Samples, newest first", columns=6, height="auto", object_fit="contain")
+                prompt = gr.Dropdown(label="Compare one prompt across epochs", choices=[])
+                compare = gr.Gallery(label="Same prompt, oldest first", columns=6, height="auto")
+                log = gr.Textbox(label="Log (last lines)", lines=12, max_lines=12, autoscroll=True)
+            with gr.Tab("Export", id="export"):
+                adapter = gr.Dropdown(label="Adapter", choices=[])
+                summary = gr.Code(label="inspect", language=None, interactive=False)
+                download = gr.DownloadButton("Download", visible=False)
+                verify = gr.Button("Verify against the base model (ComfyUI, Forge, A1111, InvokeAI)")
+                verified = gr.Code(label="verify", language=None, interactive=False)
+        last_signature = gr.Textbox(visible=False)
+
+        load.click(studio.load_preset, [preset, upload], [*inputs, message])
+        check.click(studio.check_data, inputs, [message, report])
+        save.click(studio.save_preset, inputs, [download_preset, message])
+        start.click(studio.start, inputs, [message, run, tabs])
+        demo.load(studio.initial_run, None, run)
+        refresh_outputs = [status, loss, gallery, prompt, log, adapter, last_signature]
+        gr.Timer(POLL_SECONDS).tick(studio.refresh, [run, last_signature], refresh_outputs, show_progress="hidden")
+        run.change(studio.refresh, [run, gr.Textbox(value="", visible=False)], refresh_outputs)
+        prompt.change(studio.compare, [run, prompt], compare)
+        stop.click(lambda name: studio.command(name, "stop"), run, control)
+        save_now.click(lambda name: studio.command(name, "save"), run, control)
+        sample_now.click(lambda name: studio.command(name, "sample"), run, control)
+        resume.click(studio.resume, run, control)
+        adapter.change(studio.show_adapter, [run, adapter], [summary, download, verified])
+        verify.click(studio.verify, [run, adapter], verified)
+        gr.api(studio.api_start, api_name="start_run")
+        gr.api(studio.api_status, api_name="run_status")
+        gr.api(studio.api_stop, api_name="stop_run")
+    return demo
+
+
+def launch(runs_dir: Path, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
+           block: bool = True) -> gr.Blocks:
+    """Serve the studio. Run files are served in place from the runs folder (static path: no copies into
+    Gradio's cache) and nothing else on disk is reachable; no share link, analytics or run history."""
+    runs_dir = Path(runs_dir).resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    gr.set_static_paths([runs_dir])
+    demo = build(runs_dir)
+    demo.launch(
+        server_name=host, server_port=port, auth=auth, share=False, show_error=True, ssr_mode=False,
+        prevent_thread_lock=not block, theme=THEME, footer_links=[], run_history=False, enable_monitoring=False,
+        max_file_size="1mb", quiet=True,
+    )
+    return demo
+
+
+def serve(runs_dir: Path, host: str, port: int, auth: tuple[str, str] | None) -> None:
+    """``dora-studio ui``: print where to look, then serve until interrupted."""
+    print(f"DoRA Studio on http://{host}:{port} (runs in {Path(runs_dir).resolve()}); Ctrl-C to quit. "
+          "Training runs in its own process and goes on if the UI stops.", flush=True)
+    launch(runs_dir, host, port, auth, block=True)
