@@ -113,7 +113,7 @@ def settings_from_form(values: list[Any]) -> tuple[dict, list[str]]:
             value = int(value)
         elif annotation is str and value is None:
             value = ""
-        if value is None and annotation is not (float | None):
+        if value is None and annotation != (float | None):
             problems.append(f"{key}: required")
             continue
         if value is not None:
