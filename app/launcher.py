@@ -97,9 +97,11 @@ def resume_run(runs_dir: Path, name: str) -> str:
     run_dir = run_path(runs_dir, name)
     with _launch_lock(runs_dir):
         _refuse_if_busy(runs_dir)
-        if not any((run_dir / "state").glob("step-*/state.json")):
-            raise LaunchRefused(f"run {name} saved no state to resume from; start it again instead")
-        _spawn(run_dir, ["--resume", "auto"])
+        preset = run_dir / PRESET_NAME
+        if not preset.is_file() and not (run_dir / "config.toml").is_file():
+            raise LaunchRefused(f"run {name} has no settings to resume with (no {PRESET_NAME} or config.toml)")
+        # with no saved state yet, --resume auto starts the run over in the same folder
+        _spawn(run_dir, ([str(preset)] if preset.is_file() else []) + ["--resume", "auto"])
     return name
 
 

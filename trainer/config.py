@@ -146,6 +146,10 @@ class TrainingSettings:
     seed: int = setting(42, "seed for everything random (same seed, same run)", minimum=0)
     noise_offset: float = setting(0.0, "noise offset (0.03-0.1 helps very dark/bright images)", minimum=0.0,
                                   advanced=True)
+    max_skipped_batches: int = setting(
+        0, "batches with a non-finite loss or gradient to skip (each logged) before the run fails", minimum=0,
+        advanced=True,
+    )
     min_snr_gamma: float = setting(0.0, "min-SNR loss weighting gamma (5 is common; 0: off)", minimum=0.0,
                                    advanced=True)
 

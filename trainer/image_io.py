@@ -1,8 +1,9 @@
 """Read training images the way they look in a viewer: upright, opaque RGB, 8 bits, whatever the file.
 
-Two entry points: ``probe_image`` reads only the header (the dataset scan calls it on every file), and
-``load_image_rgb`` decodes pixels (training calls it). Both refuse decompression bombs before any pixel
-is decoded, and both report failures as ``ImageLoadError`` naming the file, the reason and the fix.
+Two entry points: ``probe_image`` reads the header and checks what it cheaply can of the data (the dataset
+scan calls it on every file), and ``load_image_rgb`` decodes pixels (training calls it). Both refuse
+decompression bombs before any pixel is decoded, and both report failures as ``ImageLoadError`` naming the
+file, the reason and the fix.
 """
 
 from __future__ import annotations
@@ -96,11 +97,8 @@ def _orientation(image: Image.Image) -> int:
 
 
 def probe_image(path: str | Path) -> ImageProbe:
-    """Size and detected format without decoding pixels; ``verify`` catches broken PNG chunks cheaply.
-
-    JPEG has no cheap check in Pillow (its ``verify`` does nothing), so a truncated JPEG passes here and
-    fails in ``load_image_rgb``.
-    """
+    """Size and detected format; ``verify`` catches broken PNG chunks cheaply, ``_check_jpeg_data`` the
+    truncated or garbled JPEGs that would otherwise pass here and stop a run when training loads them."""
     path = Path(path)
     with _open(path) as image:
         width, height = image.size
@@ -111,7 +109,20 @@ def probe_image(path: str | Path) -> ImageProbe:
             image.verify()
         except Exception as error:  # verify raises anything from struct.error to SyntaxError
             raise _unreadable(path, error) from None
+    if detected in {"JPEG", "MPO"}:
+        _check_jpeg_data(path)
     return ImageProbe(width, height, detected)
+
+
+def _check_jpeg_data(path: Path) -> None:
+    """Decode at 1/8 scale: JPEG has no checksum and Pillow's ``verify`` does nothing for it, but libjpeg's
+    scaled decoding still reads every byte of the compressed data, at a fraction of a full decode's cost."""
+    with _open(path) as image:
+        image.draft(None, (max(1, image.width // 8), max(1, image.height // 8)))
+        try:
+            image.load()
+        except (OSError, ValueError, SyntaxError) as error:
+            raise _unreadable(path, error) from None
 
 
 def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:

@@ -18,14 +18,11 @@ RESUME_MAY_CHANGE = (
 )
 
 
-def find_state(resume: str, run: RunDirectory) -> Path:
-    """``auto``: the run's newest complete state; otherwise a state folder (``state/step-N``)."""
+def find_state(resume: str, run: RunDirectory) -> Path | None:
+    """``auto``: the run's newest complete state, or None when it saved none yet (the run then starts over,
+    which is what an interrupted run that never reached a save needs); otherwise a state folder."""
     if resume == "auto":
-        state = newest_state(run.states_dir)
-        if state is None:
-            raise TrainStateError(f"{run.root}: no saved state to resume from in {run.states_dir}; start the run "
-                                  "without --resume, or give --run-dir of the run you mean")
-        return state
+        return newest_state(run.states_dir)
     path = Path(resume)
     if path in list_states(path.parent):
         return path

@@ -61,6 +61,14 @@ class RunDirectory:
         for folder in (self.root, self.samples_dir, self.adapters_dir, self.states_dir, self.commands_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Temp files a killed trainer left mid-write (``.NAME.<hex>.tmp``); only the trainer writes here."""
+        stale = [p for folder in (self.root, self.adapters_dir, self.samples_dir)
+                 for p in folder.rglob(".*.tmp") if p.is_file()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
     def read_status(self) -> dict[str, Any]:
         try:
             return json.loads(self.status_path.read_text(encoding="utf-8"))

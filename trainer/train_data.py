@@ -17,8 +17,8 @@ from torch import Tensor
 
 from .buckets import BucketSpec, CropPlan, assign_bucket, crop_plan, make_buckets, micro_conditioning
 from .captions import CaptionOptions, process_caption
-from .dataset_scan import DatasetScan
-from .image_io import load_image_rgb
+from .dataset_scan import DatasetError, DatasetScan
+from .image_io import ImageLoadError, load_image_rgb
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,13 @@ def plan_epoch(
 
 def load_pixels(example: TrainExample, draw: Draw, background: tuple[int, int, int]) -> Tensor:
     """The cropped, maybe flipped image as a [3, H, W] float tensor in [-1, 1], as the VAE expects."""
-    image = load_image_rgb(example.path, background)
+    try:
+        image = load_image_rgb(example.path, background)
+    except ImageLoadError as error:
+        # The scan checks files without decoding them all (a truncated BMP, a PNG with a bad stream but good
+        # checksums pass), and a file may change after it: end the run with the file and fix, not a traceback.
+        raise DatasetError(f"{error}; it passed the dataset check when the run started. Fix or remove it, "
+                           "then continue with --resume auto") from None
     resized_width, resized_height = draw.crop.resized_size
     if image.size != (resized_width, resized_height):
         image = image.resize((resized_width, resized_height), resample=_resample(image.size, draw.crop.resized_size))

@@ -47,6 +47,7 @@ class Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epochs fully done
     batches_done: int = 0  # batches of the current epoch done
+    skipped_batches: int = 0  # accumulation groups dropped for a non-finite loss or gradient
 
 
 class StopRequested(Exception):
@@ -126,6 +127,7 @@ class Trainer:
     def run_training(self, resume: str | None = None) -> Path:
         """Train to the end (or a stop request); returns the newest adapter written."""
         self.run.create()
+        self.run.remove_stale_temp_files()
         write_config(self.config, self.run.config_path)
         self.run.write_status(state="starting", message="loading data and models", started_at=self.started_at)
         accelerator = Accelerator(mixed_precision=self.config.training.mixed_precision,
@@ -138,8 +140,9 @@ class Trainer:
                     self.run.write_status(state="stopped", message="stopped before training began")
                 raise
             except BaseException as error:
-                self.run.write_status(state="failed", message=str(error) or type(error).__name__,
-                                      error_type=type(error).__name__)
+                with contextlib.suppress(OSError):  # a full disk must not hide the reason behind a second error
+                    self.run.write_status(state="failed", message=str(error) or type(error).__name__,
+                                          error_type=type(error).__name__)
                 raise
 
     def _run(self, accelerator: Accelerator, resume: str | None) -> Path:
@@ -155,8 +158,8 @@ class Trainer:
         prepared = accelerator.prepare(session.pipe.unet, session.optimizer)
         self.unet, session.optimizer = prepared
         self.accelerator = accelerator
-        if resume:
-            self._resume(resume)
+        if resume and self._resume(resume):
+            pass
         elif self.config.sampling.at_start and session.sample_prompts:
             self._sample(self.run.samples_dir / "epoch_000", adapters=False)
         self.run.truncate_metrics(self.progress.step)
@@ -193,9 +196,11 @@ class Trainer:
                     accelerator.backward(loss / group_size)
                 group_loss += loss.item() / group_size
                 if syncs:
-                    self._check_finite(group_loss)
-                    if config.optimizer.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(session.trainable.values(), config.optimizer.max_grad_norm)
+                    if not self._finite_step(group_loss):
+                        session.optimizer.zero_grad(set_to_none=True)
+                        self.progress.batches_done = index + 1
+                        group_loss, data_wait, tick = 0.0, 0.0, time.perf_counter()
+                        continue
                     session.optimizer.step()
                     session.lr_scheduler.step()
                     session.optimizer.zero_grad(set_to_none=True)
@@ -221,13 +226,34 @@ class Trainer:
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
-    def _check_finite(self, loss: float) -> None:
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"the loss became {loss} at step {self.progress.step + 1}; nothing was saved after the last good "
-                "step. Usual fixes: lower the learning rate, use mixed_precision = \"bf16\" instead of fp16, "
-                "or lower noise_offset"
-            )
+    def _finite_step(self, loss: float) -> bool:
+        """Clip, and check loss and gradient norm; False: skip this group (allowed), or raise to fail the run.
+
+        With fp16 the gradient scaler itself skips steps whose gradients overflow, so only the loss is
+        checked there.
+        """
+        config = self.config
+        problem = None if math.isfinite(loss) else f"the loss became {loss}"
+        if problem is None:
+            fp16 = config.training.mixed_precision == "fp16"
+            max_norm = config.optimizer.max_grad_norm
+            if max_norm > 0 or not fp16:
+                norm = self.accelerator.clip_grad_norm_(self.session.trainable.values(), max_norm or math.inf)
+                if not fp16 and not math.isfinite(float(norm)):
+                    problem = f"the gradient norm became {float(norm)}"
+        if problem is None:
+            return True
+        where = f"{problem} at step {self.progress.step + 1}"
+        if self.progress.skipped_batches < config.training.max_skipped_batches:
+            self.progress.skipped_batches += 1
+            log.warning("%s: batch skipped (%d of %d allowed)", where, self.progress.skipped_batches,
+                        config.training.max_skipped_batches)
+            return False
+        raise TrainingError(
+            f"{where}; the run stops here and the last saved adapter and state are kept. Usual fixes: lower the "
+            "learning rate, use mixed_precision = \"bf16\" instead of fp16, lower noise_offset, or allow a few "
+            "bad batches with training.max_skipped_batches"
+        )
 
     def _after_step(self, bar, loss: float, seconds: float, data_wait: float) -> None:
         step = self.progress.step
@@ -306,14 +332,23 @@ class Trainer:
         }[kind]
         if not self.accelerator.is_main_process:
             return path
-        self.run.write_status(state="saving", message=f"saving {path.name}")
-        save_network(path, self.session.adapters, self.config, steps=step, epoch=epoch, started_at=self.started_at,
-                     dataset_dirs=self.session.dataset_dirs, tag_frequencies=self.session.tag_frequencies)
-        if self.config.saving.save_state:
-            save_train_state(self.run.states_dir, step, trainable=self.session.trainable,
-                             optimizer=self.session.optimizer, lr_scheduler=self.session.lr_scheduler,
-                             progress=asdict(self.progress), extra={"config": to_dict(self.config)})
-            prune_states(self.run.states_dir, self.config.saving.keep_last_states)
+        try:
+            self.run.write_status(state="saving", message=f"saving {path.name}")
+            save_network(path, self.session.adapters, self.config, steps=step, epoch=epoch,
+                         started_at=self.started_at, dataset_dirs=self.session.dataset_dirs,
+                         tag_frequencies=self.session.tag_frequencies)
+            if self.config.saving.save_state:
+                save_train_state(self.run.states_dir, step, trainable=self.session.trainable,
+                                 optimizer=self.session.optimizer, lr_scheduler=self.session.lr_scheduler,
+                                 progress=asdict(self.progress), extra={"config": to_dict(self.config)})
+                prune_states(self.run.states_dir, self.config.saving.keep_last_states)
+        except OSError as error:  # every write is atomic: what was saved before is still whole
+            kept = self.run.read_status().get("last_adapter") or "none yet"
+            raise TrainingError(
+                f"could not save {path.name} in {self.run.root} ({error.strerror or error}); free disk space or "
+                f"fix the folder's permissions, then resume with --resume auto. The last good adapter ({kept}) "
+                "and its state are kept"
+            ) from error
         if kind != "final":
             self._prune_adapters()
         log.info("saved %s", path)
@@ -335,11 +370,16 @@ class Trainer:
         if done == total or done % 10 == 0:
             self.run.write_status(state="caching", message=f"caching latents {done}/{total}")
 
-    def _resume(self, resume: str) -> None:
+    def _resume(self, resume: str) -> bool:
+        """Load the state to continue from; False when ``--resume auto`` found none (start from step 0)."""
         state_dir = find_state(resume, self.run)
+        if state_dir is None:
+            log.info("no saved state in %s yet: starting the run from the beginning", self.run.states_dir)
+            return False
         check_resume_config(read_state_extra(state_dir)["config"], to_dict(self.config), state_dir)
         loaded = load_train_state(state_dir, trainable=self.session.trainable, optimizer=self.session.optimizer,
                                   lr_scheduler=self.session.lr_scheduler)
         self.progress = Progress(**loaded["progress"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", state_dir, self.progress.step,
                  self.progress.epoch + 1, self.progress.batches_done)
+        return True
