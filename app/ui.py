@@ -126,8 +126,9 @@ class Studio:
         """Everything the Run tab shows; unchanged runs skip every output (no traffic, no flicker)."""
         outputs = 7
         if not name:
-            return ["No run yet: configure one and press Start.", None, [], gr.Dropdown(choices=[]), "", "",
-                    gr.skip()]
+            # The adapter dropdown gets None, not "": "" is no choice, so its change event would fail.
+            return ["No run yet: configure one and press Start.", None, [], gr.Dropdown(choices=[]), "",
+                    gr.Dropdown(choices=[], value=None), gr.skip()]
         try:
             run_dir = run_path(self.runs_dir, name)
         except RunNameError as error:

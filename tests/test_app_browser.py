@@ -11,6 +11,7 @@ without them the module is skipped. ``playwright install`` is never used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -154,20 +155,37 @@ def page() -> Iterator:
             browser.close()
 
 
+# Gradio shows a failed event as an error toast that fades after a few seconds: note each one as it
+# appears, so none is missed between two looks at the page.
+RECORD_ERROR_TOASTS = """
+window.errorToasts = [];
+new MutationObserver(() => {
+    for (const toast of document.querySelectorAll(".toast-body.error:not([data-noted])")) {
+        toast.dataset.noted = "1";
+        window.errorToasts.push(toast.innerText.replace(/\\s+/g, " "));
+    }
+}).observe(document, {childList: true, subtree: true});
+"""
+
+
 class Stages:
-    """Full-page screenshots, numbered in the order taken, and any error toast Gradio showed on them."""
+    """Full-page screenshots, numbered in the order taken, and the error toasts shown up to each one."""
 
     def __init__(self, page):
         self.page, self.count, self.errors = page, 0, []
+        page.add_init_script(RECORD_ERROR_TOASTS)  # on every load, reloads included
         if ARTIFACTS.exists():
             shutil.rmtree(ARTIFACTS)
         ARTIFACTS.mkdir(parents=True)
 
+    def collect_errors(self, stage: str) -> None:
+        """Before a screenshot and before a reload (which starts a new list)."""
+        self.errors += [f"{stage}: {text}" for text in self.page.evaluate("window.errorToasts.splice(0)")]
+
     def snap(self, name: str) -> None:
         self.count += 1
         self.page.screenshot(path=str(ARTIFACTS / f"{self.count:02d}-{name}.png"), full_page=True)
-        toasts = self.page.locator(".toast-body.error")
-        self.errors += [f"{name}: {text}" for text in toasts.all_inner_texts()]
+        self.collect_errors(name)
 
 
 def _foreign_request(url: str) -> bool:
@@ -190,12 +208,13 @@ def test_quickstart_in_a_browser(studio, page, tmp_path):
         _wait_until_finished(page, run_name, runs_dir, stages)
         _export(page, runs_dir / run_name, tmp_path, stages)
     except Exception:
-        stages.snap("failed")
+        with contextlib.suppress(Exception):  # the failure itself matters more than its picture
+            stages.snap("failed")
         raise
     foreign = sorted({u for u in requests if _foreign_request(u)})
     assert not foreign, f"the page reached beyond this machine: {foreign}"
     assert any(urlsplit(u).hostname in LOCAL_HOSTS for u in requests)  # the recorder did record
-    assert not stages.errors, f"Gradio showed errors: {stages.errors}"
+    assert not stages.errors, f"the page showed errors: {stages.errors}"
 
 
 def _configure_and_start(page, url: str, stages: Stages) -> None:
@@ -254,6 +273,7 @@ def _watch_the_run(page, runs_dir: Path, stages: Stages) -> str:
 
 def _reload_mid_run(page, run_name: str, stages: Stages) -> None:
     """A reloaded page finds the run again in the runs folder (the UI keeps no per-tab state)."""
+    stages.collect_errors("before reload")
     page.reload()
     page.get_by_role("tab", name="Run").click()
     expect(page.get_by_label("Run", exact=True)).to_have_value(run_name, timeout=STEP_TIMEOUT_MS)

@@ -173,3 +173,18 @@ def test_diffusers_underscore_stems_are_renamed_and_verified(input_axis_file, ti
     assert main(["verify", str(foreign), "--model", str(tiny_dir), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["stems_checked"] == len(loaded.adapters) and report["unmatched_stems"] == []
+
+
+def test_check_data_with_a_preset_counts_what_training_will_run(capsys):
+    """check-data --preset uses the preset's buckets and batch size, so its count is the run's."""
+    from trainer.dataset_scan import scan_dataset
+    from trainer.presets import load_config
+    from trainer.train_data import epoch_batches, plan_examples
+
+    preset = Path(__file__).resolve().parents[1] / "presets" / "quickstart.toml"
+    assert main(["check-data", "--preset", str(preset), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    config = load_config(preset)
+    examples = plan_examples(scan_dataset(Path(config.dataset.path)), config.dataset.bucket_spec())
+    assert report["steps_per_epoch"] == len(epoch_batches(examples, config.training.batch_size, seed=0, epoch=0))
+    assert report["batch_size"] == 4 and set(report["buckets"]) == {"64x192", "128x128"}

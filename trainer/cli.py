@@ -74,13 +74,24 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     from .buckets import BucketSpec
     from .check_data import check_dataset, format_report
 
-    try:
-        spec = BucketSpec(resolution=args.resolution)
-    except ValueError as error:
-        raise UserError(f"--resolution {args.resolution}: {error}") from None
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be 1 or more")
-    report = check_dataset(Path(args.dir), args.caption_extension, spec, args.batch_size)
+    if args.preset:  # exactly what that run would see: its folder, captions, buckets and batch size
+        from .presets import load_config
+
+        config = load_config(args.preset, [f"dataset.path={args.dir}"] if args.dir else [])
+        folder, extension = Path(config.dataset.path), config.dataset.caption_extension
+        spec, batch_size = config.dataset.bucket_spec(), config.training.batch_size
+    else:
+        if not args.dir:
+            raise UserError("give the dataset folder (or --preset PRESET to check the preset's dataset)")
+        try:
+            spec = BucketSpec(resolution=args.resolution, min_side=min(512, args.resolution),
+                              max_side=max(2048, args.resolution))
+        except ValueError as error:
+            raise UserError(f"--resolution {args.resolution}: {error}") from None
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size {args.batch_size}: must be 1 or more")
+        folder, extension, batch_size = Path(args.dir), args.caption_extension, args.batch_size
+    report = check_dataset(folder, extension, spec, batch_size)
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     return EXIT_OK
 
@@ -182,10 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("check-data", help="scan a dataset folder: repeats, captions, broken files, buckets, steps")
-    p.add_argument("dir", help="dataset folder: images with same-name captions, or subfolders like 10_name")
+    p.add_argument("dir", nargs="?", help="dataset folder: images with same-name captions, or subfolders like "
+                   "10_name (with --preset: overrides the preset's dataset.path)")
+    p.add_argument("--preset", help="take folder, caption extension, buckets and batch size from this preset")
     p.add_argument("--caption-extension", default=".txt", help="caption file extension (default .txt)")
     p.add_argument("--batch-size", type=int, default=1, help="for the steps-per-epoch count (default 1)")
-    p.add_argument("--resolution", type=int, default=1024, help="bucket resolution (default 1024)")
+    p.add_argument("--resolution", type=int, default=1024, help="bucket resolution (default 1024; sides "
+                   "512-2048, or down to the resolution when it is smaller)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_check_data)
 
