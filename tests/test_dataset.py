@@ -414,5 +414,7 @@ def test_check_data_exit_codes(tmp_path, capsys):
     assert main(["check-data", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
     root = _small_dataset(tmp_path / "data")
-    assert main(["check-data", str(root), "--resolution", "256"]) == 2
+    assert main(["check-data", str(root), "--resolution", "32"]) == 2  # below the 64 px bucket step
+    assert "no bucket fits" in capsys.readouterr().err
+    assert main(["check-data", str(root), "--resolution", "256"]) == 0  # small buckets, e.g. for tiny models
     assert main(["check-data", str(root), "--batch-size", "0"]) == 2

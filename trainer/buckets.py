@@ -25,6 +25,8 @@ class BucketSpec:
     def __post_init__(self) -> None:
         if self.step < 1:
             raise ValueError(f"bucket step must be 1 or more, got {self.step}")
+        if self.resolution < self.step:
+            raise ValueError(f"resolution {self.resolution} is below the bucket step {self.step}: no bucket fits")
         if not 0 < self.min_side <= self.resolution <= self.max_side:
             raise ValueError(
                 f"resolution {self.resolution} must lie between the smallest bucket side {self.min_side} "
