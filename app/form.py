@@ -12,7 +12,7 @@ from typing import Any, get_args, get_origin
 
 import gradio as gr
 
-from trainer.config import SECTIONS, ConfigError, TrainConfig, field_type, fields_of, from_dict, to_dict
+from trainer.config import SECTIONS, ConfigError, TrainConfig, field_type, fields_of, from_dict
 
 SECTION_TITLES = {
     "model": "Model", "dataset": "Dataset", "network": "Network", "optimizer": "Optimizer",
@@ -32,6 +32,7 @@ def _is_list(annotation: Any) -> bool:
 
 
 def _component(key: str, value: Any) -> gr.components.Component:
+    """One field showing ``value`` as ``form_values`` gives it (lists already as text)."""
     spec, annotation = _spec(key)
     meta = spec.metadata
     label, info = key.partition(".")[2], meta["help"]
@@ -46,7 +47,7 @@ def _component(key: str, value: Any) -> gr.components.Component:
         return gr.Number(value=value, label=label, info=info + (" (blank: unset)" if value is None else ""))
     if _is_list(annotation):
         separator = "one per line" if get_args(annotation)[0] is str else "comma-separated"
-        return gr.Textbox(value=_list_to_text(value, annotation), label=label, info=f"{info} ({separator})",
+        return gr.Textbox(value=value, label=label, info=f"{info} ({separator})",  # value: form_values' text
                           lines=3 if get_args(annotation)[0] is str else 1)
     return gr.Textbox(value=value, label=label, info=info)
 
@@ -130,7 +131,3 @@ def config_from_form(values: list[Any]) -> tuple[TrainConfig | None, list[str]]:
         return from_dict(settings, where="form"), []
     except ConfigError as error:
         return None, [line.strip() for line in str(error).splitlines()[1:]]
-
-
-def config_as_settings(config: TrainConfig) -> dict:
-    return to_dict(config)

@@ -252,7 +252,7 @@ def build(runs_dir: Path) -> gr.Blocks:
                     resume = gr.Button("Resume")
                 control = gr.Markdown()
                 loss = gr.LinePlot(x="step", y="loss", label="Loss", height=260)
-                gallery = gr.Gallery(label="Samples, newest first", columns=6, height="auto", object_fit="contain")
+                gallery = gr.Gallery(label="Samples, newest first", columns=6, height=300, object_fit="contain")
                 prompt = gr.Dropdown(label="Compare one prompt across epochs", choices=[])
                 compare = gr.Gallery(label="Same prompt, oldest first", columns=6, height="auto")
                 log = gr.Textbox(label="Log (last lines)", lines=12, max_lines=12, autoscroll=True)

@@ -48,7 +48,7 @@ UI_START_S = 90  # importing gradio and torch on two busy cores
 # The 12-step run takes ~20 s on two idle cores, but minutes when the cores are shared with other jobs.
 PROGRESS_S = 180  # from Start to two steps, a loss curve and the base model's samples
 FINISH_S = 300  # from there to "finished"
-STEP_TIMEOUT_MS = 20_000  # one click's effect (a tab switch, a dropdown filled)
+STEP_TIMEOUT_MS = 20_000  # one page change: a form drawn, a tab switched, a dropdown filled, an image loaded
 
 
 def _offline_env(cache_dir: Path) -> dict[str, str]:
@@ -145,7 +145,7 @@ def studio(tmp_path, studio_cache) -> Iterator[tuple[str, Path]]:
 
 
 @pytest.fixture
-def page() -> Iterator:
+def browser_page() -> Iterator:
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -195,8 +195,9 @@ def _foreign_request(url: str) -> bool:
     return parts.hostname not in LOCAL_HOSTS
 
 
-def test_quickstart_in_a_browser(studio, page, tmp_path):
+def test_quickstart_in_a_browser(studio, browser_page, tmp_path):
     url, runs_dir = studio
+    page = browser_page
     requests: list[str] = []
     page.context.on("request", lambda request: requests.append(request.url))
     page.on("websocket", lambda socket_: requests.append(socket_.url))
@@ -223,8 +224,8 @@ def _configure_and_start(page, url: str, stages: Stages) -> None:
     # The form opens on the quick-start preset. A text field's name is its label and help text; the
     # "path" fields are the model's, then the dataset's (schema order).
     paths = page.get_by_role("textbox", name=re.compile(r"^path "))
-    expect(paths).to_have_count(2)
-    expect(paths.nth(1)).to_have_value(re.compile("datasets_example"))
+    expect(paths).to_have_count(2, timeout=STEP_TIMEOUT_MS)
+    expect(paths.nth(1)).to_have_value(re.compile("datasets_example"), timeout=STEP_TIMEOUT_MS)
     stages.snap("configure")
 
     page.get_by_role("button", name=re.compile(r"^Training\b")).click()  # a closed section ("Training ▼")
