@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from diffusers import EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 
-from trainer.diffusion_loss import add_noise, denoising_loss, prediction_target, training_noise_scheduler
+from trainer.diffusion_loss import (
+    add_noise, denoising_loss, draw_step_noise, prediction_target, training_noise_scheduler,
+)
 from trainer.sdxl_configs import SDXL_SCHEDULER_CONFIG
 from trainer.text_encoding import encode_captions
 
@@ -66,7 +68,8 @@ def test_add_noise_is_the_ddpm_forward_process(dtype):
     scheduler = training_noise_scheduler(SDXL_SCHEDULER_CONFIG, "epsilon", zero_terminal_snr=False)
     latents = torch.randn(6, 4, 5, 3).to(dtype)
     torch.manual_seed(11)
-    noisy, noise, timesteps = add_noise(scheduler, latents, noise_offset=0.0)
+    noise, timesteps = _noise(scheduler, latents, noise_offset=0.0)
+    noisy = add_noise(scheduler, latents, noise, timesteps)
     assert noisy.dtype == dtype and noise.shape == latents.shape and timesteps.shape == (6,)
     assert timesteps.dtype == torch.int64 and 0 <= timesteps.min() and timesteps.max() < 1000
     assert len(set(timesteps.tolist())) > 1  # one timestep per sample, not one for the batch
@@ -77,14 +80,21 @@ def test_add_noise_is_the_ddpm_forward_process(dtype):
     torch.testing.assert_close(noisy.double(), expected, rtol=tolerance, atol=tolerance)
 
 
-def test_add_noise_draws_the_same_noise_for_channels_last_latents():
-    scheduler = training_noise_scheduler(SDXL_SCHEDULER_CONFIG, "epsilon", zero_terminal_snr=False)
-    latents = torch.randn(2, 4, 6, 5)
+def _noise(scheduler, latents, noise_offset):
+    drawn = draw_step_noise(latents.shape[0], tuple(latents.shape[1:]), scheduler.config.num_train_timesteps,
+                            noise_offset, latents.device)
+    return drawn.noise, drawn.timesteps
+
+
+def test_a_process_share_of_the_step_noise_is_the_same_rows_of_the_global_draw():
+    """Two processes each taking their rows of one global draw see what one process sees."""
     torch.manual_seed(3)
-    _, noise, timesteps = add_noise(scheduler, latents, noise_offset=0.0)
+    whole = draw_step_noise(4, (4, 6, 5), 1000, 0.1, torch.device("cpu"))
     torch.manual_seed(3)
-    _, noise_cl, timesteps_cl = add_noise(scheduler, latents.to(memory_format=torch.channels_last), noise_offset=0.0)
-    assert torch.equal(noise, noise_cl) and torch.equal(timesteps, timesteps_cl)
+    again = draw_step_noise(4, (4, 6, 5), 1000, 0.1, torch.device("cpu"))
+    second_half = again.rows(2, 2)
+    assert torch.equal(second_half.noise, whole.noise[2:]) and torch.equal(second_half.latent, whole.latent[2:])
+    assert torch.equal(second_half.timesteps, whole.timesteps[2:])
 
 
 def test_noise_offset_adds_a_constant_per_sample_and_channel():
@@ -93,7 +103,8 @@ def test_noise_offset_adds_a_constant_per_sample_and_channel():
     offsets = {}
     for noise_offset in (0.0, 0.1, 0.3):
         torch.manual_seed(5)
-        noisy, noise, timesteps = add_noise(scheduler, latents, noise_offset)
+        noise, timesteps = _noise(scheduler, latents, noise_offset)
+        noisy = add_noise(scheduler, latents, noise, timesteps)
         offsets[noise_offset] = noise
         alphas_cumprod = scheduler.alphas_cumprod
         expected = (per_sample(alphas_cumprod.sqrt(), timesteps) * latents
@@ -139,7 +150,7 @@ def test_loss_without_gamma_is_plain_mse(prediction_type):
     scheduler = training_noise_scheduler(SDXL_SCHEDULER_CONFIG, prediction_type, zero_terminal_snr=False)
     prediction, target = torch.randn(3, 4, 5, 5, dtype=torch.bfloat16), torch.randn(3, 4, 5, 5)
     timesteps = torch.tensor([0, 500, 999])
-    loss = denoising_loss(scheduler, prediction, target, timesteps, min_snr_gamma=0.0)
+    loss = denoising_loss(scheduler, prediction, target, timesteps, min_snr_gamma=0.0).mean()
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, F.mse_loss(prediction.float(), target))
     by_hand = ((prediction.double() - target.double()) ** 2).mean()
@@ -164,7 +175,7 @@ def test_min_snr_gamma_weights_by_hand(prediction_type):
     timesteps = torch.tensor([0, 20, 150, 400, 999])  # SNR from about 1000 down to about 0.005: both sides of 5
     prediction, target = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 3)
     gamma = 5.0
-    loss = denoising_loss(scheduler, prediction, target, timesteps, gamma)
+    loss = denoising_loss(scheduler, prediction, target, timesteps, gamma).mean()
     expected, weights = min_snr_loss_by_hand(prediction, target, timesteps, gamma, prediction_type, False)
     assert weights.min() < 1 and (weights < 1).sum() >= 2  # the clip is active somewhere
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
@@ -177,14 +188,14 @@ def test_min_snr_gamma_with_zero_terminal_snr_is_finite(prediction_type):
     scheduler = training_noise_scheduler(SDXL_SCHEDULER_CONFIG, prediction_type, zero_terminal_snr=True)
     timesteps = torch.tensor([999, 999, 500])
     prediction, target = torch.randn(3, 4, 3, 3), torch.randn(3, 4, 3, 3)
-    loss = denoising_loss(scheduler, prediction, target, timesteps, min_snr_gamma=5.0)
+    loss = denoising_loss(scheduler, prediction, target, timesteps, min_snr_gamma=5.0).mean()
     assert torch.isfinite(loss)
     expected, weights = min_snr_loss_by_hand(prediction, target, timesteps, 5.0, prediction_type, True)
     # SNR 0: epsilon takes weight 1 instead of 0/0; v-prediction's min(0, gamma) / (0 + 1) is 0, as in diffusers
     assert weights[0].item() == (1.0 if prediction_type == "epsilon" else 0.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     # only the t=999 samples: epsilon gives their plain MSE, v-prediction nothing
-    only_last = denoising_loss(scheduler, prediction[:2], target[:2], timesteps[:2], min_snr_gamma=5.0)
+    only_last = denoising_loss(scheduler, prediction[:2], target[:2], timesteps[:2], min_snr_gamma=5.0).mean()
     plain = F.mse_loss(prediction[:2], target[:2]).item()
     assert only_last.item() == pytest.approx(plain if prediction_type == "epsilon" else 0.0, rel=1e-5, abs=1e-7)
 
@@ -192,7 +203,7 @@ def test_min_snr_gamma_with_zero_terminal_snr_is_finite(prediction_type):
 def test_min_snr_gamma_loss_has_finite_gradients_at_the_last_step():
     scheduler = training_noise_scheduler(SDXL_SCHEDULER_CONFIG, "epsilon", zero_terminal_snr=True)
     prediction = torch.randn(2, 4, 3, 3, requires_grad=True)
-    denoising_loss(scheduler, prediction, torch.randn(2, 4, 3, 3), torch.tensor([999, 0]), 5.0).backward()
+    denoising_loss(scheduler, prediction, torch.randn(2, 4, 3, 3), torch.tensor([999, 0]), 5.0).mean().backward()
     assert torch.isfinite(prediction.grad).all()
 
 

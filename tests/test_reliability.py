@@ -66,9 +66,9 @@ def test_full_disk_fails_the_run_and_keeps_the_last_good_adapter_and_state(
 def _nan_at_call(monkeypatch, bad_call: int) -> None:
     real_loss, calls = training.training_loss, {"n": 0}
 
-    def loss_with_a_nan(session, unet, batch):
+    def loss_with_a_nan(*args):
         calls["n"] += 1
-        loss = real_loss(session, unet, batch)
+        loss = real_loss(*args)
         return loss * math.nan if calls["n"] == bad_call else loss
 
     monkeypatch.setattr(training, "training_loss", loss_with_a_nan)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -125,10 +126,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _train_config(args)
     run = RunDirectory(_run_dir(args, config.saving.output_name))
-    if not args.resume and run.config_path.exists():
+    launched = "RANK" in os.environ  # under torchrun / accelerate launch: one of several processes
+    if not args.resume and run.config_path.exists() and not launched:
         raise UserError(f"{run.root} already holds a run; pass --resume auto to continue it, or choose another "
                         "--run-dir")
-    with log_to(run.log_path):
+    if config.training.processes > 1 and not launched:
+        return _launch_processes(config.training.processes, args, run.root)
+    main_process = os.environ.get("RANK", "0") == "0"
+    with log_to(run.log_path) if main_process else contextlib.nullcontext():
         try:
             adapter = Trainer(config, run, show_progress=not args.no_progress).run_training(args.resume)
         except StopRequested:
@@ -137,6 +142,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             return EXIT_OK
     print(f"adapter: {adapter}\nsamples: {run.samples_dir}\nrun folder: {run.root}")
     return EXIT_OK
+
+
+def _launch_processes(count: int, args: argparse.Namespace, run_dir: Path) -> int:
+    """Run this same command as ``count`` processes under torchrun on this machine (one per GPU).
+
+    torchrun forwards Ctrl-C/SIGTERM to every process and stops them all when one dies.
+    """
+    import subprocess
+
+    argv = ["train", *([args.preset] if args.preset else []), "--run-dir", str(run_dir)]
+    argv += [part for override in args.set for part in ("--set", override)]
+    argv += (["--resume", args.resume] if args.resume else []) + (["--no-progress"] if args.no_progress else [])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}",
+               "-m", "trainer.cli", *argv]
+    return subprocess.call(command)
 
 
 def cmd_settings(args: argparse.Namespace) -> int:

@@ -140,6 +140,11 @@ class TrainingSettings:
     max_steps: int = setting(0, "stop after this many optimizer steps (0: epochs decide)", minimum=0)
     batch_size: int = setting(1, "images per step", minimum=1)
     gradient_accumulation: int = setting(1, "batches summed per optimizer step", minimum=1)
+    processes: int = setting(1, "training processes on this machine, one per GPU (batch_size is per process)",
+                             minimum=1, maximum=64)
+    process_timeout_minutes: float = setting(
+        30.0, "how long processes wait for each other before a stuck run fails", minimum=1.0, advanced=True,
+    )
     mixed_precision: str = setting("bf16", "compute precision (fp16 keeps the VAE in fp32)",
                                    choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = setting(False, "recompute activations in backward: much less memory, ~25% slower")

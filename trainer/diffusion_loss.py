@@ -6,6 +6,8 @@ v-prediction), with diffusers' own ``compute_snr`` and ``rescale_zero_terminal_s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -24,20 +26,43 @@ def training_noise_scheduler(scheduler_config: dict, prediction_type: str, zero_
     return DDPMScheduler.from_config(config)
 
 
-def add_noise(
-    scheduler: DDPMScheduler, latents: Tensor, noise_offset: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(noisy latents, noise, timesteps), drawn from torch's global RNG (seeded per step by the loop).
+@dataclass(frozen=True)
+class StepNoise:
+    """Every random draw of one step, for the whole global batch (all processes together).
+
+    Drawn for the global batch from the step's seed, then each process takes its own rows, so a sample
+    gets the same noise whether 1 or N processes train: multi-process runs match single-process ones.
+    """
+
+    latent: Tensor  # eps for sampling the VAE posterior
+    noise: Tensor  # what the UNet must find (noise offset included)
+    timesteps: Tensor
+
+    def rows(self, start: int, count: int) -> StepNoise:
+        return StepNoise(self.latent[start:start + count], self.noise[start:start + count],
+                         self.timesteps[start:start + count])
+
+
+def draw_step_noise(
+    count: int, latent_shape: tuple[int, ...], num_timesteps: int, noise_offset: float, device: torch.device
+) -> StepNoise:
+    """Drawn from torch's global RNG (seeded per step by the loop), by shape (never ``*_like``, whose
+    layout could follow a channels-last input and reorder the numbers).
 
     The noise offset adds a per-channel constant so the model can learn overall brightness
     (Guttenberg 2023), as in diffusers' ``--noise_offset``.
     """
-    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # layout-independent
+    latent = torch.randn((count, *latent_shape), device=device)
+    noise = torch.randn((count, *latent_shape), device=device)
     if noise_offset > 0:
-        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device,
-                                                   dtype=latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-    return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+        noise = noise + noise_offset * torch.randn(count, latent_shape[0], 1, 1, device=device)
+    timesteps = torch.randint(0, num_timesteps, (count,), device=device)
+    return StepNoise(latent, noise, timesteps)
+
+
+def add_noise(scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """The forward process: sqrt(a_t) x + sqrt(1 - a_t) noise."""
+    return scheduler.add_noise(latents, noise.to(latents.dtype), timesteps)
 
 
 def prediction_target(scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -51,19 +76,21 @@ def prediction_target(scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, 
 def denoising_loss(
     scheduler: DDPMScheduler, prediction: Tensor, target: Tensor, timesteps: Tensor, min_snr_gamma: float
 ) -> Tensor:
-    """MSE in float32, optionally weighted per sample by min-SNR-gamma (Hang et al. 2023).
+    """Per-sample MSE in float32 ([B]), optionally weighted by min-SNR-gamma (Hang et al. 2023).
 
-    The weight is min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v-prediction, as in
-    diffusers' train_text_to_image_lora_sdxl.py. A zero-terminal-SNR schedule has SNR 0 at the last step;
-    its weight is taken as 1 there rather than dividing by zero.
+    Per sample, so the loop can weigh each process's share of a global batch exactly. The weight is
+    min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v-prediction, as in diffusers'
+    train_text_to_image_lora_sdxl.py. A zero-terminal-SNR schedule has SNR 0 at the last step; its weight
+    is taken as 1 there rather than dividing by zero.
     """
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
+        dim=list(range(1, prediction.dim())))
     if min_snr_gamma <= 0:
-        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+        return per_sample
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.clamp(snr, max=min_snr_gamma)
     if scheduler.config.prediction_type == "v_prediction":
         weights = clipped / (snr + 1)
     else:
         weights = torch.where(snr > 0, clipped / snr.clamp_min(torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, prediction.dim())))
-    return (per_sample * weights).mean()
+    return per_sample * weights

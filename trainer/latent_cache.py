@@ -45,14 +45,18 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sample_latents(moments: Tensor, scaling_factor: float) -> Tensor:
-    """One draw from the posterior, scaled for the UNet; what ``latent_dist.sample()`` computes."""
+def sample_latents(moments: Tensor, scaling_factor: float, eps: Tensor | None = None) -> Tensor:
+    """One draw from the posterior, scaled for the UNet; what ``latent_dist.sample()`` computes.
+
+    ``eps`` is the standard normal draw (training passes its step's); None draws one here.
+    """
     mean, logvar = moments.contiguous().chunk(2, dim=1)
     std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
     # randn(shape), not randn_like: the VAE may hand back channels-last moments, and randn_like would lay
     # the same random numbers out in another order, so cached and fresh latents would differ
-    noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
-    return (mean + std * noise) * scaling_factor
+    if eps is None:
+        eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+    return (mean + std * eps.to(mean.dtype)) * scaling_factor
 
 
 class LatentCache:

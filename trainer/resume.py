@@ -15,6 +15,7 @@ from .train_state import TrainStateError, list_states, newest_state
 RESUME_MAY_CHANGE = (
     "sampling.", "saving.", "training.epochs", "training.max_steps", "dataset.latent_cache_dir",
     "dataset.cache_latents", "dataset.cache_text_encoder_outputs", "dataset.loader_workers",
+    "training.process_timeout_minutes",
 )
 
 
@@ -45,3 +46,11 @@ def check_resume_config(saved: dict, current: dict, state_dir: Path) -> None:
         details = "; ".join(f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in changed)
         raise TrainStateError(f"{state_dir}: cannot resume with different training settings ({details}). Set them "
                               "back, or start a new run without --resume")
+
+
+def check_resume_processes(saved: int, current: int, state_dir: Path) -> None:
+    """The data order and the global batch depend on the number of processes, so it must not change."""
+    if saved != current:
+        raise TrainStateError(f"{state_dir}: saved by a run with {saved} training process(es), resumed with "
+                              f"{current}; resume with {saved} (training.processes, or your accelerate/torchrun "
+                              "launch), or start a new run")

@@ -107,6 +107,30 @@ def plan_epoch(
     ]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One process's part of a global batch."""
+
+    draws: list[Draw]  # never empty: a process with no image gets a stand-in of weight 0
+    weights: list[float]  # 1 per image, 0 for a stand-in
+    offset: int  # its first image's place in the global batch (its rows of the step's noise)
+    global_count: int  # images in the whole global batch
+
+
+def shard_batch(batch: list[Draw], rank: int, processes: int) -> Shard:
+    """Split a global batch as evenly as possible, in order: process r takes the r-th run of images.
+
+    Every process must run each step (gradients are averaged together), so when a bucket's last batch
+    has fewer images than processes, the ones left without repeat an image at weight 0.
+    """
+    base, extra = divmod(len(batch), processes)
+    count = base + (rank < extra)
+    offset = rank * base + min(rank, extra)
+    if count == 0:
+        return Shard([batch[0]], [0.0], 0, len(batch))
+    return Shard(batch[offset:offset + count], [1.0] * count, offset, len(batch))
+
+
 def load_pixels(example: TrainExample, draw: Draw, background: tuple[int, int, int]) -> Tensor:
     """The cropped, maybe flipped image as a [3, H, W] float tensor in [-1, 1], as the VAE expects."""
     try:

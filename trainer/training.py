@@ -11,28 +11,31 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from .batches import Batch, EpochBatches, batch_loader
 from .config import TrainConfig, to_dict
-from .diffusion_loss import add_noise, denoising_loss, prediction_target
+from .diffusion_loss import StepNoise, add_noise, denoising_loss, draw_step_noise, prediction_target
 from .latent_cache import encode_moments, sample_latents
 from .network import save_network
 from .optional_packages import import_optional
 from .presets import write_config
-from .resume import check_resume_config, find_state
-from .run_dir import RunDirectory
+from .resume import check_resume_config, check_resume_processes, find_state
+from .run_dir import COMMANDS, RunDirectory
 from .sampling import SampleDefaults, generate_samples
 from .text_encoding import encode_captions
-from .train_data import plan_epoch
+from .train_data import plan_epoch, shard_batch
 from .train_state import load_train_state, prune_states, read_state_extra, save_train_state
 from .training_setup import Session, TrainingError, prepare_session
 
@@ -95,20 +98,58 @@ def _conditioning(session: Session, captions: list[str]) -> tuple[torch.Tensor, 
                                captions, device)
 
 
-def training_loss(session: Session, unet, batch: Batch) -> torch.Tensor:
-    """The denoising loss of one batch, as SDXL was trained (diffusers' train_text_to_image_sdxl.py)."""
+def training_loss(session: Session, unet, batch: Batch, step_noise: StepNoise, autocast) -> torch.Tensor:
+    """Per-sample denoising losses of one batch, as SDXL was trained (diffusers' train_text_to_image_sdxl.py).
+
+    ``step_noise`` holds this batch's rows of the step's draws; ``autocast`` is the accelerator's.
+    """
     vae = session.pipe.vae
     moments = batch.moments if batch.moments is not None else encode_moments(vae, batch.pixels.to(session.device))
-    latents = sample_latents(moments.to(session.device, torch.float32), vae.config.scaling_factor)
-    embeds, pooled = _conditioning(session, batch.captions)
-    noisy, noise, timesteps = add_noise(session.noise_scheduler, latents, session.config.training.noise_offset)
-    prediction = unet(
-        noisy, timesteps, encoder_hidden_states=embeds,
-        added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids.to(session.device)},
-    ).sample
-    target = prediction_target(session.noise_scheduler, latents, noise, timesteps)
-    return denoising_loss(session.noise_scheduler, prediction, target, timesteps,
+    latents = sample_latents(moments.to(session.device, torch.float32), vae.config.scaling_factor, step_noise.latent)
+    with autocast():
+        embeds, pooled = _conditioning(session, batch.captions)
+        noisy = add_noise(session.noise_scheduler, latents, step_noise.noise, step_noise.timesteps)
+        prediction = unet(
+            noisy, step_noise.timesteps, encoder_hidden_states=embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids.to(session.device)},
+        ).sample
+    target = prediction_target(session.noise_scheduler, latents, step_noise.noise, step_noise.timesteps)
+    return denoising_loss(session.noise_scheduler, prediction, target, step_noise.timesteps,
                           session.config.training.min_snr_gamma)
+
+
+def _latent_shape(session: Session, batch: Batch) -> tuple[int, ...]:
+    """(channels, height, width) of the batch's latents, known before they are sampled."""
+    if batch.moments is not None:
+        channels, height, width = batch.moments.shape[1:]
+        return channels // 2, height, width
+    vae = session.pipe.vae.config
+    factor = 2 ** (len(vae.block_out_channels) - 1)
+    return vae.latent_channels, batch.pixels.shape[2] // factor, batch.pixels.shape[3] // factor
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """accelerate for devices, mixed precision and the process group (gloo on CPU, NCCL on GPUs).
+
+    The timeout bounds how long the others wait when one process dies, so a run fails instead of hanging.
+    """
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=config.training.process_timeout_minutes))
+    # accelerate treats processes launched by torchrun as a CPU group (gloo) only when told it runs on CPU
+    cpu_group = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=config.training.mixed_precision, step_scheduler_with_optimizer=False,
+                       kwargs_handlers=[timeout], cpu=cpu_group)
+
+
+@contextlib.contextmanager
+def _peer_failures() -> Iterator[None]:
+    """A collective that fails because another process died (or timed out) ends the run with a clear reason."""
+    try:
+        yield
+    except RuntimeError as error:  # gloo and NCCL raise RuntimeError / DistBackendError (a subclass)
+        raise TrainingError(
+            f"another training process stopped or stopped answering ({str(error).splitlines()[0][:200]}); this run "
+            "stops too. Its log says why; the last saved adapter and state are kept: resume with --resume auto"
+        ) from error
 
 
 class Trainer:
@@ -126,22 +167,24 @@ class Trainer:
 
     def run_training(self, resume: str | None = None) -> Path:
         """Train to the end (or a stop request); returns the newest adapter written."""
-        self.run.create()
-        self.run.remove_stale_temp_files()
-        write_config(self.config, self.run.config_path)
-        self.run.write_status(state="starting", message="loading data and models", started_at=self.started_at)
-        accelerator = Accelerator(mixed_precision=self.config.training.mixed_precision,
-                                  step_scheduler_with_optimizer=False)
+        accelerator = make_accelerator(self.config)
+        self.accelerator = accelerator
+        if accelerator.is_main_process:
+            self.run.create()
+            self.run.remove_stale_temp_files()
+            write_config(self.config, self.run.config_path)
+        self._status(state="starting", message="loading data and models", started_at=self.started_at,
+                     processes=accelerator.num_processes)
         with self.signals.installed():
             try:
                 return self._run(accelerator, resume)
             except StopRequested:
-                if self.run.read_status().get("state") != "stopped":
-                    self.run.write_status(state="stopped", message="stopped before training began")
+                if accelerator.is_main_process and self.run.read_status().get("state") != "stopped":
+                    self._status(state="stopped", message="stopped before training began")
                 raise
             except BaseException as error:
                 with contextlib.suppress(OSError):  # a full disk must not hide the reason behind a second error
-                    self.run.write_status(state="failed", message=str(error) or type(error).__name__,
+                    self._status(state="failed", message=str(error) or type(error).__name__,
                                           error_type=type(error).__name__)
                 raise
 
@@ -150,21 +193,25 @@ class Trainer:
             raise TrainingError("training.mixed_precision = \"fp16\" needs a GPU (CPUs have no fp16 autocast); "
                                 "use \"bf16\" or \"no\" on this machine")
         self.tensorboard = self._tensorboard_writer(accelerator)  # a missing package is said before any work
-        self.run.write_status(state="caching", message="checking the dataset and caching latents")
-        session = prepare_session(self.config, accelerator.device, on_caching=self._caching_progress)
+        self._status(state="caching", message="checking the dataset and caching latents")
+        with accelerator.main_process_first():  # rank 0 builds/caches first; the others then find it all made
+            session = prepare_session(self.config, accelerator.device, accelerator.num_processes,
+                                      on_caching=self._caching_progress)
         self.session = session
         log.info("%d images, %d batches per epoch, %d optimizer steps in all", len(session.examples),
                  session.batches_per_epoch, session.total_steps)
-        prepared = accelerator.prepare(session.pipe.unet, session.optimizer)
-        self.unet, session.optimizer = prepared
-        self.accelerator = accelerator
+        # Only the optimizer is prepared (fp16 loss scaling). The models are not wrapped in DDP: gradients
+        # of the adapters are averaged by hand (_sync_gradients), which covers the text encoders too and
+        # layers skipped by module dropout, and leaves the pipeline's own modules unwrapped for sampling.
+        session.optimizer = accelerator.prepare(session.optimizer)
         if resume and self._resume(resume):
             pass
         elif self.config.sampling.at_start and session.sample_prompts:
             self._sample(self.run.samples_dir / "epoch_000", adapters=False)
-        self.run.truncate_metrics(self.progress.step)
+        if accelerator.is_main_process:
+            self.run.truncate_metrics(self.progress.step)
         adapter = self._train_steps()
-        self.run.write_status(state="done", message=f"finished: {adapter}", last_adapter=str(adapter),
+        self._status(state="done", message=f"finished: {adapter}", last_adapter=str(adapter),
                               step=self.progress.step, eta_seconds=0)
         return adapter
 
@@ -175,31 +222,43 @@ class Trainer:
         accumulation = config.training.gradient_accumulation
         bar = tqdm(total=session.total_steps, initial=self.progress.step, unit="step", dynamic_ncols=True,
                    disable=not (self.show_progress and accelerator.is_main_process))
-        self.run.write_status(state="training", message="training", total_steps=session.total_steps,
+        self._status(state="training", message="training", total_steps=session.total_steps,
                               epochs=config.training.epochs)
+        rank, processes = accelerator.process_index, accelerator.num_processes
+        global_batch = config.training.batch_size * processes
         while self.progress.epoch < config.training.epochs and self.progress.step < session.total_steps:
             epoch = self.progress.epoch
-            draws = plan_epoch(session.examples, session.augment, config.training.batch_size, config.training.seed,
-                               epoch)
-            dataset = EpochBatches(draws, session.examples, session.latent_cache, session.augment.background)
-            group_loss, data_wait, tick = 0.0, 0.0, time.perf_counter()
+            global_draws = plan_epoch(session.examples, session.augment, global_batch, config.training.seed, epoch)
+            shards = [shard_batch(batch, rank, processes) for batch in global_draws]
+            dataset = EpochBatches([shard.draws for shard in shards], session.examples, session.latent_cache,
+                                   session.augment.background)
+            group_loss_sum, data_wait, tick = 0.0, 0.0, time.perf_counter()
             for index, batch in enumerate(batch_loader(dataset, self.progress.batches_done,
                                                        config.dataset.loader_workers),
                                           start=self.progress.batches_done):
                 data_wait += time.perf_counter() - tick
+                shard = shards[index]
                 group_start = index - index % accumulation
-                group_size = min(accumulation, len(draws) - group_start)
+                group_size = min(accumulation, len(shards) - group_start)
                 syncs = index == group_start + group_size - 1
-                torch.manual_seed(step_seed(config.training.seed, epoch * len(draws) + index))
-                with contextlib.nullcontext() if syncs else accelerator.no_sync(self.unet):
-                    loss = training_loss(session, self.unet, batch)
-                    accelerator.backward(loss / group_size)
-                group_loss += loss.item() / group_size
+                torch.manual_seed(step_seed(config.training.seed, epoch * len(shards) + index))
+                step_noise = draw_step_noise(shard.global_count, _latent_shape(session, batch),
+                                             session.noise_scheduler.config.num_train_timesteps,
+                                             config.training.noise_offset, session.device)
+                losses = training_loss(session, session.pipe.unet, batch,
+                                       step_noise.rows(shard.offset, len(shard.draws)), accelerator.autocast)
+                weighted = (losses * torch.tensor(shard.weights, device=losses.device)).sum()
+                # each process's share of the global mean; averaging over processes (and the group) gives
+                # exactly the loss one process would compute on the whole global batch
+                accelerator.backward(weighted * processes / shard.global_count / group_size)
+                group_loss_sum += weighted.item() / shard.global_count / group_size
                 if syncs:
+                    group_loss = self._sum_over_processes(group_loss_sum)
+                    self._sync_gradients()
                     if not self._finite_step(group_loss):
                         session.optimizer.zero_grad(set_to_none=True)
                         self.progress.batches_done = index + 1
-                        group_loss, data_wait, tick = 0.0, 0.0, time.perf_counter()
+                        group_loss_sum, data_wait, tick = 0.0, 0.0, time.perf_counter()
                         continue
                     session.optimizer.step()
                     session.lr_scheduler.step()
@@ -209,8 +268,8 @@ class Trainer:
                     seconds = time.perf_counter() - tick + data_wait
                     self._after_step(bar, group_loss, seconds, data_wait)
                     self._step_bookkeeping()
-                    group_loss, data_wait = 0.0, 0.0
-                    if self.progress.step >= session.total_steps and index + 1 < len(draws):
+                    group_loss_sum, data_wait = 0.0, 0.0
+                    if self.progress.step >= session.total_steps and index + 1 < len(shards):
                         break  # max_steps reached inside the epoch
                 tick = time.perf_counter()
             else:
@@ -223,6 +282,48 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.close()
         return self._save("final")
+
+    # -- processes ---------------------------------------------------------------------------------
+
+    def _status(self, **fields) -> None:
+        """Only the main process writes the run folder."""
+        if self.accelerator.is_main_process:
+            self.run.write_status(**fields)
+
+    def _sync_gradients(self) -> None:
+        """Average the adapters' gradients over processes in one flat all-reduce (what DDP does)."""
+        if self.accelerator.num_processes == 1:
+            return
+        params = list(self.session.trainable.values())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        with _peer_failures():
+            torch.distributed.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        offset = 0
+        for param in params:
+            param.grad = flat[offset:offset + param.numel()].view_as(param).clone()
+            offset += param.numel()
+
+    def _sum_over_processes(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        with _peer_failures():
+            torch.distributed.all_reduce(total)
+        return float(total.item())
+
+    def _agreed_commands(self) -> set[str]:
+        """The main process's commands plus any process's stop signal, the same set on every process."""
+        commands = self.run.take_commands() if self.accelerator.is_main_process else set()
+        if self.signals.stop:
+            commands.add("stop")
+        if self.accelerator.num_processes == 1:
+            return commands
+        flags = torch.tensor([float(c in commands) for c in COMMANDS], device=self.accelerator.device)
+        with _peer_failures():
+            torch.distributed.all_reduce(flags)
+        return {command for command, flag in zip(COMMANDS, flags.tolist()) if flag > 0}
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -275,7 +376,7 @@ class Trainer:
             self._last_status = now
             started, first_step = self._session_start
             rate = (step - first_step) / max(now - started, 1e-9)
-            self.run.write_status(state="training", step=step, epoch=self.progress.epoch + 1, loss=loss,
+            self._status(state="training", step=step, epoch=self.progress.epoch + 1, loss=loss,
                                   eta_seconds=round((self.session.total_steps - step) / rate, 1),
                                   message=f"step {step}/{self.session.total_steps}")
 
@@ -289,13 +390,13 @@ class Trainer:
 
     def _step_bookkeeping(self) -> None:
         """Commands, signals and every-N-steps saving/sampling, after an optimizer step."""
-        commands = self.run.take_commands() if self.accelerator.is_main_process else set()
+        commands = self._agreed_commands()
         step, saving, sampling = self.progress.step, self.config.saving, self.config.sampling
         if "sample" in commands or (sampling.every_n_steps and step % sampling.every_n_steps == 0):
             self._sample(self.run.samples_dir / f"step_{step:06d}")
-        if "stop" in commands or self.signals.stop:
+        if "stop" in commands:
             path = self._save("step")
-            self.run.write_status(state="stopped", step=step, last_adapter=str(path),
+            self._status(state="stopped", step=step, last_adapter=str(path),
                                   message=f"stopped at step {step}; saved {path.name}; resume with --resume auto")
             raise StopRequested
         if step < self.session.total_steps and ("save" in commands or
@@ -314,14 +415,14 @@ class Trainer:
         session = self.session
         if not session.sample_prompts or not self.accelerator.is_main_process:
             return
-        self.run.write_status(state="sampling", message=f"sampling {out_dir.name}")
+        self._status(state="sampling", message=f"sampling {out_dir.name}")
         resolution = self.config.dataset.resolution
         defaults = SampleDefaults(resolution, resolution, self.config.sampling.steps,
                                   self.config.sampling.guidance_scale, self.config.sampling.seed)
         layers = {stem: layer for part in session.adapters.values() for stem, layer in part.items()} if adapters else {}
         generate_samples(session.pipe, layers, session.sample_prompts, defaults, out_dir)
         log.info("samples written to %s", out_dir)
-        self.run.write_status(state="training", message="training")
+        self._status(state="training", message="training")
 
     def _save(self, kind: str) -> Path:
         """Adapter file (and resume state) now; ``kind``: "epoch", "step" or "final"."""
@@ -333,14 +434,15 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return path
         try:
-            self.run.write_status(state="saving", message=f"saving {path.name}")
+            self._status(state="saving", message=f"saving {path.name}")
             save_network(path, self.session.adapters, self.config, steps=step, epoch=epoch,
                          started_at=self.started_at, dataset_dirs=self.session.dataset_dirs,
                          tag_frequencies=self.session.tag_frequencies)
             if self.config.saving.save_state:
                 save_train_state(self.run.states_dir, step, trainable=self.session.trainable,
                                  optimizer=self.session.optimizer, lr_scheduler=self.session.lr_scheduler,
-                                 progress=asdict(self.progress), extra={"config": to_dict(self.config)})
+                                 progress=asdict(self.progress), extra={"config": to_dict(self.config),
+                                        "processes": self.accelerator.num_processes})
                 prune_states(self.run.states_dir, self.config.saving.keep_last_states)
         except OSError as error:  # every write is atomic: what was saved before is still whole
             kept = self.run.read_status().get("last_adapter") or "none yet"
@@ -352,7 +454,7 @@ class Trainer:
         if kind != "final":
             self._prune_adapters()
         log.info("saved %s", path)
-        self.run.write_status(state="training", message=f"saved {path.name}", last_adapter=str(path))
+        self._status(state="training", message=f"saved {path.name}", last_adapter=str(path))
         return path
 
     def _prune_adapters(self) -> None:
@@ -368,7 +470,7 @@ class Trainer:
         if self.signals.stop:
             raise StopRequested
         if done == total or done % 10 == 0:
-            self.run.write_status(state="caching", message=f"caching latents {done}/{total}")
+            self._status(state="caching", message=f"caching latents {done}/{total}")
 
     def _resume(self, resume: str) -> bool:
         """Load the state to continue from; False when ``--resume auto`` found none (start from step 0)."""
@@ -376,7 +478,9 @@ class Trainer:
         if state_dir is None:
             log.info("no saved state in %s yet: starting the run from the beginning", self.run.states_dir)
             return False
-        check_resume_config(read_state_extra(state_dir)["config"], to_dict(self.config), state_dir)
+        saved = read_state_extra(state_dir)
+        check_resume_config(saved["config"], to_dict(self.config), state_dir)
+        check_resume_processes(saved.get("processes", 1), self.accelerator.num_processes, state_dir)
         loaded = load_train_state(state_dir, trainable=self.session.trainable, optimizer=self.session.optimizer,
                                   lr_scheduler=self.session.lr_scheduler)
         self.progress = Progress(**loaded["progress"])

@@ -173,8 +173,10 @@ def _text_cache(config: TrainConfig, pipe, examples, augment, device) -> dict[st
 
 
 def prepare_session(
-    config: TrainConfig, device: torch.device, on_caching: Callable[[int, int], None] = lambda done, total: None
+    config: TrainConfig, device: torch.device, processes: int = 1,
+    on_caching: Callable[[int, int], None] = lambda done, total: None,
 ) -> Session:
+    """``processes``: how many share each global batch (batch_size images each)."""
     # the same pre-flight as `dora-studio check-data`; raises DatasetError when nothing is usable
     scan = scan_dataset(Path(config.dataset.path), config.dataset.caption_extension)
     report = report_for_scan(scan, config.dataset.bucket_spec(), config.training.batch_size)
@@ -199,7 +201,8 @@ def prepare_session(
         if config.network.train_text_encoders:
             pipe.text_encoder.gradient_checkpointing_enable()
             pipe.text_encoder_2.gradient_checkpointing_enable()
-    batches_per_epoch = len(epoch_batches(examples, config.training.batch_size, config.training.seed, epoch=0))
+    global_batch = config.training.batch_size * processes
+    batches_per_epoch = len(epoch_batches(examples, global_batch, config.training.seed, epoch=0))
     steps_per_epoch, total_steps = schedule_lengths(batches_per_epoch, config)
     optimizer, lr_scheduler = _optimizer(config, adapters, total_steps)
     root = Path(config.dataset.path)
