@@ -12,7 +12,14 @@ from typing import Any, get_args, get_origin
 
 import gradio as gr
 
-from trainer.config import SECTIONS, ConfigError, TrainConfig, field_type, fields_of, from_dict
+from trainer.config import (
+    SECTIONS,
+    ConfigError,
+    TrainConfig,
+    field_type,
+    fields_of,
+    from_dict,
+)
 
 SECTION_TITLES = {
     "model": "Model", "dataset": "Dataset", "network": "Network", "optimizer": "Optimizer",

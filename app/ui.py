@@ -21,11 +21,26 @@ from trainer.config import from_dict
 from trainer.presets import config_from_text, config_toml, load_config
 
 from .export import adapter_summary, verify_adapter
-from .form import FORM_KEYS, build_form, config_from_form, form_values, settings_from_form
+from .form import (
+    FORM_KEYS,
+    build_form,
+    config_from_form,
+    form_values,
+    settings_from_form,
+)
 from .launcher import LaunchRefused, resume_run, send_command, start_run
 from .runs import (
-    RunNameError, format_eta, list_runs, log_tail, read_adapters, read_metrics, read_samples, read_status,
-    run_path, samples_for_prompt, signature,
+    RunNameError,
+    format_eta,
+    list_runs,
+    log_tail,
+    read_adapters,
+    read_metrics,
+    read_samples,
+    read_status,
+    run_path,
+    samples_for_prompt,
+    signature,
 )
 from .theme import THEME
 

@@ -20,7 +20,12 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from trainer.adapter_weights import DORA_AXES, AdapterWeights, DoraAxis, dora_axis_from_shape
+from trainer.adapter_weights import (
+    DORA_AXES,
+    AdapterWeights,
+    DoraAxis,
+    dora_axis_from_shape,
+)
 from trainer.atomic_io import write_bytes_atomically
 
 DOWN, UP, ALPHA, DORA_SCALE = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"

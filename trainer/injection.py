@@ -16,7 +16,13 @@ from torch import nn
 
 from .adapter_weights import AdapterWeights, DoraAxis
 from .layers import AdapterSpec, LoRALayer, make_adapter
-from .naming import Part, attention_module_paths, conv_module_paths, stem_for, text_encoder_module_paths
+from .naming import (
+    Part,
+    attention_module_paths,
+    conv_module_paths,
+    stem_for,
+    text_encoder_module_paths,
+)
 
 UnetPreset = Literal["attn", "attn+conv"]
 UNET_PRESETS: tuple[UnetPreset, ...] = ("attn", "attn+conv")

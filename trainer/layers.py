@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .adapter_weights import DORA_AXES, NORM_EPS, AdapterWeights, DoraAxis, merged_weight
+from .adapter_weights import (
+    DORA_AXES,
+    NORM_EPS,
+    AdapterWeights,
+    DoraAxis,
+    merged_weight,
+)
 from .dora_autograd import ConvOps, DoraInputAxis, DoraOutputAxis, LinearOps, Ops
 from .dora_norm import direction_norm, weight_norm_sq
 

@@ -70,7 +70,9 @@ def build_optimizer(
             raise ValueError("prodigy needs the same lr for every group (conventionally 1.0; 0 freezes a group), "
                              f"got {', '.join(f'{g.name}={g.lr}' for g in groups if g.params)}")
         return prodigyopt.Prodigy(torch_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    from transformers.optimization import Adafactor  # a hard dependency, imported late because it is slow
+    from transformers.optimization import (
+        Adafactor,  # a hard dependency, imported late because it is slow
+    )
 
     # relative_step/scale_parameter off: otherwise Adafactor ignores lr and computes its own step size.
     return Adafactor(torch_groups, lr=lr, weight_decay=weight_decay,

@@ -6,11 +6,11 @@ relative to the preset's own folder; paths given with ``--set`` are relative to 
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-import tomllib
 
 from .atomic_io import write_bytes_atomically
 from .config import (

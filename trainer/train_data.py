@@ -15,7 +15,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .buckets import BucketSpec, CropPlan, assign_bucket, crop_plan, make_buckets, micro_conditioning
+from .buckets import (
+    BucketSpec,
+    CropPlan,
+    assign_bucket,
+    crop_plan,
+    make_buckets,
+    micro_conditioning,
+)
 from .captions import CaptionOptions, process_caption
 from .dataset_scan import DatasetError, DatasetScan
 from .image_io import ImageLoadError, load_image_rgb

@@ -1,43 +1,50 @@
 """The training loop: for each step, noise a latent, ask the UNet for the noise, step the adapter.
 
-Set-up is in ``training_setup``, data in ``train_data``/``batches``; bookkeeping (saving, sampling,
-status, commands, signals) is in named helpers below, so the interesting lines of ``_train_steps``
-read as plainly as nanoGPT's loop.
+Set-up is in ``training_setup``, a step's arithmetic in ``training_step``, data in ``train_data`` /
+``batches``, what several processes share in ``processes``; bookkeeping (saving, sampling, status,
+commands, signals) is in named helpers below, so the loop in ``_train_steps`` reads as plainly as
+nanoGPT's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
-from .batches import Batch, EpochBatches, batch_loader
+from .batches import EpochBatches, batch_loader
 from .config import TrainConfig, to_dict
-from .diffusion_loss import StepNoise, add_noise, denoising_loss, draw_step_noise, prediction_target
-from .latent_cache import encode_moments, sample_latents
+from .diffusion_loss import draw_step_noise
 from .network import save_network
 from .optional_packages import import_optional
 from .presets import write_config
+from .processes import (
+    agree_on_commands,
+    average_gradients,
+    make_accelerator,
+    sum_over_processes,
+)
 from .resume import check_resume_config, check_resume_processes, find_state
-from .run_dir import COMMANDS, RunDirectory
+from .run_dir import RunDirectory
 from .sampling import SampleDefaults, generate_samples
-from .text_encoding import encode_captions
 from .train_data import plan_epoch, shard_batch
-from .train_state import load_train_state, prune_states, read_state_extra, save_train_state
-from .training_setup import Session, TrainingError, prepare_session
+from .train_state import (
+    load_train_state,
+    prune_states,
+    read_state_extra,
+    save_train_state,
+)
+from .training_setup import TrainingError, prepare_session
+from .training_step import latent_shape, step_seed, training_loss
 
 log = logging.getLogger("dora_studio")
 STATUS_INTERVAL_S = 1.0  # status.json is rewritten at most this often between state changes
@@ -80,76 +87,6 @@ class _Signals:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
-
-
-def step_seed(seed: int, micro_step: int) -> int:
-    """The torch seed of one micro-batch: noise, timesteps and adapter dropout replay exactly on resume."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{micro_step}".encode()).digest()[:8], "little") >> 1
-
-
-def _conditioning(session: Session, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    pipe, device = session.pipe, session.device
-    if session.text_cache is not None:
-        embeds, pooled = zip(*(session.text_cache[caption] for caption in captions))
-        return torch.stack(embeds), torch.stack(pooled)
-    grad = torch.enable_grad() if session.trains_text_encoders else torch.no_grad()
-    with grad:
-        return encode_captions((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
-                               captions, device)
-
-
-def training_loss(session: Session, unet, batch: Batch, step_noise: StepNoise, autocast) -> torch.Tensor:
-    """Per-sample denoising losses of one batch, as SDXL was trained (diffusers' train_text_to_image_sdxl.py).
-
-    ``step_noise`` holds this batch's rows of the step's draws; ``autocast`` is the accelerator's.
-    """
-    vae = session.pipe.vae
-    moments = batch.moments if batch.moments is not None else encode_moments(vae, batch.pixels.to(session.device))
-    latents = sample_latents(moments.to(session.device, torch.float32), vae.config.scaling_factor, step_noise.latent)
-    with autocast():
-        embeds, pooled = _conditioning(session, batch.captions)
-        noisy = add_noise(session.noise_scheduler, latents, step_noise.noise, step_noise.timesteps)
-        prediction = unet(
-            noisy, step_noise.timesteps, encoder_hidden_states=embeds,
-            added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids.to(session.device)},
-        ).sample
-    target = prediction_target(session.noise_scheduler, latents, step_noise.noise, step_noise.timesteps)
-    return denoising_loss(session.noise_scheduler, prediction, target, step_noise.timesteps,
-                          session.config.training.min_snr_gamma)
-
-
-def _latent_shape(session: Session, batch: Batch) -> tuple[int, ...]:
-    """(channels, height, width) of the batch's latents, known before they are sampled."""
-    if batch.moments is not None:
-        channels, height, width = batch.moments.shape[1:]
-        return channels // 2, height, width
-    vae = session.pipe.vae.config
-    factor = 2 ** (len(vae.block_out_channels) - 1)
-    return vae.latent_channels, batch.pixels.shape[2] // factor, batch.pixels.shape[3] // factor
-
-
-def make_accelerator(config: TrainConfig) -> Accelerator:
-    """accelerate for devices, mixed precision and the process group (gloo on CPU, NCCL on GPUs).
-
-    The timeout bounds how long the others wait when one process dies, so a run fails instead of hanging.
-    """
-    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=config.training.process_timeout_minutes))
-    # accelerate treats processes launched by torchrun as a CPU group (gloo) only when told it runs on CPU
-    cpu_group = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=config.training.mixed_precision, step_scheduler_with_optimizer=False,
-                       kwargs_handlers=[timeout], cpu=cpu_group)
-
-
-@contextlib.contextmanager
-def _peer_failures() -> Iterator[None]:
-    """A collective that fails because another process died (or timed out) ends the run with a clear reason."""
-    try:
-        yield
-    except RuntimeError as error:  # gloo and NCCL raise RuntimeError / DistBackendError (a subclass)
-        raise TrainingError(
-            f"another training process stopped or stopped answering ({str(error).splitlines()[0][:200]}); this run "
-            "stops too. Its log says why; the last saved adapter and state are kept: resume with --resume auto"
-        ) from error
 
 
 class Trainer:
@@ -201,7 +138,7 @@ class Trainer:
         log.info("%d images, %d batches per epoch, %d optimizer steps in all", len(session.examples),
                  session.batches_per_epoch, session.total_steps)
         # Only the optimizer is prepared (fp16 loss scaling). The models are not wrapped in DDP: gradients
-        # of the adapters are averaged by hand (_sync_gradients), which covers the text encoders too and
+        # of the adapters are averaged by hand (processes.average_gradients), which covers the text encoders too and
         # layers skipped by module dropout, and leaves the pipeline's own modules unwrapped for sampling.
         session.optimizer = accelerator.prepare(session.optimizer)
         if resume and self._resume(resume):
@@ -242,7 +179,7 @@ class Trainer:
                 group_size = min(accumulation, len(shards) - group_start)
                 syncs = index == group_start + group_size - 1
                 torch.manual_seed(step_seed(config.training.seed, epoch * len(shards) + index))
-                step_noise = draw_step_noise(shard.global_count, _latent_shape(session, batch),
+                step_noise = draw_step_noise(shard.global_count, latent_shape(session, batch),
                                              session.noise_scheduler.config.num_train_timesteps,
                                              config.training.noise_offset, session.device)
                 losses = training_loss(session, session.pipe.unet, batch,
@@ -253,8 +190,8 @@ class Trainer:
                 accelerator.backward(weighted * processes / shard.global_count / group_size)
                 group_loss_sum += weighted.item() / shard.global_count / group_size
                 if syncs:
-                    group_loss = self._sum_over_processes(group_loss_sum)
-                    self._sync_gradients()
+                    group_loss = sum_over_processes(accelerator, group_loss_sum)
+                    average_gradients(accelerator, session.trainable.values())
                     if not self._finite_step(group_loss):
                         session.optimizer.zero_grad(set_to_none=True)
                         self.progress.batches_done = index + 1
@@ -289,41 +226,6 @@ class Trainer:
         """Only the main process writes the run folder."""
         if self.accelerator.is_main_process:
             self.run.write_status(**fields)
-
-    def _sync_gradients(self) -> None:
-        """Average the adapters' gradients over processes in one flat all-reduce (what DDP does)."""
-        if self.accelerator.num_processes == 1:
-            return
-        params = list(self.session.trainable.values())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        with _peer_failures():
-            torch.distributed.all_reduce(flat)
-        flat /= self.accelerator.num_processes
-        offset = 0
-        for param in params:
-            param.grad = flat[offset:offset + param.numel()].view_as(param).clone()
-            offset += param.numel()
-
-    def _sum_over_processes(self, value: float) -> float:
-        if self.accelerator.num_processes == 1:
-            return value
-        total = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        with _peer_failures():
-            torch.distributed.all_reduce(total)
-        return float(total.item())
-
-    def _agreed_commands(self) -> set[str]:
-        """The main process's commands plus any process's stop signal, the same set on every process."""
-        commands = self.run.take_commands() if self.accelerator.is_main_process else set()
-        if self.signals.stop:
-            commands.add("stop")
-        if self.accelerator.num_processes == 1:
-            return commands
-        flags = torch.tensor([float(c in commands) for c in COMMANDS], device=self.accelerator.device)
-        with _peer_failures():
-            torch.distributed.all_reduce(flags)
-        return {command for command, flag in zip(COMMANDS, flags.tolist()) if flag > 0}
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -390,7 +292,8 @@ class Trainer:
 
     def _step_bookkeeping(self) -> None:
         """Commands, signals and every-N-steps saving/sampling, after an optimizer step."""
-        commands = self._agreed_commands()
+        local = self.run.take_commands() if self.accelerator.is_main_process else set()
+        commands = agree_on_commands(self.accelerator, local | ({"stop"} if self.signals.stop else set()))
         step, saving, sampling = self.progress.step, self.config.saving, self.config.sampling
         if "sample" in commands or (sampling.every_n_steps and step % sampling.every_n_steps == 0):
             self._sample(self.run.samples_dir / f"step_{step:06d}")

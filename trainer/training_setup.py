@@ -24,7 +24,12 @@ from .diffusion_loss import training_noise_scheduler
 from .latent_cache import LatentCache, fill_cache, vae_fingerprint
 from .models import default_cache_dir, load_sdxl_pipeline, resolve_model_path
 from .network import (
-    PART_GROUP_NAMES, PART_LR_SETTINGS, Adapters, inject_network, magnitude_parameter_ids, tag_frequency,
+    PART_GROUP_NAMES,
+    PART_LR_SETTINGS,
+    Adapters,
+    inject_network,
+    magnitude_parameter_ids,
+    tag_frequency,
     trainable_parameters,
 )
 from .optimizers import ParamGroup, build_optimizer, build_scheduler
