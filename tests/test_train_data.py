@@ -361,9 +361,9 @@ def test_fill_cache_encodes_missing_entries_once(tmp_path, small_dataset, vae):
     draws = every_crop(examples)
     cache = LatentCache(tmp_path / "cache", vae_fingerprint(vae, torch.float32))
     progress = []
-    assert fill_cache(cache, examples, draws + draws[:2], vae, WHITE, lambda *p: progress.append(p)) == 6
+    assert fill_cache(cache, examples, draws + draws[:2], vae, WHITE, lambda *p: progress.append(p)).encoded == 6
     assert progress[-1] == (6, 6) and len(progress) == 6
-    assert fill_cache(cache, examples, draws, vae, WHITE) == 0
+    assert fill_cache(cache, examples, draws, vae, WHITE).encoded == 0
     for draw in draws:
         pixels = load_pixels(examples[draw.example], draw, WHITE)[None]
         with torch.no_grad():
@@ -375,7 +375,7 @@ def test_fill_cache_encodes_missing_entries_once(tmp_path, small_dataset, vae):
     flipped = [cache.load(cache.key(examples[d.example], d, WHITE)) for d in draws[:2]]
     assert not torch.allclose(flipped[0], flipped[1])
     # another background: every entry is keyed anew, and only the transparent image's latents change
-    assert fill_cache(cache, examples, draws, vae, (0, 0, 0)) == 6
+    assert fill_cache(cache, examples, draws, vae, (0, 0, 0)).encoded == 6
     for draw in draws:
         white, black = (cache.load(cache.key(examples[draw.example], draw, bg)) for bg in (WHITE, (0, 0, 0)))
         assert torch.equal(white, black) == (examples[draw.example].path.name != "c.png")
@@ -394,7 +394,7 @@ def test_damaged_entry_loads_as_none_and_is_encoded_again(tmp_path, small_datase
     assert cache.load(key) is None
     cache.path_for(key).write_bytes(b"not a safetensors file")
     assert cache.load(key) is None
-    assert fill_cache(cache, examples, draws, vae, WHITE) == 1
+    assert fill_cache(cache, examples, draws, vae, WHITE).encoded == 1
     torch.testing.assert_close(cache.load(key), good, rtol=0, atol=0)
 
 

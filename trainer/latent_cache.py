@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .atomic_io import atomic_path
+from .dataset_scan import DatasetError
 from .train_data import Draw, TrainExample, load_pixels
 
 CACHE_FORMAT = 1  # bump when the entry layout changes, so old entries are never misread
@@ -107,6 +109,12 @@ def encode_moments(vae: nn.Module, pixels: Tensor) -> Tensor:
     return vae.encode(pixels).latent_dist.parameters
 
 
+@dataclass
+class FillResult:
+    encoded: int  # entries encoded now (the rest were cached already)
+    unreadable: dict[Path, str]  # images that failed to load, with the reason (they are left out)
+
+
 def fill_cache(
     cache: LatentCache,
     examples: list[TrainExample],
@@ -114,17 +122,29 @@ def fill_cache(
     vae: nn.Module,
     background: tuple[int, int, int],
     on_progress: Callable[[int, int], None] = lambda done, total: None,
-) -> int:
-    """Encode every draw not yet cached (or cached but unreadable), one image at a time (buckets differ);
-    returns how many were encoded."""
+) -> FillResult:
+    """Encode every draw not yet cached (or cached but unreadable), one image at a time (buckets differ).
+
+    An image that passed the dataset scan but fails to load now (damage the header check cannot see) is
+    reported rather than ending the run: caching happens before training, so it can simply be left out.
+    """
     pending: dict[str, Draw] = {}
     for draw in draws:
         key = cache.key(examples[draw.example], draw, background)
         if key not in pending and not cache.has(key):
             pending[key] = draw
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    result = FillResult(0, {})
     for done, (key, draw) in enumerate(pending.items(), start=1):
-        pixels = load_pixels(examples[draw.example], draw, background)[None].to(device, dtype)
+        example = examples[draw.example]
+        if example.path in result.unreadable:
+            continue
+        try:
+            pixels = load_pixels(example, draw, background)[None].to(device, dtype)
+        except DatasetError as error:
+            result.unreadable[example.path] = str(error)
+            continue
         cache.store(key, encode_moments(vae, pixels)[0])
+        result.encoded += 1
         on_progress(done, len(pending))
-    return len(pending)
+    return result

@@ -19,7 +19,7 @@ from .buckets import crop_plan
 from .captions import CaptionOptions, is_randomised, process_caption
 from .check_data import DataReport, report_for_scan
 from .config import TrainConfig
-from .dataset_scan import scan_dataset
+from .dataset_scan import DatasetError, scan_dataset
 from .diffusion_loss import training_noise_scheduler
 from .latent_cache import LatentCache, fill_cache, vae_fingerprint
 from .models import default_cache_dir, load_sdxl_pipeline, resolve_model_path
@@ -151,15 +151,24 @@ def cacheable_draws(examples: list[TrainExample], augment: AugmentOptions) -> li
     return draws
 
 
-def _latent_cache(config: TrainConfig, pipe, examples, augment, on_progress) -> LatentCache | None:
+def _latent_cache(
+    config: TrainConfig, pipe, examples: list[TrainExample], augment, on_progress
+) -> tuple[LatentCache | None, list[TrainExample]]:
+    """The filled cache and the examples that can train (an image failing to load now is left out)."""
     if not config.dataset.cache_latents or config.dataset.random_crop:
-        return None
+        return None, examples
     root = Path(config.dataset.latent_cache_dir) if config.dataset.latent_cache_dir else default_cache_dir() / "latents"
     cache = LatentCache(root, vae_fingerprint(pipe.vae, torch.float32))
     draws = cacheable_draws(examples, augment)
-    new = fill_cache(cache, examples, draws, pipe.vae, augment.background, on_progress)
-    log.info("latent cache %s: %d encoded now, %d reused", cache.folder, new, len(draws) - new)
-    return cache
+    filled = fill_cache(cache, examples, draws, pipe.vae, augment.background, on_progress)
+    log.info("latent cache %s: %d encoded now, %d reused", cache.folder, filled.encoded,
+             len(draws) - filled.encoded - len(filled.unreadable))
+    for reason in filled.unreadable.values():
+        log.warning("skipped: %s", reason)
+    usable = [example for example in examples if example.path not in filled.unreadable]
+    if not usable:
+        raise DatasetError(f"{config.dataset.path}: no image could be loaded; see the reasons above")
+    return cache, usable
 
 
 @torch.no_grad()
@@ -206,6 +215,7 @@ def prepare_session(
         if config.network.train_text_encoders:
             pipe.text_encoder.gradient_checkpointing_enable()
             pipe.text_encoder_2.gradient_checkpointing_enable()
+    latent_cache, examples = _latent_cache(config, pipe, examples, augment, on_caching)
     global_batch = config.training.batch_size * processes
     batches_per_epoch = len(epoch_batches(examples, global_batch, config.training.seed, epoch=0))
     steps_per_epoch, total_steps = schedule_lengths(batches_per_epoch, config)
@@ -225,7 +235,7 @@ def prepare_session(
                                                  config.model.zero_terminal_snr),
         optimizer=optimizer, lr_scheduler=lr_scheduler, batches_per_epoch=batches_per_epoch,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, sample_prompts=sample_prompts(config),
-        latent_cache=_latent_cache(config, pipe, examples, augment, on_caching),
+        latent_cache=latent_cache,
         text_cache=_text_cache(config, pipe, examples, augment, device),
         dataset_dirs=folders, tag_frequencies=tag_frequency(captions, config.dataset.tag_separator),
     )
