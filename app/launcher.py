@@ -107,8 +107,9 @@ def resume_run(runs_dir: Path, name: str) -> str:
 
 def send_command(runs_dir: Path, name: str, command: str) -> None:
     """Ask a running trainer to stop, save or sample after its current step."""
-    run_dir = run_path(Path(runs_dir).resolve(), name)
-    running = active_run(Path(runs_dir).resolve())
+    runs_dir = Path(runs_dir).resolve()
+    run_dir = run_path(runs_dir, name)
+    running = active_run(runs_dir)
     if running is None or running.name != name:
         raise LaunchRefused(f"run {name} is not running; nothing to {command}")
     RunDirectory(run_dir).send_command(command)

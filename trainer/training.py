@@ -160,7 +160,7 @@ class Trainer:
         bar = tqdm(total=session.total_steps, initial=self.progress.step, unit="step", dynamic_ncols=True,
                    disable=not (self.show_progress and accelerator.is_main_process))
         self._status(state="training", message="training", total_steps=session.total_steps,
-                              epochs=config.training.epochs)
+                     epochs=config.training.epochs)
         rank, processes = accelerator.process_index, accelerator.num_processes
         global_batch = config.training.batch_size * processes
         while self.progress.epoch < config.training.epochs and self.progress.step < session.total_steps:
@@ -169,7 +169,8 @@ class Trainer:
             shards = [shard_batch(batch, rank, processes) for batch in global_draws]
             dataset = EpochBatches([shard.draws for shard in shards], session.examples, session.latent_cache,
                                    session.augment.background)
-            group_loss_sum, data_wait, tick = 0.0, 0.0, time.perf_counter()
+            group_loss_sum, data_wait = 0.0, 0.0
+            step_started = tick = time.perf_counter()  # a step spans its whole accumulation group
             for index, batch in enumerate(batch_loader(dataset, self.progress.batches_done,
                                                        config.dataset.loader_workers),
                                           start=self.progress.batches_done):
@@ -195,17 +196,18 @@ class Trainer:
                     if not self._finite_step(group_loss):
                         session.optimizer.zero_grad(set_to_none=True)
                         self.progress.batches_done = index + 1
-                        group_loss_sum, data_wait, tick = 0.0, 0.0, time.perf_counter()
+                        group_loss_sum, data_wait = 0.0, 0.0
+                        step_started = tick = time.perf_counter()
                         continue
                     session.optimizer.step()
                     session.lr_scheduler.step()
                     session.optimizer.zero_grad(set_to_none=True)
                     self.progress.step += 1
                     self.progress.batches_done = index + 1
-                    seconds = time.perf_counter() - tick + data_wait
-                    self._after_step(bar, group_loss, seconds, data_wait)
+                    self._after_step(bar, group_loss, time.perf_counter() - step_started, data_wait)
                     self._step_bookkeeping()
                     group_loss_sum, data_wait = 0.0, 0.0
+                    step_started = time.perf_counter()  # saving and sampling are not step time
                     if self.progress.step >= session.total_steps and index + 1 < len(shards):
                         break  # max_steps reached inside the epoch
                 tick = time.perf_counter()
