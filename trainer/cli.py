@@ -71,6 +71,21 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_make_toy_model(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .toy_model import TOY_ASSET
+    from .toy_pretrain import ToyRecipe, pretrain_toy_model, quick_recipe
+
+    recipe = replace(ToyRecipe(), seed=args.seed)
+    command = "dora-studio make-toy-model" + (f" --seed {args.seed}" if args.seed else "")
+    if args.quick:
+        recipe, command = quick_recipe(recipe), command + " --quick"
+    out = Path(args.out) if args.out else TOY_ASSET
+    pretrain_toy_model(out, recipe, command, log=lambda line: print(line, flush=True))
+    return EXIT_OK
+
+
 def cmd_check_data(args: argparse.Namespace) -> int:
     from .buckets import BucketSpec
     from .check_data import check_dataset, format_report
@@ -188,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_inspect)
 
-    model_help = "SDXL base: a diffusers folder, a single-file .safetensors checkpoint, or builtin:tiny-sdxl"
+    model_help = ("SDXL base: a diffusers folder, a single-file .safetensors checkpoint, builtin:toy-sdxl or "
+                  "builtin:tiny-sdxl")
     config_help = "diffusers config folder for a single-file model (default: a folder named like the file)"
 
     p = sub.add_parser("verify", help="merge a file as ComfyUI/Forge, A1111 and InvokeAI do; compare with ours")
@@ -211,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("make-toy-model", help="pretrain builtin:toy-sdxl from scratch (about 40 min on 2 CPU cores)")
+    p.add_argument("--out", help="weights file to write (default: the packaged trainer/assets/toy-sdxl.safetensors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="a few steps of each stage: checks that the recipe runs (the model draws noise)")
+    p.set_defaults(func=cmd_make_toy_model)
 
     p = sub.add_parser("check-data", help="scan a dataset folder: repeats, captions, broken files, buckets, steps")
     p.add_argument("dir", nargs="?", help="dataset folder: images with same-name captions, or subfolders like "

@@ -42,7 +42,8 @@ def setting(default: Any, help: str, *, choices: tuple = (), minimum: float | No
 class ModelSettings:
     path: str = setting(
         "builtin:tiny-sdxl",
-        "SDXL base model: a diffusers folder, a single-file .safetensors checkpoint, or builtin:tiny-sdxl",
+        "SDXL base model: a diffusers folder, a single-file .safetensors checkpoint, builtin:toy-sdxl (a small "
+        "pretrained model that draws shapes) or builtin:tiny-sdxl (random, for tests)",
         path=True,
     )
     config_dir: str = setting(

@@ -6,6 +6,7 @@ before anything reads them.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -124,7 +125,9 @@ def load_sdxl_pipeline(model: str | Path, config_dir: str | Path | None = None, 
 
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("tiny-sdxl",)
+# name -> the module that writes it (``save_builtin(folder)``) and names its cache folder (``builtin_cache_tag()``,
+# which changes whenever the weights would): the random tiny model, the pretrained toy model.
+BUILTIN_MODELS = {"tiny-sdxl": "trainer.tiny_model", "toy-sdxl": "trainer.toy_model"}
 
 
 def default_cache_dir() -> Path:
@@ -143,15 +146,15 @@ def resolve_builtin(model: str, cache_dir: Path | None = None) -> Path:
     if name not in BUILTIN_MODELS:
         raise ModelLoadError(f"{model}: unknown built-in model; built-ins are "
                              + ", ".join(BUILTIN_PREFIX + known for known in BUILTIN_MODELS))
-    from .tiny_model import save_tiny_model
+    builder = importlib.import_module(BUILTIN_MODELS[name])
 
     _quiet_library_progress()
-    folder = (cache_dir or default_cache_dir()) / "models" / f"{name}-seed0"
+    folder = (cache_dir or default_cache_dir()) / "models" / f"{name}-{builder.builtin_cache_tag()}"
     if not (folder / "model_index.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
         try:
-            save_tiny_model(staging, seed=0)
+            builder.save_builtin(staging)
             if not folder.exists():  # another process may have finished first; theirs is identical
                 os.replace(staging, folder)
         finally:

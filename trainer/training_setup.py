@@ -102,6 +102,23 @@ def schedule_lengths(batches_per_epoch: int, config: TrainConfig) -> tuple[int, 
     return per_epoch, total
 
 
+def _check_schedule(scheduler_config, config: TrainConfig) -> None:
+    """Refuse to train epsilon on a model whose own scheduler says it predicts v (or has zero terminal SNR).
+
+    Such an adapter would learn the wrong target and its samples would be grey noise; the fix is two settings.
+    Only this direction is refused: a single-file v-pred checkpoint often comes with SDXL base's configs.
+    """
+    model_predicts_v = scheduler_config.get("prediction_type") == "v_prediction"
+    wants_v = model_predicts_v and config.model.prediction_type != "v_prediction"
+    wants_ztsnr = scheduler_config.get("rescale_betas_zero_snr") and not config.model.zero_terminal_snr
+    if wants_v or wants_ztsnr:
+        needed = ['model.prediction_type = "v_prediction"'] if wants_v else []
+        needed += ["model.zero_terminal_snr = true"] if wants_ztsnr else []
+        raise TrainingError(f"{config.model.path}: this model was trained with "
+                            f"{'v-prediction' if wants_v else 'zero terminal SNR'} (its scheduler config says so); "
+                            f"set {' and '.join(needed)} in the preset's [model] section")
+
+
 def load_pipeline(config: TrainConfig, device: torch.device):
     """The SDXL pipeline with frozen weights in the compute dtype and the VAE in fp32.
 
@@ -117,6 +134,7 @@ def load_pipeline(config: TrainConfig, device: torch.device):
     pipe.vae.to(device, torch.float32)
     for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         model.requires_grad_(False).eval()
+    _check_schedule(pipe.scheduler.config, config)
     if config.model.prediction_type == "v_prediction" or config.model.zero_terminal_snr:
         # sampling must use the schedule training used, or v-pred / ZTSNR samples come out grey
         pipe.scheduler = pipe.scheduler.from_config(

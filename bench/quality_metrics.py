@@ -1,0 +1,134 @@
+"""The measures ``bench/quality.py`` reports, as pure functions so tests can check them.
+
+Concept score: the toy model draws flat shapes on plain backgrounds, so what a sample drew can be read
+off exactly, without a learned checker. The foreground is every pixel far from the prompted background
+colour; each candidate shape's silhouette is drawn at the foreground's centroid with the foreground's
+area (a star also turned by up to 12°, as the dataset's are); the drawing "is" the shape whose silhouette
+overlaps it best (intersection over union). The score
+of a sample is its star margin (IoU with the star minus the best IoU of a plain shape), and whether the
+star beat every plain shape.
+
+Weight decomposition (DoRA paper, section 3, figure 2): per layer, how far the fine-tuned weight moved
+in magnitude (mean |‖W'_j‖ − ‖W0_j‖| over vectors j) and in direction (mean 1 − cos(W'_j, W0_j)). Full
+fine-tuning and DoRA show a negative relation between the two across layers and steps; LoRA a positive one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainer.shapes import BACKGROUNDS, COLOURS, CONCEPT_SHAPE, PLAIN_SHAPES, Scene, silhouette
+
+FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour that counts as drawn on
+CANDIDATES = (CONCEPT_SHAPE, *PLAIN_SHAPES)
+STAR_ROTATIONS = (-12.0, -8.0, -4.0, 0.0, 4.0, 8.0, 12.0)  # the example dataset turns its stars by up to 12°
+# Area of each silhouette per radius squared, so a silhouette can be sized to the drawing's area.
+_AREA_PER_RADIUS2 = {shape: np.count_nonzero(np.asarray(silhouette(shape, (400, 400), (200, 200), 100.0))) / 1e4
+                     for shape in CANDIDATES}
+
+
+@dataclass(frozen=True)
+class ShapeMatch:
+    iou: dict[str, float]  # by candidate shape; all 0 when nothing was drawn
+    best: str | None  # None when nothing was drawn
+
+    @property
+    def star_iou(self) -> float:
+        return self.iou[CONCEPT_SHAPE]
+
+    @property
+    def star_margin(self) -> float:
+        """The star's IoU minus the best plain shape's: above 0, the drawing is more star than anything else.
+
+        Raw IoU flatters blobs (a star sized and centred like a blob overlaps most of it); the margin does not.
+        """
+        return self.star_iou - max(self.iou[shape] for shape in PLAIN_SHAPES)
+
+
+def foreground(image: Image.Image, background: str) -> np.ndarray:
+    """Pixels that differ from the named background colour (bool [H, W])."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return np.linalg.norm(pixels - np.asarray(BACKGROUNDS[background], np.float32), axis=-1) > FOREGROUND_DISTANCE
+
+
+def match_shape(image: Image.Image, background: str) -> ShapeMatch:
+    """Which silhouette, centred and sized like the drawing, covers it best."""
+    drawn = foreground(image, background)
+    area = int(drawn.sum())
+    if area == 0:
+        return ShapeMatch({shape: 0.0 for shape in CANDIDATES}, None)
+    rows, columns = np.nonzero(drawn)
+    centre = (float(columns.mean()) + 0.5, float(rows.mean()) + 0.5)
+    iou = {}
+    for shape in CANDIDATES:
+        radius = math.sqrt(area / _AREA_PER_RADIUS2[shape])
+        overlaps = []
+        for rotation in STAR_ROTATIONS if shape == CONCEPT_SHAPE else (0.0,):
+            template = np.asarray(silhouette(shape, image.size, centre, radius, rotation)) > 0
+            overlaps.append(float((drawn & template).sum() / (drawn | template).sum()))
+        iou[shape] = max(overlaps)
+    return ShapeMatch(iou, max(iou, key=iou.get))
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a picture shows, in caption words (None where nothing was drawn)."""
+
+    shape: str | None
+    colour: str | None
+    position: str | None
+
+
+# Each named colour and the darker shade a zqx star's stripes alternate it with (trainer.shapes).
+_SHADES = [(name, np.asarray(rgb, np.float32)) for name, rgb in COLOURS.items()]
+_SHADES += [(name, np.asarray([channel // 2 for channel in rgb], np.float32)) for name, rgb in COLOURS.items()]
+
+
+def _majority_colour(pixels: np.ndarray) -> str:
+    """The named colour most foreground pixels lie nearest to (either shade of it)."""
+    distances = np.stack([np.linalg.norm(pixels - rgb, axis=-1) for _, rgb in _SHADES])
+    votes = np.bincount(distances.argmin(axis=0) % len(COLOURS), minlength=len(COLOURS))
+    return list(COLOURS)[int(votes.argmax())]
+
+
+def read_picture(image: Image.Image, background: str, shapes: tuple[str, ...] = CANDIDATES) -> Reading:
+    """The drawn shape (best silhouette), its colour (the named colour most foreground pixels are nearest)
+    and its position (the third its centroid lies in, worded as captions word it)."""
+    drawn = foreground(image, background)
+    if not drawn.any():
+        return Reading(None, None, None)
+    match = match_shape(image, background)
+    best = max(shapes, key=match.iou.get)
+    colour = _majority_colour(np.asarray(image.convert("RGB"), dtype=np.float32)[drawn])
+    rows, columns = np.nonzero(drawn)
+    centre = (float(columns.mean()) + 0.5, float(rows.mean()) + 0.5)
+    position = Scene(image.size, best, colour, background, "small", centre, 1.0).position
+    return Reading(best, colour, position)
+
+
+def decomposition_change(base: torch.Tensor, tuned: torch.Tensor, axis: str) -> tuple[float, float]:
+    """(ΔM, ΔD) of one layer: mean magnitude change and mean direction change (1 − cosine) of its vectors.
+
+    ``axis`` "output": the vectors are the rows of the [out, in] weight (one per output feature, PEFT's
+    norm); "input": the columns (one per input feature, kohya's and LyCORIS's). Conv kernels are
+    flattened to [out, in*k*k] first, as DoRA does.
+    """
+    base, tuned = base.double().flatten(1), tuned.double().flatten(1)
+    dim = 1 if axis == "output" else 0
+    magnitude = (torch.linalg.vector_norm(tuned, dim=dim) - torch.linalg.vector_norm(base, dim=dim)).abs().mean()
+    direction = 1 - torch.nn.functional.cosine_similarity(tuned, base, dim=dim).mean()
+    return float(magnitude), float(direction)
+
+
+def slope_and_correlation(direction: list[float], magnitude: list[float]) -> tuple[float, float]:
+    """Least-squares slope of ΔM against ΔD and Pearson's r: the paper's sign test of how a method learns."""
+    x, y = np.asarray(direction), np.asarray(magnitude)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan"), float("nan")
+    slope = float(np.polyfit(x, y, 1)[0])
+    return slope, float(np.corrcoef(x, y)[0, 1])
