@@ -1,0 +1,284 @@
+"""DoRA against LoRA on the toy model: rank robustness, held-out loss, concept score, weight decomposition.
+
+Each run is the quick start (``presets/quickstart.toml``: the ``zqx`` star of ``datasets_example/``, batch 4,
+learning rate 1e-3) on ``builtin:toy-sdxl`` (v-prediction, zero terminal SNR, as it was pretrained) with
+alpha = rank and one adapter variant, rank and seed, trained in-process by the real trainer for the same
+number of steps. Then, on a held-out set of new zqx
+pictures drawn by ``trainer.shapes`` (a seed the dataset never used):
+
+- held-out loss: the denoising loss at fixed noise and timesteps (lower is better);
+- concept score: samples from held-out captions, read exactly by ``quality_metrics.match_shape``: how much
+  better a star silhouette fits them than any shape the base model knows (the star margin), and how often
+  the star fits best;
+- weight decomposition (the paper's section 3): per layer and saved checkpoint, magnitude change ΔM and
+  direction change ΔD of the merged weights; the slope and correlation of ΔM against ΔD, and a PNG.
+
+    python bench/quality.py               # ranks 2 4 8 16, LoRA / DoRA input axis / DoRA output axis, 3 seeds
+    python bench/quality.py --quick       # a smoke test of all of it in about a minute (numbers mean nothing)
+
+Writes ``quality.json`` and ``quality-decomposition.png`` to ``--out`` (default bench/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from quality_metrics import CANDIDATES, decomposition_change, match_shape, slope_and_correlation
+
+from trainer.adapter_file import load_adapter
+from trainer.adapter_weights import merged_weight
+from trainer.diffusion_loss import add_noise, prediction_target, training_noise_scheduler
+from trainer.merge import canonical_stems, match_stems, merge_matched, model_stem_targets, pipeline_parts
+from trainer.models import load_sdxl_pipeline, resolve_builtin
+from trainer.presets import load_config
+from trainer.run_dir import RunDirectory
+from trainer.shapes import CONCEPT_SHAPE, draw
+from trainer.text_encoding import encode_captions
+from trainer.toy_pretrain import random_scene, to_tensor
+from trainer.training import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = REPO / "presets" / "quickstart.toml"
+MODEL = "builtin:toy-sdxl"
+VARIANTS = {"LoRA": ("lora", "input"), "DoRA input axis": ("dora", "input"), "DoRA output axis": ("dora", "output")}
+HELD_OUT_SEED = 777  # the example dataset draws with 20240611, the toy model's pretraining with 0
+EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
+GUIDANCE = 5.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    ranks: tuple[int, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    checkpoint_every: int
+    held_out: int  # pictures for the loss
+    samples: int  # held-out captions drawn for the concept score
+    sample_steps: int
+
+
+FULL = Plan(ranks=(2, 4, 8, 16), seeds=(0, 1, 2), steps=64, checkpoint_every=16, held_out=24, samples=12,
+            sample_steps=20)
+QUICK = Plan(ranks=(4,), seeds=(0,), steps=4, checkpoint_every=2, held_out=4, samples=2, sample_steps=4)
+
+
+def train(variant: str, rank: int, seed: int, plan: Plan, work: Path) -> list[tuple[int, Path]]:
+    """One quick-start run; returns its saved adapters as (step, path), oldest first."""
+    kind, axis = VARIANTS[variant]
+    overrides = [
+        f"model.path={MODEL}", "model.prediction_type=v_prediction", "model.zero_terminal_snr=true",
+        f"network.kind={kind}", f"network.dora_axis={axis}", f"network.rank={rank}",
+        f"network.alpha={rank}", f"training.seed={seed}", f"training.max_steps={plan.steps}", "training.epochs=1000",
+        "sampling.at_start=false", "sampling.every_n_epochs=0", "saving.every_n_epochs=0",
+        f"saving.every_n_steps={plan.checkpoint_every}", "saving.save_state=false", "saving.save_dtype=fp32",
+        f"dataset.latent_cache_dir={work / 'latents'}",
+    ]
+    run = RunDirectory(work / f"{variant}-r{rank}-s{seed}".replace(" ", "-"))
+    Trainer(load_config(PRESET, overrides), run, show_progress=False).run_training()
+    saved = []
+    for path in run.adapters_dir.glob("*.safetensors"):
+        saved.append((int(load_adapter(path).metadata["ss_steps"]), path))
+    return sorted(saved)
+
+
+class Evaluator:
+    """The base toy model, a held-out set, and the fixed noise everything is measured with."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.pipe = load_sdxl_pipeline(resolve_builtin(MODEL))
+        self.pipe.set_progress_bar_config(disable=True)
+        self.base_unet = {key: value.clone() for key, value in self.pipe.unet.state_dict().items()}
+        self.parts = pipeline_parts(self.pipe)
+        self.targets = model_stem_targets(self.parts)
+        rng = random.Random(HELD_OUT_SEED)
+        self.scenes = [random_scene(rng, shapes=(CONCEPT_SHAPE,)) for _ in range(plan.held_out)]
+        with torch.no_grad():
+            pixels = to_tensor(draw(scene) for scene in self.scenes)
+            posterior = self.pipe.vae.encode(pixels.float() / 127.5 - 1).latent_dist
+            self.latents = posterior.mean * self.pipe.vae.config.scaling_factor
+            self.embeds, self.pooled = encode_captions(
+                (self.pipe.tokenizer, self.pipe.tokenizer_2), (self.pipe.text_encoder, self.pipe.text_encoder_2),
+                [scene.caption for scene in self.scenes], torch.device("cpu"))
+        self.noise = torch.randn((len(EVAL_TIMESTEPS), *self.latents.shape), generator=torch.Generator().manual_seed(1))
+
+    @torch.no_grad()
+    def held_out_loss(self) -> float:
+        """The training loss (the toy model's v-prediction target) on the held-out set, fixed noise."""
+        config = self.pipe.scheduler.config
+        scheduler = training_noise_scheduler(config, config.prediction_type, config.rescale_betas_zero_snr)
+        side = self.latents.shape[-1] * 8
+        time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).expand(len(self.latents), -1)
+        total = 0.0
+        for noise, timestep in zip(self.noise, EVAL_TIMESTEPS):
+            timesteps = torch.full((len(self.latents),), timestep)
+            noisy = add_noise(scheduler, self.latents, noise, timesteps)
+            prediction = self.pipe.unet(noisy, timesteps, self.embeds,
+                                        added_cond_kwargs={"text_embeds": self.pooled, "time_ids": time_ids}).sample
+            target = prediction_target(scheduler, self.latents, noise, timesteps)
+            total += torch.nn.functional.mse_loss(prediction, target).item()
+        return total / len(EVAL_TIMESTEPS)
+
+    @torch.no_grad()
+    def concept_score(self) -> dict:
+        scenes = self.scenes[: self.plan.samples]
+        images = self.pipe(
+            prompt=[scene.caption for scene in scenes], num_inference_steps=self.plan.sample_steps,
+            guidance_scale=GUIDANCE, height=scenes[0].size[1], width=scenes[0].size[0],
+            generator=[torch.Generator().manual_seed(index) for index in range(len(scenes))],
+        ).images
+        matches = [match_shape(image, scene.background) for image, scene in zip(images, scenes)]
+        return {
+            "star_margin": statistics.fmean(match.star_margin for match in matches),
+            "star_iou": statistics.fmean(match.star_iou for match in matches),
+            "star_wins": statistics.fmean(match.best == CONCEPT_SHAPE for match in matches),
+            "drawn": {shape: sum(match.best == shape for match in matches) for shape in (*CANDIDATES, None)},
+            "images": images,
+        }
+
+    def decomposition(self, adapter: Path) -> dict[str, list[tuple[float, float]]]:
+        """Per axis, (ΔD, ΔM) of every adapted layer for this adapter file."""
+        match = self._match(adapter)
+        points = {"output": [], "input": []}
+        for weights, target in match.matched.values():
+            base = target.module.weight.detach()
+            tuned = merged_weight(base, weights)
+            for axis in points:
+                magnitude, direction = decomposition_change(base, tuned, axis)
+                points[axis].append((direction, magnitude))
+        return points
+
+    def evaluate(self, adapter: Path | None) -> dict:
+        """Loss and concept score with ``adapter`` merged (None: the base model); the base is restored."""
+        if adapter is not None:
+            merge_matched(self._match(adapter), 1.0)
+        try:
+            return {"loss": self.held_out_loss(), **self.concept_score()}
+        finally:
+            self.pipe.unet.load_state_dict(self.base_unet)
+
+    def _match(self, adapter: Path):
+        loaded = load_adapter(adapter)
+        match = match_stems(canonical_stems(loaded, self.parts).adapters, self.targets)
+        if match.unmatched or match.misfit:
+            raise RuntimeError(f"{adapter}: does not fit the toy model ({match.unmatched[:3]}, {match.misfit})")
+        return match
+
+
+def _mean_spread(values: list[float], digits: int) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def print_tables(results: dict, plan: Plan, base: dict) -> None:
+    runs = results["runs"]
+    for title, key, digits in (("Held-out denoising loss (lower is better)", "loss", 4),
+                               ("Concept score: star margin of samples, IoU with a star minus the best plain shape's "
+                                "(higher is better; above 0: more star than anything the base model knows)",
+                                "star_margin", 3),
+                               ("Samples read as a star (share)", "star_wins", 2)):
+        print(f"\n{title}; mean ± std over seeds {list(plan.seeds)}, {plan.steps} steps; base model: "
+              f"{base[key]:.{digits}f}")
+        print("| rank | " + " | ".join(VARIANTS) + " |")
+        print("|---:|" + "---:|" * len(VARIANTS))
+        for rank in plan.ranks:
+            cells = [_mean_spread([run[key] for run in runs if run["variant"] == variant and run["rank"] == rank],
+                                  digits) for variant in VARIANTS]
+            print(f"| {rank} | " + " | ".join(cells) + " |")
+    print("\nWeight decomposition: slope of ΔM on ΔD (Pearson r) over all layers and checkpoints, per axis;")
+    print("the paper: LoRA positive, full fine-tuning and DoRA negative")
+    print("| rank | variant | output axis (PEFT) | input axis (kohya) |")
+    print("|---:|---|---:|---:|")
+    for rank in plan.ranks:
+        for variant in VARIANTS:
+            chosen = [run for run in runs if run["variant"] == variant and run["rank"] == rank]
+            cells = []
+            for axis in ("output", "input"):
+                slopes = [run["decomposition"][axis]["slope"] for run in chosen]
+                rs = [run["decomposition"][axis]["r"] for run in chosen]
+                cells.append(f"{_mean_spread(slopes, 2)} (r {statistics.fmean(rs):+.2f})")
+            print(f"| {rank} | {variant} | " + " | ".join(cells) + " |")
+
+
+def plot_decomposition(runs: list[dict], rank: int, path: Path) -> None:
+    """ΔM against ΔD, one panel per variant and axis, coloured by step, as the paper's figure 2."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, len(VARIANTS), figsize=(4 * len(VARIANTS), 7), squeeze=False)
+    for column, variant in enumerate(VARIANTS):
+        run = next(run for run in runs if run["variant"] == variant and run["rank"] == rank)
+        for row, axis in enumerate(("output", "input")):
+            panel = axes[row][column]
+            for step, points in run["trajectory"][axis]:
+                direction, magnitude = zip(*points)
+                panel.scatter(direction, magnitude, s=6, label=f"step {step}")
+            fit = run["decomposition"][axis]
+            panel.set_title(f"{variant}, r={rank}\n{axis} axis: slope {fit['slope']:.2f}, r {fit['r']:+.2f}",
+                            fontsize=9)
+            panel.set_xlabel("ΔD (1 − cosine)")
+            panel.set_ylabel("ΔM")
+            panel.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings: checks the bench runs")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    evaluator = Evaluator(plan)
+    base = evaluator.evaluate(None)
+    base.pop("images")
+    runs = []
+    with tempfile.TemporaryDirectory() as work:
+        for rank in plan.ranks:
+            for variant in VARIANTS:
+                for seed in plan.seeds:
+                    saved = train(variant, rank, seed, plan, Path(work))
+                    trajectory = {axis: [] for axis in ("output", "input")}
+                    for step, path in saved:
+                        for axis, points in evaluator.decomposition(path).items():
+                            trajectory[axis].append((step, points))
+                    scores = evaluator.evaluate(saved[-1][1])
+                    images = scores.pop("images")
+                    if seed == plan.seeds[0]:
+                        images[0].save(args.out / f"quality-sample-{variant.replace(' ', '-')}-r{rank}.png")
+                    decomposition = {}
+                    for axis, steps in trajectory.items():
+                        points = [point for _, step_points in steps for point in step_points]
+                        slope, r = slope_and_correlation([p[0] for p in points], [p[1] for p in points])
+                        decomposition[axis] = {"slope": slope, "r": r}
+                    runs.append({"variant": variant, "rank": rank, "seed": seed, **scores,
+                                 "decomposition": decomposition, "trajectory": trajectory})
+                    print(f"{variant:<17} rank {rank:>2} seed {seed}: loss {scores['loss']:.4f}  star IoU "
+                          f"{scores['star_iou']:.3f}  star {scores['star_wins']:.2f}  "
+                          f"({time.monotonic() - started:.0f} s)", flush=True)
+    results = {"plan": plan.__dict__, "base": base, "runs": runs, "seconds": round(time.monotonic() - started)}
+    plot_rank = 4 if 4 in plan.ranks else plan.ranks[0]
+    plot_decomposition(runs, plot_rank, args.out / "quality-decomposition.png")
+    print_tables(results, plan, base)
+    summary = [{key: value for key, value in run.items() if key != "trajectory"} for run in runs]
+    (args.out / "quality.json").write_text(json.dumps({**results, "runs": summary}, indent=1) + "\n")
+    print(f"\nwrote {args.out / 'quality.json'} and {args.out / 'quality-decomposition.png'} "
+          f"in {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""``bench/quality.py``: its exact measures on pictures and weights whose answer is known, and its
+``--quick`` form end to end (a smoke test: the numbers of so short a run mean nothing)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from trainer.shapes import CONCEPT_SHAPE, PLAIN_SHAPES, Scene, draw
+from trainer.toy_pretrain import random_scene
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+from quality_metrics import decomposition_change, match_shape, read_picture, slope_and_correlation  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", [CONCEPT_SHAPE, *PLAIN_SHAPES])
+@pytest.mark.parametrize("centre", [(64.0, 64.0), (40.0, 90.0)])
+def test_each_drawn_shape_is_read_as_itself(shape, centre):
+    scene = Scene((128, 128), shape, "blue", "pale yellow", "large", centre, 30.0, rotation=8.0)
+    match = match_shape(draw(scene), scene.background)
+    assert match.best == shape, match.iou
+    assert match.iou[shape] > 0.85
+    assert (match.star_margin > 0.1) == (shape == CONCEPT_SHAPE)
+
+
+def test_pictures_are_read_in_caption_words():
+    rng = random.Random(5)
+    scenes = [random_scene(rng, shapes=(CONCEPT_SHAPE, *PLAIN_SHAPES)) for _ in range(40)]
+    # a centre within a pixel of a third's edge may be read, from anti-aliased pixels, in the next third
+    clear = [scene for scene in scenes if all(abs(value - 128 * k / 3) > 1 for value in scene.centre for k in (1, 2))]
+    assert len(clear) >= 35
+    for scene in clear:
+        reading = read_picture(draw(scene), scene.background)
+        assert (reading.shape, reading.colour, reading.position) == (scene.shape, scene.colour, scene.position), \
+            scene.caption
+
+
+def test_a_blank_picture_draws_nothing():
+    match = match_shape(Image.new("RGB", (128, 128), (255, 255, 255)), "white")
+    assert match.best is None and match.star_iou == 0.0 and match.star_margin == 0.0
+
+
+def test_decomposition_separates_magnitude_from_direction():
+    torch.manual_seed(0)
+    base = torch.randn(6, 5)
+    rows = torch.tensor([1.5, 0.5, 2.0, 1.0, 1.0, 3.0])
+    scaled_rows = base * rows[:, None]  # every output row keeps its direction
+    magnitude, direction = decomposition_change(base, scaled_rows, "output")
+    assert direction == pytest.approx(0.0, abs=1e-12)
+    assert magnitude == pytest.approx(float(((rows - 1).abs() * base.norm(dim=1)).mean()))
+    assert decomposition_change(base, scaled_rows, "input")[1] > 0.01  # columns do turn
+    turned = base.clone()
+    turned[:, [0, 1]] = turned[:, [1, 0]]  # same norms per row, new directions
+    magnitude, direction = decomposition_change(base, turned, "output")
+    assert magnitude == pytest.approx(0.0, abs=1e-6)
+    cosine = torch.nn.functional.cosine_similarity(base.double(), turned.double(), dim=1)
+    assert direction == pytest.approx(float((1 - cosine).mean()))
+
+
+def test_slope_and_correlation():
+    slope, r = slope_and_correlation([0.1, 0.2, 0.3, 0.4], [1.0, 0.8, 0.6, 0.4])
+    assert slope == pytest.approx(-2.0) and r == pytest.approx(-1.0)
+    assert all(math.isnan(v) for v in slope_and_correlation([0.1], [0.2]))
+
+
+def test_quality_bench_quick(tmp_path):
+    env = {**os.environ, "DORA_STUDIO_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--quick", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert {run["variant"] for run in report["runs"]} == {"LoRA", "DoRA input axis", "DoRA output axis"}
+    for run in report["runs"]:
+        assert math.isfinite(run["loss"]) and 0.0 <= run["star_iou"] <= 1.0 and -1.0 <= run["star_margin"] <= 1.0
+        assert set(run["decomposition"]) == {"output", "input"}
+    with Image.open(tmp_path / "out" / "quality-decomposition.png") as plot:
+        assert plot.width > 400
+    assert "Held-out denoising loss" in result.stdout and "Weight decomposition" in result.stdout
