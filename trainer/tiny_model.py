@@ -66,23 +66,30 @@ def _tokenizer(pad_token: str) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=tiny_vocab(), merges=[], pad_token=pad_token, model_max_length=77)
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
-    """A random tiny SDXL pipeline; the same seed gives bit-identical weights."""
+def random_pipeline(seed: int, unet_config: dict, vae_config: dict, text_encoder_configs: tuple[dict, dict],
+                    make_tokenizer, scheduler_config: dict) -> StableDiffusionXLPipeline:
+    """An SDXL pipeline of freshly initialised networks; the same seed gives bit-identical weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**copy.deepcopy(TINY_UNET_CONFIG))
-        vae = AutoencoderKL(**copy.deepcopy(TINY_VAE_CONFIG))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER_1_CONFIG))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_ENCODER_2_CONFIG))
+        unet = UNet2DConditionModel(**copy.deepcopy(unet_config))
+        vae = AutoencoderKL(**copy.deepcopy(vae_config))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_configs[0]))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_configs[1]))
     return StableDiffusionXLPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         text_encoder_2=text_encoder_2.eval(),
-        tokenizer=_tokenizer(pad_token=EOS_TOKEN),
-        tokenizer_2=_tokenizer(pad_token="!"),  # SDXL's tokenizer_2 pads with "!"
+        tokenizer=make_tokenizer(pad_token=EOS_TOKEN),
+        tokenizer_2=make_tokenizer(pad_token="!"),  # SDXL's tokenizer_2 pads with "!"
         unet=unet.eval(),
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        scheduler=EulerDiscreteScheduler.from_config(scheduler_config),
     )
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A random tiny SDXL pipeline; the same seed gives bit-identical weights."""
+    return random_pipeline(seed, TINY_UNET_CONFIG, TINY_VAE_CONFIG,
+                           (TINY_TEXT_ENCODER_1_CONFIG, TINY_TEXT_ENCODER_2_CONFIG), _tokenizer, SDXL_SCHEDULER_CONFIG)
 
 
 def save_tiny_model(out_dir: Path, seed: int = 0) -> Path:

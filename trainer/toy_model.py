@@ -14,17 +14,15 @@ The text encoders are frozen random networks; the tokenizer knows the captions' 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from .sdxl_configs import (
     SDXL_SCHEDULER_CONFIG,
@@ -35,7 +33,7 @@ from .sdxl_configs import (
 )
 from .sgm_checkpoint import save_sgm_checkpoint
 from .shapes import BACKGROUNDS, COLOURS, COLUMNS, PLAIN_SHAPES, ROWS, SIZES
-from .tiny_model import EOS_TOKEN, tiny_vocab
+from .tiny_model import random_pipeline, tiny_vocab
 
 TOY_RESOLUTION = 128
 TOY_ASSET = Path(__file__).parent / "assets" / "toy-sdxl.safetensors"
@@ -123,24 +121,11 @@ TOY_VAE_CONFIG: dict[str, Any] = {
 
 def build_toy_pipeline(seed: int = 0, vae_scaling_factor: float | None = None) -> StableDiffusionXLPipeline:
     """The toy pipeline with random weights (pretraining starts here; loading fills it)."""
-    vae_config = copy.deepcopy(TOY_VAE_CONFIG)
+    vae_config = dict(TOY_VAE_CONFIG)
     if vae_scaling_factor is not None:
         vae_config["scaling_factor"] = vae_scaling_factor
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**copy.deepcopy(TOY_UNET_CONFIG))
-        vae = AutoencoderKL(**vae_config)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TOY_TEXT_ENCODER_1_CONFIG))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TOY_TEXT_ENCODER_2_CONFIG))
-    return StableDiffusionXLPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer=toy_tokenizer(pad_token=EOS_TOKEN),
-        tokenizer_2=toy_tokenizer(pad_token="!"),  # SDXL's tokenizer_2 pads with "!"
-        unet=unet.eval(),
-        scheduler=EulerDiscreteScheduler.from_config(TOY_SCHEDULER_CONFIG),
-    )
+    return random_pipeline(seed, TOY_UNET_CONFIG, vae_config, (TOY_TEXT_ENCODER_1_CONFIG, TOY_TEXT_ENCODER_2_CONFIG),
+                           toy_tokenizer, TOY_SCHEDULER_CONFIG)
 
 
 def _check_weights(path: Path) -> None:
