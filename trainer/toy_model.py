@@ -1,10 +1,11 @@
-"""``builtin:toy-sdxl``: a small SDXL-structured model the project pretrained, so adapters visibly learn.
+"""``builtin:toy-sdxl``: a small SDXL-structured model the project pretrained, so adapters can visibly learn.
 
 The random tiny model (``trainer.tiny_model``) proves the plumbing but draws noise. This one has the same
 SDXL module layout (722 attention Linears, 10-deep transformers, two CLIP text encoders) at widths chosen
 to learn, and was pretrained from scratch by ``dora-studio make-toy-model`` (``trainer.toy_pretrain``) on
-pictures of flat shapes (``trainer.shapes``): it draws a caption's shape, colour, size, position and
-background at 128 px. Its weights ship in the package as fp16 safetensors (``assets/toy-sdxl.safetensors``,
+pictures of flat shapes (``trainer.shapes``) to draw a caption's shape, colour, size, position and
+background at 128 px (v1, the packaged weights, follows colours but barely shapes and places: see the
+README). Its weights ship in the package as fp16 safetensors (``assets/toy-sdxl.safetensors``,
 with the recipe that made them in the file's metadata); first use writes a full fp32 model to the cache.
 
 The text encoders are frozen random networks; the tokenizer knows the captions' words as whole tokens
