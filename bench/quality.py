@@ -14,6 +14,7 @@ pictures drawn by ``trainer.shapes`` (a seed the dataset never used):
   direction change ΔD of the merged weights; the slope and correlation of ΔM against ΔD, and a PNG.
 
     python bench/quality.py               # ranks 2 4 8 16, LoRA / DoRA input axis / DoRA output axis, 3 seeds
+    python bench/quality.py --seeds 1     # one seed per cell: a third of the time
     python bench/quality.py --quick       # a smoke test of all of it in about a minute (numbers mean nothing)
 
 Writes ``quality.json`` and ``quality-decomposition.png`` to ``--out`` (default bench/results/).
@@ -27,7 +28,7 @@ import random
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -238,9 +239,12 @@ def plot_decomposition(runs: list[dict], rank: int, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the bench runs")
+    parser.add_argument("--seeds", type=int, help="run only this many seeds (default: the plan's 3)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.seeds:
+        plan = replace(plan, seeds=tuple(range(args.seeds)))
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     evaluator = Evaluator(plan)
