@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
                         decomposition[axis] = {"slope": slope, "r": r}
                     runs.append({"variant": variant, "rank": rank, "seed": seed, **scores,
                                  "decomposition": decomposition, "trajectory": trajectory})
-                    print(f"{variant:<17} rank {rank:>2} seed {seed}: loss {scores['loss']:.4f}  star IoU "
-                          f"{scores['star_iou']:.3f}  star {scores['star_wins']:.2f}  "
+                    print(f"{variant:<17} rank {rank:>2} seed {seed}: loss {scores['loss']:.4f}  star margin "
+                          f"{scores['star_margin']:+.3f}  read as star {scores['star_wins']:.2f}  "
                           f"({time.monotonic() - started:.0f} s)", flush=True)
     results = {"plan": plan.__dict__, "base": base, "runs": runs, "seconds": round(time.monotonic() - started)}
     plot_rank = 4 if 4 in plan.ranks else plan.ranks[0]
