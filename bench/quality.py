@@ -43,7 +43,7 @@ from trainer.presets import load_config
 from trainer.run_dir import RunDirectory
 from trainer.shapes import CONCEPT_SHAPE, draw
 from trainer.text_encoding import encode_captions
-from trainer.toy_pretrain import random_scene, to_tensor
+from trainer.toy_pretrain import encode_pictures, random_scene, to_tensor
 from trainer.training import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,9 +103,8 @@ class Evaluator:
         rng = random.Random(HELD_OUT_SEED)
         self.scenes = [random_scene(rng, shapes=(CONCEPT_SHAPE,)) for _ in range(plan.held_out)]
         with torch.no_grad():
-            pixels = to_tensor(draw(scene) for scene in self.scenes)
-            posterior = self.pipe.vae.encode(pixels.float() / 127.5 - 1).latent_dist
-            self.latents = posterior.mean * self.pipe.vae.config.scaling_factor
+            means, _ = encode_pictures(self.pipe.vae, to_tensor(draw(scene) for scene in self.scenes))
+            self.latents = means * self.pipe.vae.config.scaling_factor
             self.embeds, self.pooled = encode_captions(
                 (self.pipe.tokenizer, self.pipe.tokenizer_2), (self.pipe.text_encoder, self.pipe.text_encoder_2),
                 [scene.caption for scene in self.scenes], torch.device("cpu"))

@@ -154,7 +154,7 @@ def train_unet(unet, latents: tuple[torch.Tensor, torch.Tensor], scaling_factor:
     scheduler = training_noise_scheduler(TOY_SCHEDULER_CONFIG, "v_prediction", zero_terminal_snr=True)
     time_ids = torch.tensor([TOY_RESOLUTION, TOY_RESOLUTION, 0, 0, TOY_RESOLUTION, TOY_RESOLUTION], dtype=torch.float32)
     unet.train()
-    parameters = [parameter for parameter in unet.parameters()]
+    parameters = list(unet.parameters())
     ema = [parameter.detach().clone() for parameter in parameters]
     optimizer = torch.optim.AdamW(parameters, lr=recipe.unet_learning_rate, weight_decay=0.01)
     batch_size, running, started = recipe.unet_batch_size, 0.0, time.monotonic()
