@@ -86,10 +86,10 @@ def test_generation_is_deterministic(toy_pipe):
 def test_the_toy_model_draws_shapes_on_plain_backgrounds_and_follows_colours(toy_pipe):
     """Eight captions of the pretraining kind, from a seed pretraining never used, read exactly.
 
-    What the packaged model (v1) does: mostly a flat background (most pixels near the border's colour)
-    with a shape on it, and colours better than chance (about 1 of 8). It follows shape and position words
-    only weakly yet (bench/toy_accuracy.py); a broken load (a wrong latent scale, a transposed weight, a
-    tokenizer that lost its words) draws noise and fails here.
+    What the packaged model (v2) does here: 6 of 8 a flat background (most pixels near the border's colour)
+    with a shape on it, 3 of 8 colours right (chance: about 1). Over 48 captions it reads 46% of shapes and
+    65% of colours right, positions barely (bench/toy_accuracy.py); a broken load (a wrong latent scale, a
+    transposed weight, a tokenizer that lost its words) draws noise and fails here.
     """
     sys.path.insert(0, str(REPO / "bench"))
     from quality_metrics import read_picture
@@ -102,7 +102,7 @@ def test_the_toy_model_draws_shapes_on_plain_backgrounds_and_follows_colours(toy
         pixels = np.asarray(image, dtype=np.float32)
         border = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]), axis=0)
         flat.append(float((np.linalg.norm(pixels - border, axis=-1) < 30).mean()))
-    assert sum(0.4 < share < 0.98 for share in flat) >= 4, flat  # v1 gets 5; noise gets none
+    assert sum(0.4 < share < 0.98 for share in flat) >= 5, flat  # v2 gets 6; noise gets none
     colours_right = sum(read_picture(image, scene.background, PLAIN_SHAPES).colour == scene.colour
                         for scene, image in zip(scenes, images))
     assert colours_right >= 2

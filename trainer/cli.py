@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
 
-    p = sub.add_parser("make-toy-model", help="pretrain builtin:toy-sdxl from scratch (about 40 min on 2 CPU cores)")
+    p = sub.add_parser("make-toy-model", help="pretrain builtin:toy-sdxl from scratch (about 45 min on 2 CPU cores)")
     p.add_argument("--out", help="weights file to write (default: the packaged trainer/assets/toy-sdxl.safetensors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",

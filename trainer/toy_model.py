@@ -4,11 +4,12 @@ The random tiny model (``trainer.tiny_model``) proves the plumbing but draws noi
 SDXL module layout (722 attention Linears, 10-deep transformers, two CLIP text encoders) at widths chosen
 to learn, and was pretrained from scratch by ``dora-studio make-toy-model`` (``trainer.toy_pretrain``) on
 pictures of flat shapes (``trainer.shapes``) to draw a caption's shape, colour, size, position and
-background at 128 px (v1, the packaged weights, follows colours but barely shapes and places: see the
-README). Its weights ship in the package as fp16 safetensors (``assets/toy-sdxl.safetensors``,
+background at 128 px (v2, the packaged weights, follows colours, sizes, backgrounds and mostly shapes, but
+barely places: see the README). Its weights ship in the package as fp16 safetensors (``assets/toy-sdxl.safetensors``,
 with the recipe that made them in the file's metadata); first use writes a full fp32 model to the cache.
 
-The text encoders are frozen random networks; the tokenizer knows the captions' words as whole tokens
+The text encoders are frozen random networks (embeddings scaled so words survive their layers: see
+``ToyRecipe.text_embedding_scale``); the tokenizer knows the captions' words as whole tokens
 (``toy_tokenizer``), so the UNet learns to read word features. Any other word, such as the trigger
 ``zqx``, falls back to one token per character, as a rare word does in the real CLIP tokenizer.
 """
@@ -134,7 +135,7 @@ def _check_weights(path: Path) -> None:
 
     if not path.is_file():
         raise ModelLoadError(f"{path}: the toy model's weights are missing; reinstall DoRA Studio, or rebuild "
-                             "them with `dora-studio make-toy-model` (about 40 minutes on 2 CPU cores)")
+                             "them with `dora-studio make-toy-model` (about 45 minutes on 2 CPU cores)")
 
 
 def read_toy_metadata(path: Path = TOY_ASSET) -> dict[str, Any]:
