@@ -4,7 +4,7 @@ Captions are drawn like the pretraining ones (``trainer.toy_pretrain.random_scen
 pretraining never used; each sample (20 Euler steps, guidance 5) is read by
 ``quality_metrics.read_picture``. Chance is 1/4 for the shape, 1/7 for the colour, 1/9 for the position.
 
-    python bench/toy_accuracy.py [--count 48]
+    python bench/toy_accuracy.py [--count 48] [--prefix zqx]   # --prefix: a trigger word before each caption
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ CAPTION_SEED = 4242
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=48)
+    parser.add_argument("--prefix", default="", help="put this word first in every caption, as a trigger word")
     args = parser.parse_args(argv)
     pipe = load_sdxl_pipeline(resolve_builtin("builtin:toy-sdxl"))
     pipe.set_progress_bar_config(disable=True)
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     hits = {"shape": 0, "colour": 0, "position": 0, "all three": 0}
     for start in range(0, len(scenes), 8):
         batch = scenes[start:start + 8]
-        images = pipe(prompt=[scene.caption for scene in batch], num_inference_steps=20, guidance_scale=5.0,
+        prompts = [f"{args.prefix}, {scene.caption}" if args.prefix else scene.caption for scene in batch]
+        images = pipe(prompt=prompts, num_inference_steps=20, guidance_scale=5.0,
                       height=128, width=128,
                       generator=[torch.Generator().manual_seed(start + i) for i in range(len(batch))]).images
         for scene, image in zip(batch, images):
