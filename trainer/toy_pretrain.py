@@ -12,8 +12,9 @@ still shows the picture's average colour and rough layout, so a small model lear
 the noise instead of the caption; sampling then starts from pure noise and draws a random background
 in a random place. Two first recipes on epsilon (stopped after 1,500 and 2,300 steps) did exactly that.
 With zero terminal SNR the first sampling step sees no picture at all and must take everything from the
-caption. The text encoders stay the random networks they were built as. The recipe is stored in the
-weights file's metadata.
+caption. The text encoders stay frozen random networks, their word embeddings scaled up so that a word
+survives their layers (``ToyRecipe.text_embedding_scale``). The recipe is stored in the weights file's
+metadata.
 """
 
 from __future__ import annotations
