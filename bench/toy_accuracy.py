@@ -4,7 +4,7 @@ Captions are drawn like the pretraining ones (``trainer.toy_pretrain.random_scen
 pretraining never used; each sample (20 Euler steps, guidance 5) is read by
 ``quality_metrics.read_picture``. Chance is 1/4 for the shape, 1/7 for the colour, 1/9 for the position.
 
-    python bench/toy_accuracy.py [--count 48] [--prefix zqx]   # --prefix: a trigger word before each caption
+    python bench/toy_accuracy.py [--count 48] [--prefix zqx] [--device cuda]   # --prefix: a word before each caption
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=48)
     parser.add_argument("--prefix", default="", help="put this word first in every caption, as a trigger word")
+    parser.add_argument("--device", default="cpu", help="where to sample (the seeds draw on the CPU either way)")
     args = parser.parse_args(argv)
-    pipe = load_sdxl_pipeline(resolve_builtin("builtin:toy-sdxl"))
+    pipe = load_sdxl_pipeline(resolve_builtin("builtin:toy-sdxl")).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     rng = random.Random(CAPTION_SEED)
     scenes = [random_scene(rng) for _ in range(args.count)]

@@ -132,3 +132,4 @@ def test_make_toy_model_quick_runs_the_whole_recipe(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert not out.with_suffix(".partial.safetensors").exists()
     assert read_toy_metadata(out)["pictures"] == 64
+    assert read_toy_metadata(out)["device"] == "cpu"  # the default; --device cuda trains on a GPU

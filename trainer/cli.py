@@ -74,6 +74,8 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 def cmd_make_toy_model(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    import torch
+
     from .toy_model import TOY_ASSET
     from .toy_pretrain import ToyRecipe, pretrain_toy_model, quick_recipe
 
@@ -82,7 +84,7 @@ def cmd_make_toy_model(args: argparse.Namespace) -> int:
     if args.quick:
         recipe, command = quick_recipe(recipe), command + " --quick"
     out = Path(args.out) if args.out else TOY_ASSET
-    pretrain_toy_model(out, recipe, command, log=lambda line: print(line, flush=True))
+    pretrain_toy_model(out, recipe, command, log=lambda line: print(line, flush=True), device=torch.device(args.device))
     return EXIT_OK
 
 
@@ -233,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="a few steps of each stage: checks that the recipe runs (the model draws noise)")
+    p.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda, cuda:1, mps, ...")
     p.set_defaults(func=cmd_make_toy_model)
 
     p = sub.add_parser("check-data", help="scan a dataset folder: repeats, captions, broken files, buckets, steps")
