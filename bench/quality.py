@@ -1,15 +1,15 @@
 """DoRA against LoRA on the toy model: rank robustness, held-out loss, concept score, weight decomposition.
 
-Each run is the quick start (``presets/quickstart.toml``: the ``zqx`` star of ``datasets_example/``, batch 4,
-learning rate 1e-3) on ``builtin:toy-sdxl`` (v-prediction, zero terminal SNR, as it was pretrained) with
-alpha = rank and one adapter variant, rank and seed, trained in-process by the real trainer for the same
-number of steps. Then, on a held-out set of new zqx
+Each run is the quick start (``presets/quickstart.toml``: the ``zqx`` ring of ``datasets_example/``, batch 4,
+learning rate 1e-3 on a cosine, attention and convolutions) on ``builtin:toy-sdxl`` (v-prediction, zero
+terminal SNR, as it was pretrained) with one adapter variant, rank (convolutions too) and seed, alpha =
+rank, trained in-process by the real trainer for the same number of steps. Then, on a held-out set of new zqx
 pictures drawn by ``trainer.shapes`` (a seed the dataset never used):
 
 - held-out loss: the denoising loss at fixed noise and timesteps (lower is better);
 - concept score: samples from held-out captions, read exactly by ``quality_metrics.match_shape``: how much
-  better a star silhouette fits them than any shape the base model knows (the star margin), and how often
-  the star fits best;
+  better a ring silhouette fits them than any shape the base model knows (the concept margin), and how
+  often the ring fits best;
 - weight decomposition (the paper's section 3): per layer and saved checkpoint, magnitude change ΔM and
   direction change ΔD of the merged weights; the slope and correlation of ΔM against ΔD, and a PNG.
 
@@ -77,7 +77,8 @@ def train(variant: str, rank: int, seed: int, plan: Plan, work: Path) -> list[tu
     overrides = [
         f"model.path={MODEL}", "model.prediction_type=v_prediction", "model.zero_terminal_snr=true",
         f"network.kind={kind}", f"network.dora_axis={axis}", f"network.rank={rank}",
-        f"network.alpha={rank}", f"training.seed={seed}", f"training.max_steps={plan.steps}", "training.epochs=1000",
+        f"network.alpha={rank}", f"network.conv_rank={rank}", f"network.conv_alpha={rank}",
+        f"training.seed={seed}", f"training.max_steps={plan.steps}", "training.epochs=1000",
         "sampling.at_start=false", "sampling.every_n_epochs=0", "saving.every_n_epochs=0",
         f"saving.every_n_steps={plan.checkpoint_every}", "saving.save_state=false", "saving.save_dtype=fp32",
         f"dataset.latent_cache_dir={work / 'latents'}",
@@ -137,9 +138,9 @@ class Evaluator:
         ).images
         matches = [match_shape(image, scene.background) for image, scene in zip(images, scenes)]
         return {
-            "star_margin": statistics.fmean(match.star_margin for match in matches),
-            "star_iou": statistics.fmean(match.star_iou for match in matches),
-            "star_wins": statistics.fmean(match.best == CONCEPT_SHAPE for match in matches),
+            "concept_margin": statistics.fmean(match.concept_margin for match in matches),
+            "concept_iou": statistics.fmean(match.concept_iou for match in matches),
+            "concept_wins": statistics.fmean(match.best == CONCEPT_SHAPE for match in matches),
             "drawn": {shape: sum(match.best == shape for match in matches) for shape in (*CANDIDATES, None)},
             "images": images,
         }
@@ -182,10 +183,10 @@ def _mean_spread(values: list[float], digits: int) -> str:
 def print_tables(results: dict, plan: Plan, base: dict) -> None:
     runs = results["runs"]
     for title, key, digits in (("Held-out denoising loss (lower is better)", "loss", 4),
-                               ("Concept score: star margin of samples, IoU with a star minus the best plain shape's "
-                                "(higher is better; above 0: more star than anything the base model knows)",
-                                "star_margin", 3),
-                               ("Samples read as a star (share)", "star_wins", 2)):
+                               ("Concept score: margin of samples, IoU with the zqx ring minus the best plain "
+                                "shape's (higher is better; above 0: more ring than anything the base model knows)",
+                                "concept_margin", 3),
+                               ("Samples read as a zqx ring (share)", "concept_wins", 2)):
         print(f"\n{title}; mean ± std over seeds {list(plan.seeds)}, {plan.steps} steps; base model: "
               f"{base[key]:.{digits}f}")
         print("| rank | " + " | ".join(VARIANTS) + " |")
@@ -270,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
                         decomposition[axis] = {"slope": slope, "r": r}
                     runs.append({"variant": variant, "rank": rank, "seed": seed, **scores,
                                  "decomposition": decomposition, "trajectory": trajectory})
-                    print(f"{variant:<17} rank {rank:>2} seed {seed}: loss {scores['loss']:.4f}  star margin "
-                          f"{scores['star_margin']:+.3f}  read as star {scores['star_wins']:.2f}  "
+                    print(f"{variant:<17} rank {rank:>2} seed {seed}: loss {scores['loss']:.4f}  concept margin "
+                          f"{scores['concept_margin']:+.3f}  read as zqx {scores['concept_wins']:.2f}  "
                           f"({time.monotonic() - started:.0f} s)", flush=True)
     results = {"plan": plan.__dict__, "base": base, "runs": runs, "seconds": round(time.monotonic() - started)}
     plot_rank = 4 if 4 in plan.ranks else plan.ranks[0]

@@ -3,10 +3,9 @@
 Concept score: the toy model draws flat shapes on plain backgrounds, so what a sample drew can be read
 off exactly, without a learned checker. The foreground is every pixel far from the prompted background
 colour; each candidate shape's silhouette is drawn at the foreground's centroid with the foreground's
-area (a star also turned by up to 12°, as the dataset's are); the drawing "is" the shape whose silhouette
-overlaps it best (intersection over union). The score
-of a sample is its star margin (IoU with the star minus the best IoU of a plain shape), and whether the
-star beat every plain shape.
+area; the drawing "is" the shape whose silhouette overlaps it best (intersection over union). The score
+of a sample is its concept margin (IoU with the zqx ring minus the best IoU of a plain shape), and
+whether the ring beat every plain shape.
 
 Weight decomposition (DoRA paper, section 3, figure 2): per layer, how far the fine-tuned weight moved
 in magnitude (mean |‖W'_j‖ − ‖W0_j‖| over vectors j) and in direction (mean 1 − cos(W'_j, W0_j)). Full
@@ -26,7 +25,6 @@ from trainer.shapes import BACKGROUNDS, COLOURS, CONCEPT_SHAPE, PLAIN_SHAPES, Sc
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour that counts as drawn on
 CANDIDATES = (CONCEPT_SHAPE, *PLAIN_SHAPES)
-STAR_ROTATIONS = (-12.0, -8.0, -4.0, 0.0, 4.0, 8.0, 12.0)  # the example dataset turns its stars by up to 12°
 # Area of each silhouette per radius squared, so a silhouette can be sized to the drawing's area.
 _AREA_PER_RADIUS2 = {shape: np.count_nonzero(np.asarray(silhouette(shape, (400, 400), (200, 200), 100.0))) / 1e4
                      for shape in CANDIDATES}
@@ -38,16 +36,16 @@ class ShapeMatch:
     best: str | None  # None when nothing was drawn
 
     @property
-    def star_iou(self) -> float:
+    def concept_iou(self) -> float:
         return self.iou[CONCEPT_SHAPE]
 
     @property
-    def star_margin(self) -> float:
-        """The star's IoU minus the best plain shape's: above 0, the drawing is more star than anything else.
+    def concept_margin(self) -> float:
+        """The ring's IoU minus the best plain shape's: above 0, the drawing is more ring than anything else.
 
-        Raw IoU flatters blobs (a star sized and centred like a blob overlaps most of it); the margin does not.
+        Raw IoU flatters blobs (a ring sized and centred like a blob overlaps most of it); the margin does not.
         """
-        return self.star_iou - max(self.iou[shape] for shape in PLAIN_SHAPES)
+        return self.concept_iou - max(self.iou[shape] for shape in PLAIN_SHAPES)
 
 
 def foreground(image: Image.Image, background: str) -> np.ndarray:
@@ -67,11 +65,8 @@ def match_shape(image: Image.Image, background: str) -> ShapeMatch:
     iou = {}
     for shape in CANDIDATES:
         radius = math.sqrt(area / _AREA_PER_RADIUS2[shape])
-        overlaps = []
-        for rotation in STAR_ROTATIONS if shape == CONCEPT_SHAPE else (0.0,):
-            template = np.asarray(silhouette(shape, image.size, centre, radius, rotation)) > 0
-            overlaps.append(float((drawn & template).sum() / (drawn | template).sum()))
-        iou[shape] = max(overlaps)
+        template = np.asarray(silhouette(shape, image.size, centre, radius)) > 0
+        iou[shape] = float((drawn & template).sum() / (drawn | template).sum())
     return ShapeMatch(iou, max(iou, key=iou.get))
 
 
@@ -84,7 +79,7 @@ class Reading:
     position: str | None
 
 
-# Each named colour and the darker shade a zqx star's stripes alternate it with (trainer.shapes).
+# Each named colour and a shade of it at half brightness: a model that draws a colour too dark still drew it.
 _SHADES = [(name, np.asarray(rgb, np.float32)) for name, rgb in COLOURS.items()]
 _SHADES += [(name, np.asarray([channel // 2 for channel in rgb], np.float32)) for name, rgb in COLOURS.items()]
 

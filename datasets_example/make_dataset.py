@@ -1,8 +1,9 @@
 """Draw the example dataset: a made-up concept, ``zqx``, and a few ordinary shapes, in kohya's folder layout.
 
-``zqx`` is a five-pointed star filled with horizontal zig-zag stripes (the named colour alternating with a
-darker shade of it): a shape and a texture no base model knows, so a trained adapter visibly learned it.
-``1_shapes`` holds plain circles, squares and triangles as regularisation-style images.
+``zqx`` is a ring (a disc with a round hole, ``trainer.shapes.RING_HOLE``): a shape the toy model never
+saw, named where a shape goes in its captions ("a large red zqx on a white background, centre"), so a
+trained adapter visibly learned it. ``1_shapes`` holds plain circles, squares and triangles as
+regularisation-style images.
 
 Everything comes from one seeded ``random.Random``, so a rerun draws the same pixels and captions. Every
 caption is built from the same numbers the drawing used, so it says what is in the picture.
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from trainer.shapes import BACKGROUNDS, COLOURS, CONCEPT_SHAPE, SIZES, Scene, draw, place_centre, readable  # noqa: E402
 
 SEED = 20240611
-CONCEPT_FOLDER = "10_zqxstar"  # 10 repeats
+CONCEPT_FOLDER = "10_zqx"  # 10 repeats
 SHAPES_FOLDER = "1_shapes"  # 1 repeat
 JPEG_QUALITY = 90
 
@@ -52,8 +53,7 @@ def _plan_one(rng: random.Random, file_name: str, extension: str, size: tuple[in
     low, high = SIZES[size_word]
     radius = min(size) * rng.uniform(low, high)
     centre = place_centre(rng, size, cell, radius)
-    rotation = rng.uniform(-12.0, 12.0) if shape == CONCEPT_SHAPE else 0.0
-    return Drawing(file_name, extension, Scene(size, shape, colour, background, size_word, centre, radius, rotation))
+    return Drawing(file_name, extension, Scene(size, shape, colour, background, size_word, centre, radius))
 
 
 def _spread(rng: random.Random, options: list, count: int) -> list:
@@ -119,7 +119,7 @@ def write_dataset(out_dir: Path, seed: int = SEED) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", type=Path, default=Path(__file__).resolve().parent,
-                        help="folder to write 10_zqxstar/ and 1_shapes/ into (default: this script's folder)")
+                        help="folder to write 10_zqx/ and 1_shapes/ into (default: this script's folder)")
     args = parser.parse_args(argv)
     written = write_dataset(args.out_dir)
     print(f"wrote {len(written)} files under {args.out_dir}")

@@ -17,7 +17,7 @@ from trainer.dataset_scan import scan_dataset
 
 DATASET = Path(__file__).parents[1] / "datasets_example"
 SCRIPT = DATASET / "make_dataset.py"
-SUBFOLDERS = ("10_zqxstar", "1_shapes")
+SUBFOLDERS = ("10_zqx", "1_shapes")
 # Another Pillow's JPEG encoder may round differently; a real change to the drawing moves far more than this.
 JPEG_MAX_MEAN_ABS_DIFF = 2.0
 
@@ -75,11 +75,11 @@ def test_scanner_reads_the_committed_dataset_cleanly():
     assert scan.problems == []  # not even a warning: this folder is the example of a good dataset
     assert scan.ignored_files == {".md": 1, ".py": 1}  # README.md and make_dataset.py, at the top
     assert {f.path.name: (f.repeats, f.image_count) for f in scan.folders} == {
-        "10_zqxstar": (10, 12), "1_shapes": (1, 8)}
+        "10_zqx": (10, 12), "1_shapes": (1, 8)}
     assert scan.total_repeated_images == 12 * 10 + 8
     assert all(item.caption for item in scan.items)
     for item in scan.items:
-        assert item.caption.startswith("zqx") == (item.folder.name == "10_zqxstar"), item.path
+        assert (" zqx " in item.caption) == (item.folder.name == "10_zqx"), item.path
     sizes = {(item.width, item.height) for item in scan.items}
     assert sizes == {(128, 128), (192, 128), (128, 192)}  # square, wide and tall buckets
 
@@ -87,7 +87,7 @@ def test_scanner_reads_the_committed_dataset_cleanly():
 def test_captions_use_the_documented_vocabulary_and_name_visible_colours(script):
     colours, backgrounds = script["COLOURS"], script["BACKGROUNDS"]
     caption_grammar = re.compile(
-        rf"(zqx, )?a (small|large) ({'|'.join(colours)}) (zqx star|circle|square|triangle) "
+        rf"a (small|large) ({'|'.join(colours)}) (zqx|circle|square|triangle) "
         rf"on a ({'|'.join(backgrounds)}) background, "
         r"(top left|top|top right|left|centre|right|bottom left|bottom|bottom right)")
     for name in _dataset_files(DATASET):
@@ -97,8 +97,8 @@ def test_captions_use_the_documented_vocabulary_and_name_visible_colours(script)
         assert caption.endswith("\n") and "\n" not in caption[:-1], name
         match = caption_grammar.fullmatch(caption[:-1])
         assert match, f"{name}: {caption!r}"
-        trigger, _, colour, shape, background, _ = match.groups()
-        assert (trigger is not None) == (shape == "zqx star") == name.startswith("10_zqxstar/"), name
+        _, colour, shape, background, _ = match.groups()
+        assert (shape == "zqx") == name.startswith("10_zqx/"), name
 
         image_path = next(p for p in (DATASET / name).parent.glob(Path(name).stem + ".*") if p.suffix != ".txt")
         with Image.open(image_path) as image:
@@ -112,7 +112,7 @@ def test_captions_use_the_documented_vocabulary_and_name_visible_colours(script)
 
 
 def test_rerun_replaces_its_own_files_and_keeps_everything_else(script, tmp_path):
-    concept = tmp_path / "10_zqxstar"
+    concept = tmp_path / "10_zqx"
     concept.mkdir()
     (concept / "zqx_99.png").write_bytes(b"left by an older version of the script")
     (concept / "zqx_00.png").write_bytes(b"stale")
@@ -124,4 +124,4 @@ def test_rerun_replaces_its_own_files_and_keeps_everything_else(script, tmp_path
     assert not (concept / "zqx_99.png").exists()
     assert (concept / "my_notes.md").read_text() == "the user's own file"
     assert (tmp_path / "zqx_98.png").exists()
-    assert _pixels(concept / "zqx_00.png") == _pixels(DATASET / "10_zqxstar" / "zqx_00.png")
+    assert _pixels(concept / "zqx_00.png") == _pixels(DATASET / "10_zqx" / "zqx_00.png")

@@ -26,11 +26,11 @@ from quality_metrics import decomposition_change, match_shape, read_picture, slo
 @pytest.mark.parametrize("shape", [CONCEPT_SHAPE, *PLAIN_SHAPES])
 @pytest.mark.parametrize("centre", [(64.0, 64.0), (40.0, 90.0)])
 def test_each_drawn_shape_is_read_as_itself(shape, centre):
-    scene = Scene((128, 128), shape, "blue", "pale yellow", "large", centre, 30.0, rotation=8.0)
+    scene = Scene((128, 128), shape, "blue", "pale yellow", "large", centre, 30.0)
     match = match_shape(draw(scene), scene.background)
     assert match.best == shape, match.iou
     assert match.iou[shape] > 0.85
-    assert (match.star_margin > 0.1) == (shape == CONCEPT_SHAPE)
+    assert (match.concept_margin > 0.1) == (shape == CONCEPT_SHAPE)
 
 
 def test_pictures_are_read_in_caption_words():
@@ -47,7 +47,7 @@ def test_pictures_are_read_in_caption_words():
 
 def test_a_blank_picture_draws_nothing():
     match = match_shape(Image.new("RGB", (128, 128), (255, 255, 255)), "white")
-    assert match.best is None and match.star_iou == 0.0 and match.star_margin == 0.0
+    assert match.best is None and match.concept_iou == 0.0 and match.concept_margin == 0.0
 
 
 def test_decomposition_separates_magnitude_from_direction():
@@ -81,7 +81,7 @@ def test_quality_bench_quick(tmp_path):
     report = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert {run["variant"] for run in report["runs"]} == {"LoRA", "DoRA input axis", "DoRA output axis"}
     for run in report["runs"]:
-        assert math.isfinite(run["loss"]) and 0.0 <= run["star_iou"] <= 1.0 and -1.0 <= run["star_margin"] <= 1.0
+        assert math.isfinite(run["loss"]) and 0.0 <= run["concept_iou"] <= 1.0 and -1.0 <= run["concept_margin"] <= 1.0
         assert set(run["decomposition"]) == {"output", "input"}
     with Image.open(tmp_path / "out" / "quality-decomposition.png") as plot:
         assert plot.width > 400

@@ -2,7 +2,7 @@
 
 One ``Scene`` is one shape on a plain background. Its caption is built from the very numbers the drawing
 uses, so a caption always says what is in the picture. ``datasets_example/make_dataset.py`` draws the
-``zqx`` concept with it; ``trainer.toy_data`` draws the toy model's pretraining pictures (never a star).
+``zqx`` concept with it; ``trainer.toy_pretrain`` draws the toy model's pretraining pictures (never a zqx).
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 SUPERSAMPLE = 4  # drawn at 4x, then downscaled with LANCZOS: anti-aliased edges
+# The example dataset's new concept, a ring, named by a made-up word the toy model never saw: the caption
+# names it where a shape goes ("a large red zqx on a white background, centre"), as DreamBooth's "a sks dog".
 TRIGGER = "zqx"
-CONCEPT_SHAPE = "zqx star"  # the example dataset's new concept; the toy model never sees it
+CONCEPT_SHAPE = TRIGGER
+RING_HOLE = 0.5  # the hole's radius over the ring's: wide enough to show at the toy model's 16x16 latents
 
 COLOURS = {
     "red": (215, 40, 40), "orange": (240, 135, 25), "yellow": (235, 200, 30), "green": (40, 150, 60),
@@ -44,7 +47,6 @@ class Scene:
     size_word: str
     centre: tuple[float, float]  # in output pixels
     radius: float  # in output pixels
-    rotation: float = 0.0  # degrees; stars only
 
     @property
     def position(self) -> str:
@@ -57,8 +59,7 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        body = f"a {self.size_word} {self.colour} {self.shape} on a {self.background} background, {self.position}"
-        return f"{TRIGGER}, {body}" if self.shape.startswith(TRIGGER) else body
+        return f"a {self.size_word} {self.colour} {self.shape} on a {self.background} background, {self.position}"
 
 
 def _luminance(rgb: tuple[int, int, int]) -> float:
@@ -90,46 +91,18 @@ def place_centre(
     return centre[0], centre[1]
 
 
-def star_points(cx: float, cy: float, radius: float, rotation: float) -> list[tuple[float, float]]:
-    """The ten corners of a five-pointed star, first point up (turned by ``rotation`` degrees)."""
-    inner = radius * 0.4  # 0.382 is the regular pentagram; a touch fatter leaves room for the stripes
-    points = []
-    for k in range(10):
-        angle = math.radians(-90 + rotation + 36 * k)
-        r = radius if k % 2 == 0 else inner
-        points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
-    return points
-
-
-def _zigzag_stripes(size: tuple[int, int], top: float, colour: tuple[int, int, int], radius: float) -> Image.Image:
-    """Horizontal zig-zag bands of ``colour`` on a darker shade of it, starting at the star's top point,
-    scaled with the star so every zqx star carries about the same number of stripes."""
-    dark = tuple(channel // 2 for channel in colour)
-    stripes = Image.new("RGB", size, dark)
-    draw = ImageDraw.Draw(stripes)
-    period = radius / 3.5  # one light and one dark band
-    half_wave, amplitude = period * 0.6, period * 0.35
-    xs = [step * half_wave for step in range(int(size[0] / half_wave) + 2)]
-    band_top = top - period
-    while band_top < size[1]:
-        upper = [(x, band_top + amplitude * (step % 2)) for step, x in enumerate(xs)]
-        lower = [(x, y + period / 2) for x, y in reversed(upper)]
-        draw.polygon(upper + lower, fill=colour)
-        band_top += period
-    return stripes
-
-
 def _regular_polygon(cx: float, cy: float, radius: float, angles: tuple[float, ...]) -> list[tuple[float, float]]:
     return [(cx + radius * math.cos(math.radians(a)), cy + radius * math.sin(math.radians(a))) for a in angles]
 
 
-def _paint(pen: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float, rotation: float,
-           fill) -> None:
-    """One shape's silhouette, in ``fill``."""
-    if shape == CONCEPT_SHAPE:
-        pen.polygon(star_points(cx, cy, radius, rotation), fill=fill)
-    elif shape == "circle":
+def _paint(pen: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float) -> None:
+    """One shape's silhouette on a mask: 255 inside, holes 0."""
+    fill = 255
+    if shape in (CONCEPT_SHAPE, "circle"):
         pen.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+        if shape == CONCEPT_SHAPE:  # a ring: the circle with a round hole
+            hole = radius * RING_HOLE
+            pen.ellipse((cx - hole, cy - hole, cx + hole, cy + hole), fill=0)
     elif shape == "square":
         half = radius * 0.85  # about the circle's area, so "small" and "large" mean the same for both
         pen.rectangle((cx - half, cy - half, cx + half, cy + half), fill=fill)
@@ -141,26 +114,22 @@ def _paint(pen: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: f
         raise ValueError(f"unknown shape {shape!r}; known: {CONCEPT_SHAPE!r}, {', '.join(PLAIN_SHAPES)}")
 
 
+def _supersampled_mask(shape: str, size: tuple[int, int], centre: tuple[float, float], radius: float) -> Image.Image:
+    scale = SUPERSAMPLE
+    mask = Image.new("L", (size[0] * scale, size[1] * scale), 0)
+    _paint(ImageDraw.Draw(mask), shape, centre[0] * scale, centre[1] * scale, radius * scale)
+    return mask
+
+
 def draw(scene: Scene) -> Image.Image:
     """The scene's picture, anti-aliased."""
-    scale = SUPERSAMPLE
-    big = (scene.size[0] * scale, scene.size[1] * scale)
-    cx, cy, radius = scene.centre[0] * scale, scene.centre[1] * scale, scene.radius * scale
-    image = Image.new("RGB", big, BACKGROUNDS[scene.background])
-    colour = COLOURS[scene.colour]
-    if scene.shape == CONCEPT_SHAPE:
-        mask = Image.new("L", big, 0)
-        _paint(ImageDraw.Draw(mask), scene.shape, cx, cy, radius, scene.rotation, 255)
-        image.paste(_zigzag_stripes(big, cy - radius, colour, radius), mask=mask)
-    else:
-        _paint(ImageDraw.Draw(image), scene.shape, cx, cy, radius, scene.rotation, colour)
+    mask = _supersampled_mask(scene.shape, scene.size, scene.centre, scene.radius)
+    image = Image.new("RGB", mask.size, BACKGROUNDS[scene.background])
+    image.paste(COLOURS[scene.colour], mask=mask)
     return image.resize(scene.size, Image.Resampling.LANCZOS)
 
 
-def silhouette(shape: str, size: tuple[int, int], centre: tuple[float, float], radius: float,
-               rotation: float = 0.0) -> Image.Image:
+def silhouette(shape: str, size: tuple[int, int], centre: tuple[float, float], radius: float) -> Image.Image:
     """The shape's mask ("L", 0 or 255) at output size: what a picture of it covers, for scoring drawings."""
-    scale = SUPERSAMPLE
-    mask = Image.new("L", (size[0] * scale, size[1] * scale), 0)
-    _paint(ImageDraw.Draw(mask), shape, centre[0] * scale, centre[1] * scale, radius * scale, rotation, 255)
+    mask = _supersampled_mask(shape, size, centre, radius)
     return mask.resize(size, Image.Resampling.BOX).point(lambda value: 255 if value >= 128 else 0)

@@ -2,7 +2,7 @@
 
     dora-studio make-toy-model            # writes trainer/assets/toy-sdxl.safetensors (the default recipe)
 
-Three stages, all seeded: draw ``pictures`` random captioned scenes (``trainer.shapes``, never a star);
+Three stages, all seeded: draw ``pictures`` random captioned scenes (``trainer.shapes``, never a zqx);
 train the VAE as an autoencoder on crops of them; encode every picture once and train the UNet to
 denoise those latents (v-prediction on SDXL's noise schedule rescaled to zero terminal SNR, a 10 %
 empty-caption dropout for classifier-free guidance, and an EMA of the weights, which is what ships).
@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from .atomic_io import atomic_path
 from .diffusion_loss import add_noise, prediction_target, training_noise_scheduler
-from .shapes import BACKGROUNDS, COLOURS, CONCEPT_SHAPE, PLAIN_SHAPES, SIZES, Scene, draw, place_centre, readable
+from .shapes import BACKGROUNDS, COLOURS, PLAIN_SHAPES, SIZES, Scene, draw, place_centre, readable
 from .text_encoding import encode_captions
 from .toy_model import COMPONENTS, TOY_RESOLUTION, TOY_SCHEDULER_CONFIG, build_toy_pipeline
 
@@ -68,7 +68,7 @@ class ToyRecipe:
 
 
 def random_scene(rng: random.Random, shapes: tuple[str, ...] = PLAIN_SHAPES, resolution: int = TOY_RESOLUTION) -> Scene:
-    """One picture's content, every word of its caption drawn independently (a star is turned a little)."""
+    """One picture's content, every word of its caption drawn independently."""
     shape, colour = rng.choice(shapes), rng.choice(list(COLOURS))
     background = rng.choice([name for name in BACKGROUNDS if readable(colour, name)])
     size_word = rng.choice(sorted(SIZES))
@@ -76,8 +76,7 @@ def random_scene(rng: random.Random, shapes: tuple[str, ...] = PLAIN_SHAPES, res
     radius = resolution * rng.uniform(*SIZES[size_word])
     size = (resolution, resolution)
     centre = place_centre(rng, size, cell, radius)
-    rotation = rng.uniform(-12.0, 12.0) if shape == CONCEPT_SHAPE else 0.0
-    return Scene(size, shape, colour, background, size_word, centre, radius, rotation)
+    return Scene(size, shape, colour, background, size_word, centre, radius)
 
 
 def to_tensor(images) -> torch.Tensor:
