@@ -1,14 +1,17 @@
-"""Draw the README's picture of what ``builtin:toy-sdxl`` draws.
+"""Draw the README's pictures: what ``builtin:toy-sdxl`` draws, and what the quick start taught it.
 
-    python bench/readme_images.py            # writes docs/toy-sdxl-samples.png
+    python bench/readme_images.py                      # writes docs/toy-sdxl-samples.png
+    python bench/readme_images.py --run RUN_DIR        # also docs/quickstart-before-after.png from a quick start
 
-The grid samples the toy model (20 Euler steps, guidance 5, seeds 0 and 1) from captions of the kind it
-was pretrained on, one row per caption.
+The first grid samples the toy model (20 Euler steps, guidance 5, seeds 0 and 1) from captions of the kind
+it was pretrained on, one row per caption. The second lays out a finished run's per-epoch samples, one row
+per sample prompt, from the base model (epoch 0) to the last epoch.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -26,10 +29,11 @@ TOY_PROMPTS = (
 SCALE = 2  # 128 px pictures shown at 256 px, nearest-neighbour, so the pixels stay honest
 
 
-def label_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
+def label_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str],
+               scale: int = SCALE) -> Image.Image:
     """Pictures in a grid, upscaled, with a label above each column and each row's label to its left."""
     font = ImageFont.load_default(size=14)
-    side = rows[0][0].width * SCALE
+    side = rows[0][0].width * scale
     label_width, header = 330, 24
     grid = Image.new("RGB", (label_width + side * len(column_labels), header + side * len(rows)), "white")
     pen = ImageDraw.Draw(grid)
@@ -66,13 +70,28 @@ def toy_samples(out: Path) -> None:
     label_grid(rows, list(TOY_PROMPTS), [f"seed {seed}" for seed in seeds]).save(out)
 
 
+def quickstart_grid(run_dir: Path, out: Path) -> None:
+    """Rows: the run's sample prompts; columns: samples/epoch_000 (the base model) to the last epoch."""
+    epochs = sorted(run_dir.glob("samples/epoch_*"))
+    if not epochs:
+        raise SystemExit(f"{run_dir}: no samples/epoch_NNN folders; is it a finished run with sampling.at_start?")
+    prompts = json.loads((epochs[0] / "prompts.json").read_text(encoding="utf-8"))
+    rows = [[Image.open(folder / record["file"]).convert("RGB") for folder in epochs] for record in prompts]
+    columns = ["base" if folder.name == "epoch_000" else f"epoch {int(folder.name[6:])}" for folder in epochs]
+    label_grid(rows, [record["prompt"] for record in prompts], columns, scale=1).save(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs")
+    parser.add_argument("--run", type=Path, help="a finished quick-start run folder: draw its before/after grid")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     toy_samples(args.out / "toy-sdxl-samples.png")
     print(f"wrote {args.out / 'toy-sdxl-samples.png'}")
+    if args.run:
+        quickstart_grid(args.run, args.out / "quickstart-before-after.png")
+        print(f"wrote {args.out / 'quickstart-before-after.png'}")
 
 
 if __name__ == "__main__":

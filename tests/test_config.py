@@ -347,11 +347,13 @@ def test_every_preset_loads_and_validates(preset):
         assert value.startswith("builtin:") or Path(value).is_absolute(), (preset.name, key, value)
 
 
-def test_quickstart_points_at_the_example_dataset_and_tiny_model():
+def test_quickstart_points_at_the_example_dataset_and_toy_model():
     config = load_config(REPO / "presets" / "quickstart.toml")
     assert config.dataset.path == str((REPO / "datasets_example").resolve())
     assert Path(config.dataset.path).is_dir()
-    assert config.model.path == "builtin:tiny-sdxl"
+    assert config.model.path == "builtin:toy-sdxl"
+    # trained as it was pretrained (trainer.toy_pretrain); anything else is refused at start
+    assert (config.model.prediction_type, config.model.zero_terminal_snr) == ("v_prediction", True)
 
 
 # --- caches -------------------------------------------------------------------------------------------------

@@ -220,18 +220,19 @@ def test_sigterm_saves_and_stops_cleanly(tiny_dir, small_dataset, tmp_path):
 
 
 def test_quickstart_preset_runs_from_the_cli(tmp_path, monkeypatch, capsys):
-    """The README's quick start, shortened: builtin:tiny-sdxl is built into the cache, datasets_example trains."""
+    """The README's quick start, shortened: builtin:toy-sdxl is written to the cache, datasets_example trains."""
     from trainer.cli import main
 
     monkeypatch.setenv("DORA_STUDIO_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
     code = main(["train", str(REPO / "presets/quickstart.toml"), "--run-dir", str(run_dir), "--no-progress",
-                 "--set", "training.max_steps=2", "--set", "sampling.at_start=false"])
+                 "--set", "training.max_steps=2", "--set", "sampling.at_start=false", "--set", "sampling.steps=2"])
     assert code == 0
     out = capsys.readouterr().out
     assert f"adapter: {run_dir / 'adapters/quickstart-dora.safetensors'}" in out
-    assert (tmp_path / "cache/models/tiny-sdxl-seed0/model_index.json").is_file()
-    assert sorted(p.name for p in (run_dir / "samples/step_000002").iterdir()) == ["00.png", "01.png", "prompts.json"]
+    assert len(list((tmp_path / "cache/models").glob("toy-sdxl-sha*/model_index.json"))) == 1
+    samples = sorted(p.name for p in (run_dir / "samples/step_000002").iterdir())
+    assert samples == ["00.png", "01.png", "02.png", "03.png", "prompts.json"]
     assert load_adapter(run_dir / "adapters/quickstart-dora.safetensors").metadata["ss_steps"] == "2"
 
 
