@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from app.runs import pid_alive
+from trainer.presets import load_config
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():
@@ -289,8 +290,9 @@ def _wait_until_finished(page, run_name: str, runs_dir: Path, stages: Stages) ->
     status = _status(page, run_name)
     expect(status).to_contain_text("finished", timeout=FINISH_S * 1000)
     expect(status).to_contain_text(f"step {MAX_STEPS} / {MAX_STEPS}")
-    # The run ends mid-epoch, so it draws its final samples at step 12 beside the base model's.
-    expect(page.locator(f"img[alt^='step {MAX_STEPS} · ']")).to_have_count(2, timeout=STEP_TIMEOUT_MS)
+    # The run ends mid-epoch, so it draws its final samples (one per quick-start prompt) at step 12.
+    prompts = len(load_config(ROOT / "presets" / "quickstart.toml").sampling.prompts)
+    expect(page.locator(f"img[alt^='step {MAX_STEPS} · ']")).to_have_count(prompts, timeout=STEP_TIMEOUT_MS)
     assert (runs_dir / run_name / "samples" / f"step_{MAX_STEPS:06d}").is_dir()
     stages.snap("finished")
 
@@ -299,7 +301,8 @@ def _export(page, run_dir: Path, tmp_path: Path, stages: Stages) -> None:
     page.get_by_role("tab", name="Export").click()
     page.get_by_label("Adapter", exact=True).click()
     page.get_by_role("option", name=ADAPTER, exact=True).click()
-    expect(page.get_by_text("722 adapted layers")).to_be_visible(timeout=STEP_TIMEOUT_MS)
+    # the quick start adapts attention and convolutions: SDXL's 722 attention Linears and 66 conv layers
+    expect(page.get_by_text("788 adapted layers")).to_be_visible(timeout=STEP_TIMEOUT_MS)
     # The button with the word, not the code boxes' download icons (named "Download" too).
     download_button = page.get_by_role("button", name="Download", exact=True).filter(has_text="Download")
     expect(download_button).to_be_visible(timeout=STEP_TIMEOUT_MS)
@@ -317,6 +320,6 @@ def _export(page, run_dir: Path, tmp_path: Path, stages: Stages) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["stems"] == 722
+    assert summary["stems"] == 788
     assert set(summary["parts"]) == {"unet"}
     assert all(kind.startswith("dora-") for kind in summary["parts"]["unet"]["kinds"]), summary["parts"]

@@ -116,7 +116,8 @@ def test_training_epsilon_on_the_toy_model_is_refused_with_the_fix():
     right = load_config(preset, ["model.path=builtin:toy-sdxl", "model.prediction_type=v_prediction",
                                  "model.zero_terminal_snr=true"])
     _check_schedule(TOY_SCHEDULER_CONFIG, right)  # trained as it was pretrained
-    wrong = load_config(preset, ["model.path=builtin:toy-sdxl"])
+    wrong = load_config(preset, ["model.path=builtin:toy-sdxl", "model.prediction_type=epsilon",
+                                 "model.zero_terminal_snr=false"])
     with pytest.raises(TrainingError, match='set model.prediction_type = "v_prediction" and '
                                             'model.zero_terminal_snr = true'):
         _check_schedule(TOY_SCHEDULER_CONFIG, wrong)
