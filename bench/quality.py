@@ -1,7 +1,7 @@
 """DoRA against LoRA on the toy model: rank robustness, held-out loss, concept score, weight decomposition.
 
 Each run is the quick start (``presets/quickstart.toml``: the ``zqx`` ring of ``datasets_example/``, batch 4,
-learning rate 1e-3 on a cosine, attention and convolutions) on ``builtin:toy-sdxl`` (v-prediction, zero
+learning rate 1e-3 held constant, attention and convolutions) on ``builtin:toy-sdxl`` (v-prediction, zero
 terminal SNR, as it was pretrained) with one adapter variant, rank (convolutions too) and seed, alpha =
 rank, trained in-process by the real trainer for the same number of steps. Then, on a held-out set of new zqx
 pictures drawn by ``trainer.shapes`` (a seed the dataset never used):
