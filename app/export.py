@@ -12,9 +12,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-from trainer.adapter_file import AdapterFileError, load_adapter
-from trainer.atomic_io import write_bytes_atomically
-from trainer.inspect_adapter import format_summary, summarize
+from trainer.kohya.adapter_file import AdapterFileError, load_adapter
+from trainer.files import write_bytes_atomically
+from trainer.kohya.inspect import format_summary, summarize
 
 VERIFY_TIMEOUT_S = 1800
 

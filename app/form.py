@@ -12,7 +12,7 @@ from typing import Any, get_args, get_origin
 
 import gradio as gr
 
-from trainer.config import (
+from trainer.config.schema import (
     SECTIONS,
     ConfigError,
     TrainConfig,

@@ -17,9 +17,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer.config import TrainConfig
-from trainer.presets import config_toml
-from trainer.run_dir import RunDirectory
+from trainer.config.schema import TrainConfig
+from trainer.config.presets import config_toml
+from trainer.runs.run_directory import RunDirectory
 
 from .runs import active_run, run_path, validate_run_name
 

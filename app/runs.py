@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.run_dir import RunDirectory
+from trainer.runs.run_directory import RunDirectory
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # names the browser may send
 ACTIVE_STATES = ("starting", "caching", "training", "sampling", "saving")

@@ -16,9 +16,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from trainer.check_data import check_dataset, format_report
-from trainer.config import from_dict
-from trainer.presets import config_from_text, config_toml, load_config
+from trainer.data.check import check_dataset, format_report
+from trainer.config.schema import from_dict
+from trainer.config.presets import config_from_text, config_toml, load_config
 
 from .export import adapter_summary, verify_adapter
 from .form import (

@@ -92,8 +92,8 @@ def build_workload(case: str, device: torch.device, blocks: int, latent_size: in
         x, context, target = (torch.randn(shape, device=device) for shape in shapes)
         targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         return Workload(model, targets, RANK, lambda g: F.mse_loss(model(gained(x, g), context), target), False)
-    from trainer.injection import target_module_paths
-    from trainer.tiny_model import build_tiny_pipeline
+    from trainer.adapters.injection import target_module_paths
+    from trainer.builtin.tiny import build_tiny_pipeline
 
     unet = build_tiny_pipeline(seed=0).unet.to(device).train()
     targets = target_module_paths(unet, "unet", "attn")
@@ -122,11 +122,11 @@ def apply_method(method: str, work: Workload, device: torch.device) -> tuple[lis
     if method in ("lora", "dora", "dora-output"):
         dora, axis = method != "lora", ("output" if method == "dora-output" else "input")
         if work.is_unet:
-            from trainer.injection import NetworkSpec, inject_adapters
+            from trainer.adapters.injection import NetworkSpec, inject_adapters
 
             inject_adapters(model, "unet", NetworkSpec(dora=dora, rank=rank, alpha=ALPHA, dora_axis=axis), "attn")
         else:
-            from trainer.layers import AdapterSpec, make_adapter
+            from trainer.adapters.layers import AdapterSpec, make_adapter
 
             for path in work.targets:
                 parent, _, child = path.rpartition(".")

@@ -4,7 +4,7 @@ Each run is the quick start (``presets/quickstart.toml``: the ``zqx`` ring of ``
 learning rate 1e-3 held constant, attention and convolutions) on ``builtin:toy-sdxl`` (v-prediction, zero
 terminal SNR, as it was pretrained) with one adapter variant, rank (convolutions too) and seed, alpha =
 rank, trained in-process by the real trainer for the same number of steps. Then, on a held-out set of new zqx
-pictures drawn by ``trainer.shapes`` (a seed the dataset never used):
+pictures drawn by ``trainer.builtin.shapes`` (a seed the dataset never used):
 
 - held-out loss: the denoising loss at fixed noise and timesteps (lower is better);
 - concept score: samples from held-out captions, read exactly by ``quality_metrics.match_shape``: how much
@@ -34,17 +34,17 @@ from pathlib import Path
 import torch
 from quality_metrics import CANDIDATES, decomposition_change, match_shape, slope_and_correlation
 
-from trainer.adapter_file import load_adapter
-from trainer.adapter_weights import merged_weight
-from trainer.diffusion_loss import add_noise, prediction_target, training_noise_scheduler
-from trainer.merge import canonical_stems, match_stems, merge_matched, model_stem_targets, pipeline_parts
-from trainer.models import load_sdxl_pipeline, resolve_builtin
-from trainer.presets import load_config
-from trainer.run_dir import RunDirectory
-from trainer.shapes import CONCEPT_SHAPE, draw
-from trainer.text_encoding import encode_captions
-from trainer.toy_pretrain import encode_pictures, random_scene, to_tensor
-from trainer.training import Trainer
+from trainer.kohya.adapter_file import load_adapter
+from trainer.adapters.weights import merged_weight
+from trainer.sdxl.objective import add_noise, prediction_target, training_noise_scheduler
+from trainer.kohya.merge import canonical_stems, match_stems, merge_matched, model_stem_targets, pipeline_parts
+from trainer.sdxl.model_files import load_sdxl_pipeline, resolve_builtin
+from trainer.config.presets import load_config
+from trainer.runs.run_directory import RunDirectory
+from trainer.builtin.shapes import CONCEPT_SHAPE, draw
+from trainer.sdxl.text_encoding import encode_captions
+from trainer.builtin.toy_pretrain import encode_pictures, random_scene, to_tensor
+from trainer.training.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "presets" / "quickstart.toml"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.shapes import BACKGROUNDS, COLOURS, CONCEPT_SHAPE, PLAIN_SHAPES, Scene, silhouette
+from trainer.builtin.shapes import BACKGROUNDS, COLOURS, CONCEPT_SHAPE, PLAIN_SHAPES, Scene, silhouette
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour that counts as drawn on
 CANDIDATES = (CONCEPT_SHAPE, *PLAIN_SHAPES)

@@ -1,6 +1,6 @@
 """How often ``builtin:toy-sdxl`` draws what its caption says: shape, colour and position, read exactly.
 
-Captions are drawn like the pretraining ones (``trainer.toy_pretrain.random_scene``) from a seed
+Captions are drawn like the pretraining ones (``trainer.builtin.toy_pretrain.random_scene``) from a seed
 pretraining never used; each sample (20 Euler steps, guidance 5) is read by
 ``quality_metrics.read_picture``. Chance is 1/4 for the shape, 1/7 for the colour, 1/9 for the position.
 
@@ -16,9 +16,9 @@ import random
 import torch
 from quality_metrics import read_picture
 
-from trainer.models import load_sdxl_pipeline, resolve_builtin
-from trainer.shapes import PLAIN_SHAPES
-from trainer.toy_pretrain import random_scene
+from trainer.sdxl.model_files import load_sdxl_pipeline, resolve_builtin
+from trainer.builtin.shapes import PLAIN_SHAPES
+from trainer.builtin.toy_pretrain import random_scene
 
 CAPTION_SEED = 4242
 

@@ -18,6 +18,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The built-in tiny SDXL-structured model, written once per test session (folder + single file)."""
-    from trainer.tiny_model import save_tiny_model
+    from trainer.builtin.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")

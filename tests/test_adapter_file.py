@@ -13,14 +13,14 @@ import torch
 from lycoris import create_lycoris
 from torch import Tensor, nn
 
-from trainer.adapter_file import (
+from trainer.kohya.adapter_file import (
     AdapterFileError,
     build_metadata,
     load_adapter,
     rename_stems,
     save_adapter,
 )
-from trainer.adapter_weights import AdapterWeights, merged_weight, weight_norm
+from trainer.adapters.weights import AdapterWeights, merged_weight, weight_norm
 
 METADATA = {"ss_output_name": "test", "modelspec.title": "Test ünïcode"}
 

@@ -18,7 +18,7 @@ from gradio_client import Client
 
 from app.launcher import LaunchRefused, send_command, start_run
 from app.runs import read_status
-from trainer.presets import config_from_text
+from trainer.config.presets import config_from_text
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "presets"

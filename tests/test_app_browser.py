@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from app.runs import pid_alive
-from trainer.presets import load_config
+from trainer.config.presets import load_config
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():

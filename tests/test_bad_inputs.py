@@ -27,13 +27,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from trainer.adapter_file import load_adapter
+from trainer.kohya.adapter_file import load_adapter
 from trainer.cli import main
-from trainer.config import from_dict
-from trainer.dataset_scan import scan_dataset
-from trainer.image_io import PIXEL_LIMIT
-from trainer.train_data import load_pixels, plan_epoch, plan_examples
-from trainer.training_setup import augment_options
+from trainer.config.schema import from_dict
+from trainer.data.scan import scan_dataset
+from trainer.data.image_io import PIXEL_LIMIT
+from trainer.data.epoch_plan import load_pixels, plan_epoch, plan_examples
+from trainer.training.setup import augment_options
 
 
 @dataclass(frozen=True)

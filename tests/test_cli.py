@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.adapter_file import build_metadata, save_adapter
+from trainer.kohya.adapter_file import build_metadata, save_adapter
 from trainer.cli import main
-from trainer.injection import NetworkSpec, adapter_weights, inject_adapters, remove_adapters
-from trainer.models import load_sdxl_pipeline
-from trainer.tiny_model import TINY_CHECKPOINT_NAME
+from trainer.adapters.injection import NetworkSpec, adapter_weights, inject_adapters, remove_adapters
+from trainer.sdxl.model_files import load_sdxl_pipeline
+from trainer.builtin.tiny import TINY_CHECKPOINT_NAME
 
 
 def unet_inputs(pipe, generator: torch.Generator) -> dict:
@@ -139,7 +139,7 @@ def test_bad_input_gives_a_named_error_not_a_traceback(case, input_axis_file, ti
     elif case == "missing_adapter":
         adapter = str(tmp_path / "nowhere.safetensors")
     else:  # an SD1.5-sized layer under an SDXL stem: shapes do not fit
-        from trainer.adapter_weights import AdapterWeights
+        from trainer.adapters.weights import AdapterWeights
 
         weights = {"lora_unet_input_blocks_4_1_proj_in": AdapterWeights(torch.zeros(4, 320), torch.zeros(320, 4), 4.0)}
         adapter = str(tmp_path / "sd15.safetensors")
@@ -156,8 +156,8 @@ def test_bad_input_gives_a_named_error_not_a_traceback(case, input_axis_file, ti
 
 def test_diffusers_underscore_stems_are_renamed_and_verified(input_axis_file, tiny_dir, tmp_path, capsys):
     """Files from trainers that write diffusers-style UNet stems verify like ours after renaming."""
-    from trainer.adapter_file import load_adapter
-    from trainer.naming import attention_module_paths, conv_module_paths, stem_for
+    from trainer.kohya.adapter_file import load_adapter
+    from trainer.sdxl.naming import attention_module_paths, conv_module_paths, stem_for
 
     path = input_axis_file[0]
     loaded = load_adapter(path)
@@ -177,9 +177,9 @@ def test_diffusers_underscore_stems_are_renamed_and_verified(input_axis_file, ti
 
 def test_check_data_with_a_preset_counts_what_training_will_run(capsys):
     """check-data --preset uses the preset's buckets and batch size, so its count is the run's."""
-    from trainer.dataset_scan import scan_dataset
-    from trainer.presets import load_config
-    from trainer.train_data import epoch_batches, plan_examples
+    from trainer.data.scan import scan_dataset
+    from trainer.config.presets import load_config
+    from trainer.data.epoch_plan import epoch_batches, plan_examples
 
     preset = Path(__file__).resolve().parents[1] / "presets" / "quickstart.toml"
     assert main(["check-data", "--preset", str(preset), "--json"]) == 0

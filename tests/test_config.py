@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from trainer.cli import main
-from trainer.config import SECTIONS, ConfigError, TrainConfig, all_keys, fields_of, from_dict, to_dict
-from trainer.config_docs import settings_markdown, settings_text
-from trainer.presets import apply_overrides, config_toml, load_config, read_preset, write_config
+from trainer.config.schema import SECTIONS, ConfigError, TrainConfig, all_keys, fields_of, from_dict, to_dict
+from trainer.config.docs import settings_markdown, settings_text
+from trainer.config.presets import apply_overrides, config_toml, load_config, read_preset, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted((REPO / "presets").glob("*.toml"))
@@ -352,7 +352,7 @@ def test_quickstart_points_at_the_example_dataset_and_toy_model():
     assert config.dataset.path == str((REPO / "datasets_example").resolve())
     assert Path(config.dataset.path).is_dir()
     assert config.model.path == "builtin:toy-sdxl"
-    # trained as it was pretrained (trainer.toy_pretrain); anything else is refused at start
+    # trained as it was pretrained (trainer.builtin.toy_pretrain); anything else is refused at start
     assert (config.model.prediction_type, config.model.zero_terminal_snr) == ("v_prediction", True)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from test_cli import unet_inputs
-from trainer.adapter_file import save_adapter
-from trainer.injection import NetworkSpec, adapter_weights, inject_adapters
-from trainer.models import load_sdxl_pipeline
+from trainer.kohya.adapter_file import save_adapter
+from trainer.adapters.injection import NetworkSpec, adapter_weights, inject_adapters
+from trainer.sdxl.model_files import load_sdxl_pipeline
 
 
 def test_diffusers_load_lora_weights_reads_our_file_exactly(tiny_dir, tmp_path):

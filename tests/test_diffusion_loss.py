@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from diffusers import EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 
-from trainer.diffusion_loss import (
+from trainer.sdxl.objective import (
     add_noise, denoising_loss, draw_step_noise, prediction_target, training_noise_scheduler,
 )
-from trainer.sdxl_configs import SDXL_SCHEDULER_CONFIG
-from trainer.text_encoding import encode_captions
+from trainer.sdxl.configs import SDXL_SCHEDULER_CONFIG
+from trainer.sdxl.text_encoding import encode_captions
 
 
 def scaled_linear_alphas_cumprod(config: dict, zero_terminal_snr: bool = False) -> torch.Tensor:
@@ -211,7 +211,7 @@ def test_min_snr_gamma_loss_has_finite_gradients_at_the_last_step():
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_dir):
-    from trainer.models import load_sdxl_pipeline
+    from trainer.sdxl.model_files import load_sdxl_pipeline
 
     # one thread: on a busy shared CPU, two threads spin-waiting on each other make the tiny encoders ~10x slower
     threads = torch.get_num_threads()

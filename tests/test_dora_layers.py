@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.adapter_weights import weight_norm
-from trainer.dora_autograd import ConvOps, DoraInputAxis, DoraOutputAxis, LinearOps
-from trainer.dora_norm import direction_norm, weight_norm_sq
-from trainer.layers import AdapterSpec, DoRALayer, LoRALayer, make_adapter
+from trainer.adapters.weights import weight_norm
+from trainer.adapters.dora_autograd import ConvOps, DoraInputAxis, DoraOutputAxis, LinearOps
+from trainer.adapters.dora_norm import direction_norm, weight_norm_sq
+from trainer.adapters.layers import AdapterSpec, DoRALayer, LoRALayer, make_adapter
 
 LAYER_CASES = [
     ("linear", lambda: nn.Linear(20, 12)),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.dataset_scan import scan_dataset
+from trainer.data.scan import scan_dataset
 
 DATASET = Path(__file__).parents[1] / "datasets_example"
 SCRIPT = DATASET / "make_dataset.py"

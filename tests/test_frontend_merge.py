@@ -1,4 +1,4 @@
-"""Each front end's merge, as reproduced in trainer.frontend_merge, against our merged_weight and LyCORIS."""
+"""Each front end's merge, as reproduced in trainer.kohya.frontend_merge, against our merged_weight and LyCORIS."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from lycoris.modules.locon import LoConModule
 from torch import Tensor, nn
 
-from trainer.adapter_weights import AdapterWeights, DoraAxis, merged_weight, weight_norm
-from trainer.frontend_merge import FRONT_ENDS, a1111_merge, comfyui_merge, invokeai_merge
+from trainer.adapters.weights import AdapterWeights, DoraAxis, merged_weight, weight_norm
+from trainer.kohya.frontend_merge import FRONT_ENDS, a1111_merge, comfyui_merge, invokeai_merge
 
 RANK, ALPHA = 4, 2.0
 # (out, in, kh, kw) or (out, in): Linear, a 3x3 conv and a 1x1 conv.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from trainer.injection import NetworkSpec, inject_adapters, remove_adapters, select_targets
-from trainer.layers import AdapterSpec, DoRALayer, LoRALayer
-from trainer.sdxl_configs import real_text_encoder_1, real_text_encoder_2, real_unet
+from trainer.adapters.injection import NetworkSpec, inject_adapters, remove_adapters, select_targets
+from trainer.adapters.layers import AdapterSpec, DoRALayer, LoRALayer
+from trainer.sdxl.configs import real_text_encoder_1, real_text_encoder_2, real_unet
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import trainer.tiny_model
-from trainer.models import (
+import trainer.builtin.tiny
+from trainer.sdxl.model_files import (
     ModelLoadError,
     checkpoint_architecture,
     default_cache_dir,
@@ -22,7 +22,7 @@ from trainer.models import (
     resolve_builtin,
     resolve_model_path,
 )
-from trainer.tiny_model import TINY_CHECKPOINT_NAME
+from trainer.builtin.tiny import TINY_CHECKPOINT_NAME
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -269,7 +269,7 @@ def fake_builds(monkeypatch) -> list[Path]:
         (Path(out_dir) / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
         return Path(out_dir)
 
-    monkeypatch.setattr(trainer.tiny_model, "save_tiny_model", fake_save_tiny_model)
+    monkeypatch.setattr(trainer.builtin.tiny, "save_tiny_model", fake_save_tiny_model)
     return builds
 
 
@@ -288,7 +288,7 @@ def test_failed_builtin_build_leaves_nothing(tmp_path, monkeypatch):
         (Path(out_dir) / "half-written").write_text("x")
         raise OSError("disk full")
 
-    monkeypatch.setattr(trainer.tiny_model, "save_tiny_model", failing_save)
+    monkeypatch.setattr(trainer.builtin.tiny, "save_tiny_model", failing_save)
     with pytest.raises(OSError, match="disk full"):
         resolve_builtin("builtin:tiny-sdxl", tmp_path)
     assert list((tmp_path / "models").iterdir()) == []

@@ -81,7 +81,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_dir, od
 
 
 def test_resume_refuses_another_number_of_processes(tiny_dir, odd_dataset, tmp_path):
-    from trainer.train_state import TrainStateError
+    from trainer.runs.train_state import TrainStateError
 
     data = settings(tiny_dir, odd_dataset, tmp_path / "cache", training={"epochs": 1, "batch_size": 2},
                     sampling={"prompts": []})

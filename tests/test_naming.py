@@ -3,7 +3,7 @@
 import pytest
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-from trainer.naming import (
+from trainer.sdxl.naming import (
     attention_module_paths,
     conv_module_paths,
     normalise_text_encoder_path,
@@ -16,7 +16,7 @@ from trainer.naming import (
     unet_diffusers_to_sgm,
     unet_sgm_to_diffusers,
 )
-from trainer.sdxl_configs import real_text_encoder_1, real_text_encoder_2, real_unet
+from trainer.sdxl.configs import real_text_encoder_1, real_text_encoder_2, real_unet
 
 
 @pytest.fixture(scope="module")

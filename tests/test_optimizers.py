@@ -10,7 +10,7 @@ from diffusers.optimization import get_scheduler
 from torch import nn
 
 from trainer.optional_packages import MissingPackageError
-from trainer.optimizers import (
+from trainer.training.optimizers import (
     OPTIMIZERS,
     SCHEDULERS,
     ParamGroup,

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.shapes import CONCEPT_SHAPE, PLAIN_SHAPES, Scene, draw
-from trainer.toy_pretrain import random_scene
+from trainer.builtin.shapes import CONCEPT_SHAPE, PLAIN_SHAPES, Scene, draw
+from trainer.builtin.toy_pretrain import random_scene
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))

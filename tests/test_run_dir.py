@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-import trainer.atomic_io
-from trainer.run_dir import COMMANDS, STATES, RunDirectory
+import trainer.files
+from trainer.runs.run_directory import COMMANDS, STATES, RunDirectory
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_status_write_is_atomic(run, monkeypatch):
     def failing_fsync(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(trainer.atomic_io.os, "fsync", failing_fsync)
+    monkeypatch.setattr(trainer.files.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         run.write_status(state="training", step=2)
     assert run.status_path.read_bytes() == before  # a reader still sees the whole old status

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.adapter_weights import merged_weight
-from trainer.injection import NetworkSpec, inject_adapters, select_targets
-from trainer.models import load_sdxl_pipeline
-from trainer.sample_prompts import PromptSyntaxError, SamplePrompt, parse_prompt_line, read_prompt_file
-from trainer.sampling import SampleDefaults, generate_samples, resolve
+from trainer.adapters.weights import merged_weight
+from trainer.adapters.injection import NetworkSpec, inject_adapters, select_targets
+from trainer.sdxl.model_files import load_sdxl_pipeline
+from trainer.training.sample_prompts import PromptSyntaxError, SamplePrompt, parse_prompt_line, read_prompt_file
+from trainer.training.sampling import SampleDefaults, generate_samples, resolve
 
 # -- the prompt syntax -------------------------------------------------------------------------------
 

@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 
 from trainer.cli import main
-from trainer.models import load_sdxl_pipeline, resolve_builtin
-from trainer.sdxl_configs import SDXL_SCHEDULER_CONFIG
-from trainer.shapes import PLAIN_SHAPES
-from trainer.tiny_model import EOS_TOKEN
-from trainer.toy_model import (
+from trainer.sdxl.model_files import load_sdxl_pipeline, resolve_builtin
+from trainer.sdxl.configs import SDXL_SCHEDULER_CONFIG
+from trainer.builtin.shapes import PLAIN_SHAPES
+from trainer.builtin.tiny import EOS_TOKEN
+from trainer.builtin.toy import (
     CAPTION_WORDS,
     COMPONENTS,
     TOY_ASSET,
@@ -31,7 +31,7 @@ from trainer.toy_model import (
     toy_tokenizer,
     toy_vocab_and_merges,
 )
-from trainer.toy_pretrain import random_scene
+from trainer.builtin.toy_pretrain import random_scene
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,8 +109,8 @@ def test_the_toy_model_draws_shapes_on_plain_backgrounds_and_follows_colours(toy
 
 
 def test_training_epsilon_on_the_toy_model_is_refused_with_the_fix():
-    from trainer.presets import load_config
-    from trainer.training_setup import TrainingError, _check_schedule
+    from trainer.config.presets import load_config
+    from trainer.training.setup import TrainingError, _check_schedule
 
     preset = REPO / "presets" / "quickstart.toml"
     right = load_config(preset, ["model.path=builtin:toy-sdxl", "model.prediction_type=v_prediction",

@@ -1,7 +1,7 @@
 """What each training step sees: epoch order, crops, flips, captions, pixels, cached latents, batches.
 
 Expected values come from hand arithmetic (crop offsets, [-1, 1] pixel values), numpy slicing of the saved
-image, diffusers' own VAE posterior, and kohya's step count in ``trainer.check_data``.
+image, diffusers' own VAE posterior, and kohya's step count in ``trainer.data.check``.
 """
 
 import copy
@@ -18,14 +18,14 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
-from trainer.batches import EpochBatches, batch_loader
-from trainer.buckets import BucketSpec, CropPlan
-from trainer.captions import CaptionOptions
-from trainer.check_data import report_for_scan, steps_per_epoch
-from trainer.dataset_scan import scan_dataset
-from trainer.latent_cache import LatentCache, fill_cache, sample_latents, vae_fingerprint
-from trainer.sdxl_configs import TINY_VAE_CONFIG
-from trainer.train_data import (
+from trainer.data.batches import EpochBatches, batch_loader
+from trainer.data.buckets import BucketSpec, CropPlan
+from trainer.data.captions import CaptionOptions
+from trainer.data.check import report_for_scan, steps_per_epoch
+from trainer.data.scan import scan_dataset
+from trainer.data.latent_cache import LatentCache, fill_cache, sample_latents, vae_fingerprint
+from trainer.sdxl.configs import TINY_VAE_CONFIG
+from trainer.data.epoch_plan import (
     AugmentOptions,
     Draw,
     TrainExample,

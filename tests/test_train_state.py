@@ -11,8 +11,8 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from trainer.optimizers import ParamGroup, build_optimizer, build_scheduler
-from trainer.train_state import (
+from trainer.training.optimizers import ParamGroup, build_optimizer, build_scheduler
+from trainer.runs.train_state import (
     TrainStateError,
     list_states,
     load_train_state,

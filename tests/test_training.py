@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from trainer.adapter_file import load_adapter
-from trainer.config import from_dict
-from trainer.merge import canonical_stems, match_stems, model_stem_targets, pipeline_parts
-from trainer.models import load_sdxl_pipeline
-from trainer.run_dir import RunDirectory
-from trainer.training import StopRequested, Trainer
-from trainer.verify import verify_match
+from trainer.kohya.adapter_file import load_adapter
+from trainer.config.schema import from_dict
+from trainer.kohya.merge import canonical_stems, match_stems, model_stem_targets, pipeline_parts
+from trainer.sdxl.model_files import load_sdxl_pipeline
+from trainer.runs.run_directory import RunDirectory
+from trainer.training.loop import StopRequested, Trainer
+from trainer.kohya.verify import verify_match
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,7 +171,7 @@ def test_stop_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_dir, sma
 
 
 def test_resume_refuses_changed_training_settings(tiny_dir, small_dataset, tmp_path):
-    from trainer.train_state import TrainStateError
+    from trainer.runs.train_state import TrainStateError
 
     data = settings(tiny_dir, small_dataset, tmp_path / "cache", training={"epochs": 1}, sampling={"prompts": []})
     train(data, tmp_path / "run")
@@ -237,8 +237,8 @@ def test_quickstart_preset_runs_from_the_cli(tmp_path, monkeypatch, capsys):
 
 
 def test_dora_magnitudes_are_never_weight_decayed(tiny_dir, small_dataset, tmp_path):
-    from trainer.network import inject_network
-    from trainer.training_setup import _optimizer
+    from trainer.training.network import inject_network
+    from trainer.training.setup import _optimizer
 
     config = from_dict(settings(tiny_dir, small_dataset, tmp_path / "cache", optimizer={"weight_decay": 0.1}))
     adapters = inject_network(load_sdxl_pipeline(tiny_dir), config)

@@ -19,15 +19,15 @@ class UserError(Exception):
 
 def _match(loaded, pipe):
     """The file's stems against every Linear/Conv2d of the model (diffusers-underscore stems renamed)."""
-    from .merge import canonical_stems, match_stems, model_stem_targets, pipeline_parts
+    from trainer.kohya.merge import canonical_stems, match_stems, model_stem_targets, pipeline_parts
 
     parts = pipeline_parts(pipe)
     return match_stems(canonical_stems(loaded, parts).adapters, model_stem_targets(parts))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .adapter_file import load_adapter
-    from .inspect_adapter import format_summary, summarize
+    from trainer.kohya.adapter_file import load_adapter
+    from trainer.kohya.inspect import format_summary, summarize
 
     summary = summarize(load_adapter(Path(args.file)))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
@@ -35,9 +35,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .adapter_file import load_adapter
-    from .models import load_sdxl_pipeline, resolve_model_path
-    from .verify import format_report, verify_match
+    from trainer.kohya.adapter_file import load_adapter
+    from trainer.sdxl.model_files import load_sdxl_pipeline, resolve_model_path
+    from trainer.kohya.verify import format_report, verify_match
 
     loaded = load_adapter(Path(args.file))  # before the slow model load, so a bad file fails fast
     match = _match(loaded, load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir))
@@ -47,9 +47,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .adapter_file import load_adapter
-    from .merge import export_pipeline, merge_matched, require_full_match
-    from .models import load_sdxl_pipeline, resolve_model_path
+    from trainer.kohya.adapter_file import load_adapter
+    from trainer.kohya.merge import export_pipeline, merge_matched, require_full_match
+    from trainer.sdxl.model_files import load_sdxl_pipeline, resolve_model_path
 
     if Path(args.out).exists():
         raise UserError(f"{args.out} already exists; choose a new output path so nothing is overwritten")
@@ -64,7 +64,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny_model import save_tiny_model
+    from trainer.builtin.tiny import save_tiny_model
 
     out = save_tiny_model(Path(args.out_dir), seed=args.seed)
     print(f"tiny SDXL-structured model written to {out} (diffusers folder) and {out / 'tiny-sdxl.safetensors'}")
@@ -76,8 +76,8 @@ def cmd_make_toy_model(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .toy_model import TOY_ASSET
-    from .toy_pretrain import ToyRecipe, pretrain_toy_model, quick_recipe
+    from trainer.builtin.toy import TOY_ASSET
+    from trainer.builtin.toy_pretrain import ToyRecipe, pretrain_toy_model, quick_recipe
 
     recipe = replace(ToyRecipe(), seed=args.seed)
     command = "dora-studio make-toy-model" + (f" --seed {args.seed}" if args.seed else "")
@@ -89,11 +89,11 @@ def cmd_make_toy_model(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from .buckets import BucketSpec
-    from .check_data import check_dataset, format_report
+    from trainer.data.buckets import BucketSpec
+    from trainer.data.check import check_dataset, format_report
 
     if args.preset:  # exactly what that run would see: its folder, captions, buckets and batch size
-        from .presets import load_config
+        from trainer.config.presets import load_config
 
         config = load_config(args.preset, [f"dataset.path={args.dir}"] if args.dir else [])
         folder, extension = Path(config.dataset.path), config.dataset.caption_extension
@@ -116,7 +116,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace):
     """The preset + --set, or, when resuming a run with no preset given, the run's own config.toml."""
-    from .presets import load_config
+    from trainer.config.presets import load_config
 
     if args.preset is None and args.resume and args.run_dir:
         return load_config(Path(args.run_dir) / "config.toml", args.set)
@@ -137,9 +137,9 @@ def _run_dir(args: argparse.Namespace, output_name: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .run_dir import RunDirectory
-    from .train_log import log_to
-    from .training import StopRequested, Trainer
+    from trainer.runs.run_directory import RunDirectory
+    from trainer.runs.train_log import log_to
+    from trainer.training.loop import StopRequested, Trainer
 
     config = _train_config(args)
     run = RunDirectory(_run_dir(args, config.saving.output_name))
@@ -177,7 +177,7 @@ def _launch_processes(count: int, args: argparse.Namespace, run_dir: Path) -> in
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
-    from .config_docs import settings_markdown, settings_text
+    from trainer.config.docs import settings_markdown, settings_text
 
     print(settings_markdown() if args.markdown else settings_text())
     return EXIT_OK
@@ -280,15 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     # Imported after parsing so that --help answers without loading torch.
-    from .adapter_file import AdapterFileError
-    from .config import ConfigError
-    from .dataset_scan import DatasetError
-    from .merge import AdapterMismatchError
-    from .models import ModelLoadError
-    from .optional_packages import MissingPackageError
-    from .sample_prompts import PromptSyntaxError
-    from .train_state import TrainStateError
-    from .training_setup import TrainingError
+    from trainer.kohya.adapter_file import AdapterFileError
+    from trainer.config.schema import ConfigError
+    from trainer.data.scan import DatasetError
+    from trainer.kohya.merge import AdapterMismatchError
+    from trainer.sdxl.model_files import ModelLoadError
+    from trainer.optional_packages import MissingPackageError
+    from trainer.training.sample_prompts import PromptSyntaxError
+    from trainer.runs.train_state import TrainStateError
+    from trainer.training.setup import TrainingError
 
     user_errors = (UserError, AdapterFileError, AdapterMismatchError, ModelLoadError, DatasetError, ConfigError,
                    MissingPackageError, PromptSyntaxError, TrainStateError, TrainingError)

@@ -1,0 +1,78 @@
+"""Column / row norms of V = W + gamma * up @ down without building V.
+
+DoRA needs ||V|| once per optimizer step. Building V (d x k) per layer per step would cost a weight-sized
+temporary and its bandwidth; the rank-r identity needs only r-wide products:
+
+    input axis, per column j:  ||V_j||^2 = ||W_j||^2 + 2g <(up^T W)_j, down_j> + g^2 <down_j, (up^T up) down_j>
+    output axis, per row i:    ||V_i||^2 = ||W_i||^2 + 2g <up_i, (W down^T)_i> + g^2 <up_i, up_i (down down^T)>
+
+All of it runs in float32 (a bf16 norm would move the DoRA scale near 1 in steps of 2^-8). A low-precision
+base weight is read in row chunks so that no float32 copy of the whole of W exists at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .weights import DoraAxis
+
+_ROW_CHUNK = 2048
+
+
+def _float_row_chunks(weight2d: Tensor):
+    """Yield (row slice, float32 rows) of a 2-D weight; float32 weights are yielded as one view."""
+    if weight2d.dtype == torch.float32:
+        yield slice(0, weight2d.shape[0]), weight2d
+        return
+    for start in range(0, weight2d.shape[0], _ROW_CHUNK):
+        rows = slice(start, start + _ROW_CHUNK)
+        yield rows, weight2d[rows].float()
+
+
+def _per_input_channel(per_column: Tensor, in_channels: int) -> Tensor:
+    """Sum flattened (in * kh * kw) column values over the kernel positions of each input channel."""
+    return per_column.reshape(in_channels, -1).sum(dim=1)
+
+
+def weight_norm_sq(weight: Tensor, axis: DoraAxis) -> Tensor:
+    """||W||^2 per input channel (shape (in,)) or per output row (shape (out,)), float32."""
+    w2d = weight.detach().flatten(1)
+    if axis == "output":
+        return torch.cat([rows.square().sum(dim=1) for _, rows in _float_row_chunks(w2d)])
+    per_column = sum(rows.square().sum(dim=0) for _, rows in _float_row_chunks(w2d))
+    return _per_input_channel(per_column, weight.shape[1])
+
+
+def _rows_times(weight2d: Tensor, other: Tensor, transpose_rows: bool) -> Tensor:
+    """up^T @ W (transpose_rows) or W @ down^T, in float32, reading a low-precision W in row chunks."""
+    if weight2d.dtype == torch.float32:  # one GEMM, no generator: this runs per layer per optimizer step
+        return other.T @ weight2d if transpose_rows else weight2d @ other
+    if transpose_rows:
+        return sum(other[rows].T @ w_rows for rows, w_rows in _float_row_chunks(weight2d))
+    return torch.cat([w_rows @ other for _, w_rows in _float_row_chunks(weight2d)])
+
+
+@torch.no_grad()
+def direction_norm(
+    weight: Tensor, weight_sq: Tensor, down: Tensor, up: Tensor, gamma: float, axis: DoraAxis
+) -> Tensor:
+    """||V|| along ``axis`` (shape (in,) or (out,)), float32, given the cached ||W||^2 from weight_norm_sq.
+
+    Both cross and quadratic terms come from one rank-sized product T, e.g. for the input axis
+    T = up^T W + (g/2) (up^T up) down, and ||V_j||^2 = ||W_j||^2 + 2g <down_j, T_j>.
+    """
+    w2d = weight.detach().flatten(1)
+    a = down.detach().float().flatten(1)  # (r, k)
+    b = up.detach().float().flatten(1)  # (out, r)
+    if axis == "input":
+        t = torch.addmm(_rows_times(w2d, b, transpose_rows=True), b.T @ b, a, alpha=gamma / 2)  # (r, k)
+        per_column = (a * t).sum(dim=0)
+        if per_column.shape[0] != weight.shape[1]:  # conv: fold kernel positions into their input channel
+            per_column = _per_input_channel(per_column, weight.shape[1])
+        norm_sq = torch.add(weight_sq, per_column, alpha=2 * gamma)
+    else:
+        t = torch.addmm(_rows_times(w2d, a.T, transpose_rows=False), b, a @ a.T, alpha=gamma / 2)  # (out, r)
+        norm_sq = torch.add(weight_sq, (b * t).sum(dim=1), alpha=2 * gamma)
+    # The sum can dip below zero by rounding when V's column is ~0; the floor keeps the scale finite.
+    return norm_sq.clamp_min_(0).sqrt_()

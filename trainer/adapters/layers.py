@@ -1,0 +1,261 @@
+"""LoRA and DoRA layers around a frozen nn.Linear or nn.Conv2d.
+
+A layer owns its adapter parameters in the kohya file's shapes (so saving is a rename), knows how to
+compute its merged weight, and can merge into / unmerge from the base exactly. DoRA is LoRA plus a
+magnitude: it shares all of LoRA's plumbing and only changes the forward and the merge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .weights import (
+    DORA_AXES,
+    NORM_EPS,
+    AdapterWeights,
+    DoraAxis,
+    merged_weight,
+)
+from .dora_autograd import ConvOps, DoraInputAxis, DoraOutputAxis, LinearOps, Ops
+from .dora_norm import direction_norm, weight_norm_sq
+
+AdaptableModule = nn.Linear | nn.Conv2d
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What to attach to one layer."""
+
+    rank: int
+    alpha: float
+    dora: bool = False
+    dora_axis: DoraAxis = "input"
+    module_dropout: float = 0.0  # probability of skipping the whole adapter for a training step
+    rank_dropout: float = 0.0  # probability of zeroing each rank channel per sample (kohya semantics)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.dora_axis not in DORA_AXES:
+            raise ValueError(f"dora_axis must be one of {DORA_AXES}, got {self.dora_axis!r}")
+        for name in ("module_dropout", "rank_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+def _ops_for(base: AdaptableModule) -> tuple[Ops, Ops]:
+    """Ops for the base/down path and for the up path (a 1x1 conv for convolutions)."""
+    if isinstance(base, nn.Linear):
+        return LinearOps(), LinearOps()
+    if base.groups != 1 or base.padding_mode != "zeros" or isinstance(base.padding, str):
+        raise ValueError(
+            f"Conv2d with groups={base.groups}, padding={base.padding!r}, padding_mode={base.padding_mode!r} "
+            "is not supported: adapters need groups=1 and numeric zero padding"
+        )
+    return ConvOps(base.stride, base.padding, base.dilation), ConvOps()
+
+
+class LoRALayer(nn.Module):
+    """y = base(x) + (alpha/r) * up(down(x)); up starts at zero so a fresh adapter is the identity."""
+
+    def __init__(self, base: AdaptableModule, spec: AdapterSpec, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"cannot adapt {type(base).__name__}: only nn.Linear and nn.Conv2d")
+        self.base = base
+        self.spec = spec
+        self.ops, self.up_ops = _ops_for(base)
+        # Remembered so that restore_base() hands the module back exactly as it was found.
+        self._base_requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
+        base.requires_grad_(False)
+        weight = base.weight
+        out_ch, in_ch, *kernel = weight.shape
+        rank = spec.rank
+        factory = dict(device=weight.device, dtype=dtype)
+        down_shape = (rank, in_ch, *kernel)
+        up_shape = (out_ch, rank) if not kernel else (out_ch, rank, 1, 1)
+        self.lora_down = nn.Parameter(torch.empty(down_shape, **factory))
+        self.lora_up = nn.Parameter(torch.zeros(up_shape, **factory))
+        # Same init as kohya, LyCORIS and PEFT (nn.Linear's default), so learning rates transfer.
+        nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
+        self._merged_from: Tensor | None = None
+
+    @property
+    def gamma(self) -> float:
+        return self.spec.alpha / self.spec.rank
+
+    @property
+    def merged(self) -> bool:
+        return self._merged_from is not None
+
+    def _skip_adapter(self) -> bool:
+        return self.merged or (
+            self.training and self.spec.module_dropout > 0 and torch.rand(()) < self.spec.module_dropout
+        )
+
+    def _rank_mask_and_gamma(self, x: Tensor) -> tuple[Tensor | None, float]:
+        """kohya's rank dropout: a per-sample mask over rank channels, rescaled to keep the mean."""
+        p = self.spec.rank_dropout
+        if not self.training or p == 0:
+            return None, self.gamma
+        keep = torch.rand(x.shape[0], self.spec.rank, device=x.device) >= p
+        shape = (x.shape[0], *([1] * (x.dim() - 2)), self.spec.rank) if isinstance(self.ops, LinearOps) else (
+            x.shape[0], self.spec.rank, 1, 1
+        )
+        return keep.reshape(shape).to(x.dtype), self.gamma / (1 - p)
+
+    def _compute_operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x, down, up in the dtype the base runs in (autocast's when active), as autocast would pick."""
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        else:
+            dtype = self.base.weight.dtype
+        return x.to(dtype), self.lora_down.to(dtype), self.lora_up.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._skip_adapter():
+            return self.base(x)
+        rank_mask, gamma = self._rank_mask_and_gamma(x)
+        x_c, down, up = self._compute_operands(x)
+        hidden = self.ops.apply(x_c, down)
+        if rank_mask is not None:
+            hidden = hidden * rank_mask
+        return self.base(x) + gamma * self.up_ops.apply(hidden, up)
+
+    # -- weights and merging -------------------------------------------------------------------
+
+    def to_weights(self) -> AdapterWeights:
+        """The adapter as the file stores it (detached)."""
+        return AdapterWeights(down=self.lora_down.detach(), up=self.lora_up.detach(), alpha=float(self.spec.alpha))
+
+    @torch.no_grad()
+    def load_weights(self, weights: AdapterWeights) -> None:
+        """Copy tensors from a file into this layer, refusing any shape or kind mismatch."""
+        if weights.is_dora != isinstance(self, DoRALayer):
+            kind = "DoRA" if weights.is_dora else "LoRA"
+            raise ValueError(f"file holds {kind} weights but this layer is {type(self).__name__}")
+        pairs = [("lora_down", weights.down), ("lora_up", weights.up)]
+        for name, tensor in pairs:
+            target = getattr(self, name)
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(f"{name} shape {tuple(tensor.shape)} does not fit this layer's {tuple(target.shape)}")
+            target.copy_(tensor)
+        if not math.isclose(weights.alpha, self.spec.alpha, rel_tol=1e-6):
+            raise ValueError(f"alpha {weights.alpha} differs from this layer's {self.spec.alpha}")
+
+    def merged_weight(self, strength: float = 1.0) -> Tensor:
+        """W + s * (W' - W) in the base's dtype, computed in float32; the layer is not touched."""
+        base = self._merged_from if self._merged_from is not None else self.base.weight
+        weight = merged_weight(base.to(self.base.weight.device), self.to_weights(), strength)
+        return weight.to(self.base.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, strength: float = 1.0) -> None:
+        """Write the merged weight into the base; keep the original on the CPU so unmerge is exact."""
+        if self.merged:
+            raise RuntimeError("adapter is already merged; unmerge() first")
+        merged = self.merged_weight(strength)
+        self._merged_from = self.base.weight.detach().to("cpu", copy=True)
+        self.base.weight.copy_(merged)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight bit for bit."""
+        if self._merged_from is None:
+            raise RuntimeError("adapter is not merged")
+        self.base.weight.copy_(self._merged_from)
+        self._merged_from = None
+
+    def restore_base(self) -> AdaptableModule:
+        """Unmerge if needed and return the base module with its original requires_grad flags."""
+        if self.merged:
+            self.unmerge()
+        for name, param in self.base.named_parameters():
+            param.requires_grad_(self._base_requires_grad[name])
+        return self.base
+
+
+class DoRALayer(LoRALayer):
+    """DoRA: W' = V * m / ||V|| with V = W + gamma * up @ down, m learned per input column or output row."""
+
+    def __init__(self, base: AdaptableModule, spec: AdapterSpec, dtype: torch.dtype = torch.float32):
+        super().__init__(base, spec, dtype)
+        axis = spec.dora_axis
+        # ||W||^2 never changes during training; cached once, in float32, as the norm identity needs it.
+        self.register_buffer("weight_norm_sq", weight_norm_sq(base.weight, axis), persistent=False)
+        # Magnitude starts at ||W|| (from the same cached sum the forward uses), so a fresh adapter is exact.
+        if axis == "output":
+            magnitude = self.weight_norm_sq.sqrt().reshape(-1, *([1] * (base.weight.dim() - 1)))
+        else:
+            magnitude = self.weight_norm_sq.sqrt().reshape(1, -1, *([1] * (base.weight.dim() - 2)))
+        self.dora_scale = nn.Parameter(magnitude.clone())
+        self._norm_cache_key: tuple | None = None
+        self._norm_cache: Tensor | None = None
+
+    def direction_norm(self) -> Tensor:
+        """||V|| along the axis, float32, detached, floored at eps, shaped to broadcast like the scale.
+
+        Detached as in the paper (section 4.3): treating ||V|| as a constant in backward saves its gradient
+        path (and memory) and barely changes what is learned. Cached on the tensors' version counters, so it
+        is computed once per optimizer step, not per micro-batch or per gradient-checkpoint recompute.
+        """
+        weight = self.base.weight
+        key = (self.lora_down._version, self.lora_up._version, weight._version,
+               self.lora_down.data_ptr(), self.lora_up.data_ptr(), weight.data_ptr())
+        if key != self._norm_cache_key or self._norm_cache is None:
+            norm = direction_norm(
+                weight, self.weight_norm_sq, self.lora_down, self.lora_up, self.gamma, self.spec.dora_axis
+            )
+            self._norm_cache = norm.clamp_min_(NORM_EPS).reshape(self._scale_shape)
+            self._norm_cache_key = key
+        return self._norm_cache
+
+    @property
+    def _scale_shape(self) -> tuple[int, ...]:
+        """Input axis: the magnitude's own shape broadcasts over activations; output axis: channels."""
+        if self.spec.dora_axis == "input":
+            return tuple(self.dora_scale.shape)
+        return self.ops.channel_shape(self.dora_scale.shape[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._skip_adapter():
+            return self.base(x)
+        rank_mask, gamma = self._rank_mask_and_gamma(x)
+        x_c, down, up = self._compute_operands(x)
+        magnitude = self.dora_scale.float()
+        if self.spec.dora_axis == "output":
+            magnitude = magnitude.reshape(self._scale_shape)
+        scale = magnitude / self.direction_norm()
+        weight, bias = self.base.weight, self.base.bias
+        if weight.dtype != x_c.dtype:
+            weight = weight.to(x_c.dtype)
+            bias = None if bias is None else bias.to(x_c.dtype)
+        function = DoraInputAxis if self.spec.dora_axis == "input" else DoraOutputAxis
+        with torch.autocast(x.device.type, enabled=False):
+            return function.apply(x_c, scale, weight, bias, down, up, gamma, rank_mask, self.ops, self.up_ops)
+
+    def to_weights(self) -> AdapterWeights:
+        weights = super().to_weights()
+        weights.dora_scale = self.dora_scale.detach()
+        return weights
+
+    @torch.no_grad()
+    def load_weights(self, weights: AdapterWeights) -> None:
+        if weights.dora_axis not in (None, self.spec.dora_axis):
+            raise ValueError(f"file has {weights.dora_axis}-axis DoRA but this layer is {self.spec.dora_axis}-axis")
+        super().load_weights(weights)
+        if tuple(weights.dora_scale.shape) != tuple(self.dora_scale.shape):
+            raise ValueError(
+                f"dora_scale shape {tuple(weights.dora_scale.shape)} does not fit {tuple(self.dora_scale.shape)}"
+            )
+        self.dora_scale.copy_(weights.dora_scale)
+
+
+def make_adapter(base: AdaptableModule, spec: AdapterSpec, dtype: torch.dtype = torch.float32) -> LoRALayer:
+    """The adapter class the spec asks for, wrapped around ``base``."""
+    return (DoRALayer if spec.dora else LoRALayer)(base, spec, dtype)

@@ -1,0 +1,391 @@
+"""The one typed list of training settings: presets, ``--set`` overrides and the UI form all come from it.
+
+Each section is a dataclass; each setting a field whose metadata carries its help text, choices and
+bounds, so the CLI documentation, preset validation and the UI's form fields cannot drift apart.
+Checking a value against its field is generic (``_check_value``); rules that tie several settings
+together live in ``TrainConfig.problems``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from trainer.data.buckets import BucketSpec
+from trainer.training.optimizers import OPTIMIZERS, SCHEDULERS
+
+
+class ConfigError(ValueError):
+    """Settings that cannot run; the message names each bad key and what to write instead."""
+
+
+def setting(default: Any, help: str, *, choices: tuple = (), minimum: float | None = None,
+            maximum: float | None = None, advanced: bool = False, path: bool = False) -> Any:
+    """A field with what the CLI, the preset checker and the UI form need to know about it.
+
+    ``path``: a file or folder name; when read from a preset it is taken relative to that preset's folder.
+    """
+    metadata = dict(help=help, choices=choices, minimum=minimum, maximum=maximum, advanced=advanced, path=path)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelSettings:
+    path: str = setting(
+        "builtin:tiny-sdxl",
+        "SDXL base model: a diffusers folder, a single-file .safetensors checkpoint, builtin:toy-sdxl (a small "
+        "pretrained model that draws shapes) or builtin:tiny-sdxl (random, for tests)",
+        path=True,
+    )
+    config_dir: str = setting(
+        "", "diffusers config folder for a single-file checkpoint (default: a folder named like the file)",
+        path=True, advanced=True,
+    )
+    prediction_type: str = setting(
+        "epsilon", "what the UNet predicts: epsilon (SDXL base) or v_prediction (v-pred fine-tunes)",
+        choices=("epsilon", "v_prediction"), advanced=True,
+    )
+    zero_terminal_snr: bool = setting(
+        False, "rescale the noise schedule to zero terminal SNR (use with v_prediction models trained so)",
+        advanced=True,
+    )
+
+
+@dataclass
+class DatasetSettings:
+    path: str = setting("", "dataset folder: images with same-name captions, or subfolders like 10_name", path=True)
+    caption_extension: str = setting(".txt", "caption file extension", advanced=True)
+    resolution: int = setting(1024, "training resolution: buckets hold at most resolution x resolution pixels",
+                              minimum=64, maximum=4096)
+    min_bucket_side: int = setting(512, "smallest bucket side", minimum=64, advanced=True)
+    max_bucket_side: int = setting(2048, "largest bucket side", minimum=64, advanced=True)
+    bucket_step: int = setting(64, "bucket sides are multiples of this", minimum=8, advanced=True)
+    bucket_no_upscale: bool = setting(False, "never enlarge small images; each gets a bucket of its own size",
+                                      advanced=True)
+    trigger_word: str = setting("", "word put first in every caption (the name your adapter answers to)")
+    shuffle_tags: bool = setting(False, "shuffle comma-separated tags each step (after keep_tokens)")
+    keep_tokens: int = setting(0, "leading tags never shuffled or dropped (the trigger word counts)", minimum=0)
+    caption_dropout: float = setting(0.0, "chance a step trains with an empty caption", minimum=0.0, maximum=1.0)
+    tag_dropout: float = setting(0.0, "chance each tag is dropped in a step", minimum=0.0, maximum=1.0)
+    tag_separator: str = setting(",", "what separates tags in captions", advanced=True)
+    flip: bool = setting(False, "randomly mirror images left-right (not for asymmetric characters or text)")
+    random_crop: bool = setting(False, "crop at random places instead of the centre (disables the latent cache)",
+                                advanced=True)
+    background_colour: str = setting("#ffffff", "colour transparent images are put on", advanced=True)
+    cache_latents: bool = setting(True, "encode images with the VAE once and keep the latents on disk")
+    latent_cache_dir: str = setting("", "where latents are kept (default: the user cache folder)", path=True,
+                                    advanced=True)
+    cache_text_encoder_outputs: bool = setting(
+        True, "encode captions once when the text encoders are frozen and captions do not vary", advanced=True
+    )
+    loader_workers: int = setting(2, "processes reading images ahead of the GPU (0: read in the main process)",
+                                  minimum=0, maximum=64, advanced=True)
+
+    def bucket_spec(self) -> BucketSpec:
+        return BucketSpec(self.resolution, self.min_bucket_side, self.max_bucket_side, self.bucket_step,
+                          self.bucket_no_upscale)
+
+
+@dataclass
+class NetworkSettings:
+    kind: str = setting("dora", "adapter type", choices=("dora", "lora"))
+    dora_axis: str = setting(
+        "input", "DoRA magnitude per input column (kohya, LyCORIS, front ends) or per output row (PEFT)",
+        choices=("input", "output"), advanced=True,
+    )
+    rank: int = setting(16, "adapter rank (dim) for attention and 1x1 layers", minimum=1, maximum=1024)
+    alpha: float = setting(16.0, "scale alpha: updates are scaled by alpha / rank", minimum=0.0)
+    unet_targets: str = setting("attn", "UNet layers to adapt: attention only, or attention and convolutions",
+                                choices=("attn", "attn+conv"))
+    conv_rank: int = setting(8, "rank for 3x3 convolutions (with attn+conv)", minimum=1, maximum=1024)
+    conv_alpha: float = setting(4.0, "alpha for 3x3 convolutions (with attn+conv)", minimum=0.0)
+    include: list[str] = setting([], "only adapt layers whose stem matches one of these regexes", advanced=True)
+    exclude: list[str] = setting([], "never adapt layers whose stem matches one of these regexes", advanced=True)
+    train_text_encoders: bool = setting(False, "also adapt both text encoders (CLIP-L and OpenCLIP-G)")
+    module_dropout: float = setting(0.0, "chance a layer's adapter is skipped in a step", minimum=0.0,
+                                    maximum=0.999, advanced=True)
+    rank_dropout: float = setting(0.0, "chance each rank channel is dropped in a step", minimum=0.0,
+                                  maximum=0.999, advanced=True)
+
+
+@dataclass
+class OptimizerSettings:
+    name: str = setting("adamw", "optimizer (adamw8bit needs bitsandbytes, prodigy needs prodigyopt)",
+                        choices=OPTIMIZERS)
+    learning_rate: float = setting(1e-4, "learning rate for every part without its own", minimum=0.0)
+    unet_lr: float | None = setting(None, "UNet learning rate (default: learning_rate)", minimum=0.0)
+    text_encoder_1_lr: float | None = setting(None, "CLIP-L learning rate (default: learning_rate)", minimum=0.0)
+    text_encoder_2_lr: float | None = setting(None, "OpenCLIP-G learning rate (default: learning_rate)",
+                                              minimum=0.0)
+    weight_decay: float = setting(0.01, "weight decay (never applied to DoRA magnitudes)", minimum=0.0,
+                                  advanced=True)
+    betas: list[float] = setting([0.9, 0.999], "Adam betas", advanced=True)
+    eps: float = setting(1e-8, "Adam epsilon", minimum=0.0, advanced=True)
+    scheduler: str = setting("constant_with_warmup", "learning-rate schedule", choices=SCHEDULERS)
+    warmup_steps: int = setting(0, "steps of linear warm-up", minimum=0)
+    max_grad_norm: float = setting(1.0, "clip gradients to this norm (0: no clipping)", minimum=0.0, advanced=True)
+
+
+@dataclass
+class TrainingSettings:
+    epochs: int = setting(10, "passes over the dataset (repeats included)", minimum=1)
+    max_steps: int = setting(0, "stop after this many optimizer steps (0: epochs decide)", minimum=0)
+    batch_size: int = setting(1, "images per step", minimum=1)
+    gradient_accumulation: int = setting(1, "batches summed per optimizer step", minimum=1)
+    processes: int = setting(1, "training processes on this machine, one per GPU (batch_size is per process)",
+                             minimum=1, maximum=64)
+    process_timeout_minutes: float = setting(
+        30.0, "how long processes wait for each other before a stuck run fails", minimum=1.0, advanced=True,
+    )
+    mixed_precision: str = setting("bf16", "compute precision (fp16 keeps the VAE in fp32)",
+                                   choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward: much less memory, ~25% slower")
+    seed: int = setting(42, "seed for everything random (same seed, same run)", minimum=0)
+    noise_offset: float = setting(0.0, "noise offset (0.03-0.1 helps very dark/bright images)", minimum=0.0,
+                                  advanced=True)
+    max_skipped_batches: int = setting(
+        0, "batches with a non-finite loss or gradient to skip (each logged) before the run fails", minimum=0,
+        advanced=True,
+    )
+    min_snr_gamma: float = setting(0.0, "min-SNR loss weighting gamma (5 is common; 0: off)", minimum=0.0,
+                                   advanced=True)
+
+
+@dataclass
+class SamplingSettings:
+    prompts: list[str] = setting([], "sample prompts, kohya syntax: text --n negative --w --h --s --l --d")
+    prompt_file: str = setting("", "file with one kohya-syntax prompt per line (added to prompts)", path=True,
+                               advanced=True)
+    every_n_epochs: int = setting(1, "sample after every N epochs (0: never)", minimum=0)
+    every_n_steps: int = setting(0, "also sample every N steps (0: never)", minimum=0, advanced=True)
+    at_start: bool = setting(False, "sample the base model before training, for comparison")
+    steps: int = setting(20, "sampling steps unless a prompt says --s", minimum=1)
+    guidance_scale: float = setting(7.0, "CFG scale unless a prompt says --l", minimum=0.0)
+    seed: int = setting(0, "seed of the first prompt (prompt i uses seed + i unless it says --d)", minimum=0)
+
+
+@dataclass
+class SavingSettings:
+    output_name: str = setting("adapter", "adapter file name (without .safetensors)")
+    save_dtype: str = setting("fp16", "precision of the saved adapter", choices=("fp16", "bf16", "fp32"))
+    every_n_epochs: int = setting(1, "save an adapter after every N epochs (0: only at the end)", minimum=0)
+    every_n_steps: int = setting(0, "also save every N steps (0: never)", minimum=0, advanced=True)
+    keep_last: int = setting(0, "keep only the newest N intermediate adapters (0: keep all)", minimum=0,
+                             advanced=True)
+    save_state: bool = setting(True, "save optimizer state with each adapter so the run can resume", advanced=True)
+    keep_last_states: int = setting(2, "resume states kept (each is about 3x the adapter)", minimum=1,
+                                    advanced=True)
+    tensorboard: bool = setting(False, "also log to TensorBoard in the run folder (needs tensorboard)",
+                                advanced=True)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSettings, "dataset": DatasetSettings, "network": NetworkSettings,
+    "optimizer": OptimizerSettings, "training": TrainingSettings, "sampling": SamplingSettings,
+    "saving": SavingSettings,
+}
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    saving: SavingSettings = field(default_factory=SavingSettings)
+
+    def problems(self) -> list[str]:
+        """Rules between settings, as 'key: what is wrong and the fix' lines."""
+        found = []
+        if not self.dataset.path:
+            found.append("dataset.path: missing; set it to the folder of your training images")
+        d = self.dataset
+        if not d.min_bucket_side <= d.resolution <= d.max_bucket_side:
+            found.append(f"dataset.resolution: {d.resolution} must lie between dataset.min_bucket_side "
+                         f"({d.min_bucket_side}) and dataset.max_bucket_side ({d.max_bucket_side})")
+        if not _is_hex_colour(d.background_colour):
+            found.append(f"dataset.background_colour: {d.background_colour!r} is not a colour like \"#ffffff\"")
+        if len(self.optimizer.betas) != 2 or not all(0 <= b < 1 for b in self.optimizer.betas):
+            found.append("optimizer.betas: give two numbers in [0, 1), like [0.9, 0.999]")
+        if not self.saving.output_name or any(c in self.saving.output_name for c in '/\\:*?"<>|'):
+            found.append(f"saving.output_name: {self.saving.output_name!r} must be a plain file name")
+        if self.model.zero_terminal_snr and self.model.prediction_type != "v_prediction":
+            found.append("model.zero_terminal_snr: needs model.prediction_type = \"v_prediction\" (with epsilon the "
+                         "last timestep has nothing to predict: Lin et al. 2023, section 3.2)")
+        part_lrs = {self.optimizer.unet_lr, self.optimizer.text_encoder_1_lr, self.optimizer.text_encoder_2_lr}
+        if self.optimizer.name == "prodigy" and len(part_lrs - {None}) > 0 and self.network.train_text_encoders:
+            if len({lr if lr is not None else self.optimizer.learning_rate for lr in part_lrs}) > 1:
+                found.append("optimizer.unet_lr / text_encoder_*_lr: prodigy finds one step size for all parts; "
+                             "leave them unset and set optimizer.learning_rate (usually 1.0)")
+        for key in ("network.include", "network.exclude"):
+            for pattern in lookup(self, key):
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    found.append(f"{key}: {pattern!r} is not a valid regex ({error})")
+        return found
+
+    def cache_conflicts(self) -> list[str]:
+        """Which option turns off which cache, so the user is told rather than left to wonder."""
+        notes = []
+        if self.dataset.cache_latents and self.dataset.random_crop:
+            notes.append("dataset.random_crop disables dataset.cache_latents (each step crops anew)")
+        if self.dataset.cache_text_encoder_outputs:
+            if self.network.train_text_encoders:
+                notes.append("network.train_text_encoders disables dataset.cache_text_encoder_outputs")
+            randomising = [k for k in ("shuffle_tags", "caption_dropout", "tag_dropout")
+                           if getattr(self.dataset, k)]
+            if randomising:
+                notes.append(f"dataset.{randomising[0]} disables dataset.cache_text_encoder_outputs "
+                             "(captions change between steps)")
+        return notes
+
+
+def _is_hex_colour(text: str) -> bool:
+    return len(text) == 7 and text.startswith("#") and all(c in "0123456789abcdefABCDEF" for c in text[1:])
+
+
+def fields_of(section: type) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(section))
+
+
+def all_keys() -> list[str]:
+    """Every dotted key, e.g. 'network.rank', in schema order."""
+    return [f"{name}.{f.name}" for name, section in SECTIONS.items() for f in fields_of(section)]
+
+
+def field_type(section: type, name: str) -> Any:
+    return get_type_hints(section)[name]
+
+
+def lookup(config: TrainConfig, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
+
+
+def _type_name(annotation: Any) -> str:
+    names = {str: "text", int: "an integer", float: "a number", bool: "true or false"}
+    if get_origin(annotation) is list:
+        return f"a list of {_type_name(get_args(annotation)[0]).removeprefix('a ').removeprefix('an ')}"
+    if _is_optional(annotation):
+        return _type_name(_non_none(annotation))
+    return names.get(annotation, str(annotation))
+
+
+def _is_optional(annotation: Any) -> bool:
+    return get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in get_args(annotation)
+
+
+def _non_none(annotation: Any) -> Any:
+    return next(arg for arg in get_args(annotation) if arg is not type(None))
+
+
+def _coerce(annotation: Any, value: Any) -> Any:
+    """The value as the field's type, or raise ValueError; ints are accepted where floats are expected."""
+    if _is_optional(annotation):
+        return None if value is None else _coerce(_non_none(annotation), value)
+    if get_origin(annotation) is list:
+        if not isinstance(value, list):
+            raise ValueError
+        return [_coerce(get_args(annotation)[0], item) for item in value]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
+        raise ValueError
+    return value
+
+
+def _check_value(key: str, spec: dataclasses.Field, annotation: Any, value: Any) -> tuple[Any, str | None]:
+    """(coerced value, None) or (None, 'key: problem')."""
+    try:
+        value = _coerce(annotation, value)
+    except ValueError:
+        return None, f"{key}: expected {_type_name(annotation)}, got {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):  # TOML allows nan and inf; no bound rejects nan
+        return None, f"{key}: expected a finite number, got {value}"
+    meta = spec.metadata
+    if meta["choices"] and value not in meta["choices"]:
+        return None, f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if meta["minimum"] is not None and value < meta["minimum"]:
+            return None, f"{key}: {value} is below the minimum {meta['minimum']}"
+        if meta["maximum"] is not None and value > meta["maximum"]:
+            return None, f"{key}: {value} is above the maximum {meta['maximum']}"
+    return value, None
+
+
+def unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1)
+    hint = f"did you mean {close[0]}?" if close else "`dora-studio settings` lists them all"
+    return f"{key}: unknown setting; {hint}"
+
+
+def from_dict(data: dict, where: str = "settings") -> TrainConfig:
+    """Build and validate a config from nested sections; every problem is reported at once."""
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for section_name, values in data.items():
+        if section_name not in SECTIONS:
+            problems.append(unknown_key_message(section_name) if not isinstance(values, dict) else
+                            f"[{section_name}]: unknown section; sections are {', '.join(SECTIONS)}")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{section_name}: expected a [{section_name}] table")
+            continue
+        section = SECTIONS[section_name]
+        specs = {f.name: f for f in fields_of(section)}
+        kwargs = {}
+        for name, value in values.items():
+            key = f"{section_name}.{name}"
+            if name not in specs:
+                problems.append(unknown_key_message(key))
+                continue
+            value, problem = _check_value(key, specs[name], field_type(section, name), value)
+            if problem:
+                problems.append(problem)
+                continue
+            kwargs[name] = value
+        sections[section_name] = section(**kwargs)
+    config = TrainConfig(**sections)
+    problems += [] if problems else config.problems()
+    if problems:
+        raise ConfigError(f"{where}:\n  " + "\n  ".join(problems))
+    return config
+
+
+def resolve_paths(data: dict, base_dir: Path) -> dict:
+    """A copy of nested settings with relative path settings made absolute against ``base_dir``.
+
+    Presets name paths relative to their own folder, so a preset works from any working directory and
+    the run's ``config.toml`` (always absolute) means the same thing from anywhere.
+    """
+    resolved = {name: dict(values) if isinstance(values, dict) else values for name, values in data.items()}
+    for section_name, section in SECTIONS.items():
+        values = resolved.get(section_name)
+        if not isinstance(values, dict):
+            continue
+        for spec in fields_of(section):
+            value = values.get(spec.name)
+            if spec.metadata["path"] and isinstance(value, str) and value and not value.startswith("builtin:"):
+                path = Path(value).expanduser()
+                values[spec.name] = str(path if path.is_absolute() else (base_dir / path).resolve())
+    return resolved
+
+
+def to_dict(config: TrainConfig) -> dict:
+    """Nested sections with every setting, None left out (TOML has no null)."""
+    return {
+        name: {k: v for k, v in dataclasses.asdict(getattr(config, name)).items() if v is not None}
+        for name in SECTIONS
+    }

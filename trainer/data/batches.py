@@ -1,0 +1,64 @@
+"""Turning an epoch's planned draws into tensors: cached latent moments, or pixels for the VAE.
+
+A ``torch.utils.data.Dataset`` whose items are whole batches, so a DataLoader with workers can read
+ahead while the GPU trains, and a resumed run can start at any batch of the epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .latent_cache import LatentCache
+from .epoch_plan import Draw, TrainExample, load_pixels
+
+
+@dataclass
+class Batch:
+    captions: list[str]
+    time_ids: Tensor  # [B, 6] SDXL micro-conditioning
+    moments: Tensor | None = None  # [B, 8, h, w] posterior moments from the cache, or
+    pixels: Tensor | None = None  # [B, 3, H, W] in [-1, 1] for the VAE to encode
+
+
+class EpochBatches(Dataset):
+    def __init__(self, batches: list[list[Draw]], examples: list[TrainExample], cache: LatentCache | None,
+                 background: tuple[int, int, int]):
+        self.batches, self.examples, self.cache, self.background = batches, examples, cache, background
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> Batch:
+        draws = self.batches[index]
+        time_ids = torch.tensor([draw.time_ids(self.examples[draw.example]) for draw in draws], dtype=torch.float32)
+        captions = [draw.caption for draw in draws]
+        if self.cache is None:
+            pixels = torch.stack([load_pixels(self.examples[d.example], d, self.background) for d in draws])
+            return Batch(captions, time_ids, pixels=pixels)
+        moments = []
+        for draw in draws:
+            key = self.cache.key(self.examples[draw.example], draw, self.background)
+            cached = self.cache.load(key)
+            if cached is None:
+                raise RuntimeError(f"latent cache entry {self.cache.path_for(key)} vanished during training; "
+                                   "resume the run to encode it again")
+            moments.append(cached)
+        return Batch(captions, time_ids, moments=torch.stack(moments))
+
+
+def batch_loader(dataset: EpochBatches, start: int, workers: int) -> DataLoader:
+    """Batches ``start``.. of the epoch, in order; workers read ahead without changing what is read."""
+    indices = range(start, len(dataset))
+    return DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=None, shuffle=False, num_workers=workers,
+        collate_fn=_as_is,
+    )
+
+
+def _as_is(batch: Batch) -> Batch:
+    """Items are whole batches already (a module-level function, so worker processes can pickle it)."""
+    return batch

@@ -1,0 +1,164 @@
+"""What each training step sees: the epoch's batches, each image's crop, flip and caption, and its pixels.
+
+Every random choice of epoch ``e`` comes from a ``random.Random`` seeded by (seed, e, batch, slot), so an
+epoch's order and augmentations are a pure function of the seed: a resumed run replays them exactly
+without saving any RNG state, and the latent cache can be filled before training knows the order.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .buckets import (
+    BucketSpec,
+    CropPlan,
+    assign_bucket,
+    crop_plan,
+    make_buckets,
+    micro_conditioning,
+)
+from .captions import CaptionOptions, process_caption
+from .scan import DatasetError, DatasetScan
+from .image_io import ImageLoadError, load_image_rgb
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    """One image of the dataset and the bucket it trains in."""
+
+    path: Path
+    caption: str
+    repeats: int
+    size: tuple[int, int]  # (width, height), upright
+    bucket: tuple[int, int]  # (width, height)
+
+
+@dataclass(frozen=True)
+class AugmentOptions:
+    captions: CaptionOptions
+    bucket_spec: BucketSpec
+    flip: bool = False
+    random_crop: bool = False
+    background: tuple[int, int, int] = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One image in one step: which, how it is cropped and flipped, and the caption text it gets."""
+
+    example: int  # index into the examples list
+    crop: CropPlan
+    flipped: bool
+    caption: str
+
+    def time_ids(self, example: TrainExample) -> list[int]:
+        """SDXL's micro-conditioning; a flipped image's crop starts where the mirrored crop does."""
+        width, height = example.size
+        top, left = self.crop.crop_top_left
+        if self.flipped:
+            left = self.crop.resized_size[0] - self.crop.bucket[0] - left
+        bucket_width, bucket_height = self.crop.bucket
+        return micro_conditioning((height, width), (top, left), (bucket_height, bucket_width))
+
+
+def plan_examples(scan: DatasetScan, spec: BucketSpec) -> list[TrainExample]:
+    buckets = make_buckets(spec)
+    return [
+        TrainExample(item.path, item.caption, item.repeats, (item.width, item.height),
+                     assign_bucket(item.width, item.height, buckets, spec))
+        for item in scan.items
+    ]
+
+
+def _rng(seed: int, epoch: int, *position: int) -> random.Random:
+    return random.Random(f"{seed}/{epoch}/" + "/".join(map(str, position)))
+
+
+def epoch_batches(examples: list[TrainExample], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """kohya's order: each image ``repeats`` times, shuffled within its bucket, cut into batches that never
+    mix buckets (the last of a bucket may be short), then the batches shuffled."""
+    rng = _rng(seed, epoch)
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index, example in enumerate(examples):
+        by_bucket.setdefault(example.bucket, []).extend([index] * example.repeats)
+    batches = []
+    for bucket in sorted(by_bucket):
+        indices = by_bucket[bucket]
+        rng.shuffle(indices)
+        batches += [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def draw_for(example: TrainExample, index: int, options: AugmentOptions, rng: random.Random) -> Draw:
+    """The crop, flip and caption of one image in one step, drawn in a fixed order."""
+    width, height = example.size
+    crop = crop_plan(width, height, example.bucket, options.random_crop, rng, options.bucket_spec)
+    flipped = options.flip and rng.random() < 0.5
+    return Draw(index, crop, flipped, process_caption(example.caption, options.captions, rng))
+
+
+def plan_epoch(
+    examples: list[TrainExample], options: AugmentOptions, batch_size: int, seed: int, epoch: int
+) -> list[list[Draw]]:
+    return [
+        [draw_for(examples[index], index, options, _rng(seed, epoch, batch_number, slot))
+         for slot, index in enumerate(batch)]
+        for batch_number, batch in enumerate(epoch_batches(examples, batch_size, seed, epoch))
+    ]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One process's part of a global batch."""
+
+    draws: list[Draw]  # never empty: a process with no image gets a stand-in of weight 0
+    weights: list[float]  # 1 per image, 0 for a stand-in
+    offset: int  # its first image's place in the global batch (its rows of the step's noise)
+    global_count: int  # images in the whole global batch
+
+
+def shard_batch(batch: list[Draw], rank: int, processes: int) -> Shard:
+    """Split a global batch as evenly as possible, in order: process r takes the r-th run of images.
+
+    Every process must run each step (gradients are averaged together), so when a bucket's last batch
+    has fewer images than processes, the ones left without repeat an image at weight 0.
+    """
+    base, extra = divmod(len(batch), processes)
+    count = base + (rank < extra)
+    offset = rank * base + min(rank, extra)
+    if count == 0:
+        return Shard([batch[0]], [0.0], 0, len(batch))
+    return Shard(batch[offset:offset + count], [1.0] * count, offset, len(batch))
+
+
+def load_pixels(example: TrainExample, draw: Draw, background: tuple[int, int, int]) -> Tensor:
+    """The cropped, maybe flipped image as a [3, H, W] float tensor in [-1, 1], as the VAE expects."""
+    try:
+        image = load_image_rgb(example.path, background)
+    except ImageLoadError as error:
+        # The scan checks files without decoding them all (a truncated BMP, a PNG with a bad stream but good
+        # checksums pass), and a file may change after it: end the run with the file and fix, not a traceback.
+        raise DatasetError(f"{error}; it passed the dataset check when the run started. Fix or remove it, "
+                           "then continue with --resume auto") from None
+    resized_width, resized_height = draw.crop.resized_size
+    if image.size != (resized_width, resized_height):
+        image = image.resize((resized_width, resized_height), resample=_resample(image.size, draw.crop.resized_size))
+    top, left = draw.crop.crop_top_left
+    bucket_width, bucket_height = draw.crop.bucket
+    image = image.crop((left, top, left + bucket_width, top + bucket_height))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    return pixels.flip(-1) if draw.flipped else pixels
+
+
+def _resample(size: tuple[int, int], target: tuple[int, int]):
+    """Area-averaging when shrinking (no aliasing), Lanczos when enlarging, as kohya does with cv2."""
+    from PIL import Image
+
+    return Image.Resampling.BOX if target[0] < size[0] else Image.Resampling.LANCZOS

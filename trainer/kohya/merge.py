@@ -1,0 +1,131 @@
+"""Match an adapter file's stems to a model's modules, merge it in, and export the merged model.
+
+The merge is ``trainer.adapters.weights.merged_weight``: the same arithmetic the layers use, so a merged
+model computes what the adapter computed in training.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter_file import LoadedAdapter, rename_stems
+from trainer.adapters.weights import AdapterWeights, merged_weight
+from trainer.sdxl.naming import Part, stem_for, unet_diffusers_stem_aliases
+
+
+@dataclass(frozen=True)
+class StemTarget:
+    """The module a stem names in a loaded model."""
+
+    part: Part
+    path: str
+    module: nn.Linear | nn.Conv2d
+
+
+def model_stem_targets(parts: Mapping[Part, nn.Module]) -> dict[str, StemTarget]:
+    """Every Linear and Conv2d of the given models by kohya stem (not only the default targets)."""
+    targets: dict[str, StemTarget] = {}
+    for part, model in parts.items():
+        for path, module in model.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                try:
+                    targets[stem_for(part, path)] = StemTarget(part, path, module)
+                except ValueError:
+                    continue  # a module with no SGM name cannot appear in a kohya file
+    return targets
+
+
+def pipeline_parts(pipe) -> dict[Part, nn.Module]:
+    return {"unet": pipe.unet, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
+
+
+def canonical_stems(loaded: LoadedAdapter, parts: Mapping[Part, nn.Module]) -> LoadedAdapter:
+    """Rename diffusers-underscore UNet stems (written by some trainers) to the SGM stems we use."""
+    aliases = unet_diffusers_stem_aliases(path for path, _ in parts["unet"].named_modules()) if "unet" in parts else {}
+    return rename_stems(loaded, aliases)
+
+
+def _shape_problem(weights: AdapterWeights, module: nn.Module) -> str | None:
+    weight_shape = tuple(module.weight.shape)
+    expected = (weight_shape[0], *weights.down.shape[1:])
+    if expected != weight_shape or weights.up.shape[0] != weight_shape[0]:
+        return f"adapter {tuple(weights.up.shape)} x {tuple(weights.down.shape)} does not fit weight {weight_shape}"
+    return None
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter's stems or shapes do not fit the model."""
+
+
+@dataclass
+class StemMatch:
+    matched: dict[str, tuple[AdapterWeights, StemTarget]]
+    unmatched: list[str]  # stems no module of the model has
+    misfit: dict[str, str]  # stems whose shapes do not fit their module, with why
+
+
+def match_stems(adapters: Mapping[str, AdapterWeights], targets: Mapping[str, StemTarget]) -> StemMatch:
+    result = StemMatch({}, [], {})
+    for stem, weights in sorted(adapters.items()):
+        target = targets.get(stem)
+        if target is None:
+            result.unmatched.append(stem)
+        elif problem := _shape_problem(weights, target.module):
+            result.misfit[stem] = problem
+        else:
+            result.matched[stem] = (weights, target)
+    return result
+
+
+def require_full_match(match: StemMatch, adapter_file: Path, model: str | Path) -> None:
+    """Refuse to merge a file whose stems the model does not have: front ends would drop them silently."""
+    if not match.unmatched and not match.misfit:
+        return
+    lines = [f"{stem}: no such module" for stem in match.unmatched[:10]]
+    lines += [f"{stem}: {why}" for stem, why in list(match.misfit.items())[:10]]
+    more = len(match.unmatched) + len(match.misfit) - len(lines)
+    raise AdapterMismatchError(
+        f"{adapter_file} does not fit the model {model}: {len(match.unmatched)} stems not found, "
+        f"{len(match.misfit)} with wrong shapes (is it an adapter for another architecture, e.g. SD1.5?)\n  "
+        + "\n  ".join(lines) + (f"\n  ... and {more} more" if more > 0 else "")
+    )
+
+
+@torch.no_grad()
+def merge_matched(match: StemMatch, strength: float) -> None:
+    """Write W + s * (W' - W) into every matched module, in its own dtype."""
+    for weights, target in match.matched.values():
+        weight = target.module.weight
+        weight.copy_(merged_weight(weight, weights, strength).to(weight.dtype))
+
+
+def export_pipeline(pipe, out: Path, dtype: torch.dtype | None = None) -> Path:
+    """A diffusers folder, or an SGM single-file checkpoint when ``out`` ends in .safetensors."""
+    from trainer.sdxl.sgm_checkpoint import save_sgm_checkpoint
+
+    out = Path(out)
+    if out.suffix.lower() == ".safetensors":
+        save_sgm_checkpoint(pipe, out, dtype=dtype)
+        return out
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new folder so nothing is overwritten")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target, then renamed, so a crash never leaves a half-written model folder.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if dtype is not None:
+            pipe.to(dtype=dtype)
+        pipe.save_pretrained(staging, safe_serialization=True)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,206 @@
+"""The configs of SDXL base 1.0, and a tiny model with the same layout.
+
+The real configs are copied from stabilityai/stable-diffusion-xl-base-1.0 so the target counts and
+stems (FORMAT.md sections 2 and 3) can be checked on the true architecture without its weights: the
+``real_*`` builders instantiate it on the meta device. The tiny configs keep every structural choice
+that decides a module path (block types, depths, resnets per block, 12 and 32 text-encoder layers,
+shortcut convs, up/down samplers) and shrink only the widths, so a tiny model has exactly the
+modules, stems and checkpoint keys of the real one and runs on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],  # diffusers' historical name: these are head counts
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,  # 6 * 256 (size/crop/target) + 1280 (pooled TE2)
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+# CLIP ViT-L/14 text tower (``text_encoder``).
+SDXL_TEXT_ENCODER_1_CONFIG: dict[str, Any] = {
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+
+# OpenCLIP ViT-bigG/14 text tower (``text_encoder_2``).
+SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
+    **SDXL_TEXT_ENCODER_1_CONFIG,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+}
+
+SDXL_VAE_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+# Tiny tokenizer (see trainer.builtin.tiny): 256 byte symbols, their "</w>" forms, then the two specials.
+TINY_VOCAB_SIZE = 514
+TINY_BOS_TOKEN_ID = 512
+TINY_EOS_TOKEN_ID = 513
+TINY_EXCLAMATION_TOKEN_ID = 0  # "!", the pad token of tokenizer_2 as in SDXL
+
+# Hidden sizes must differ between the two encoders: diffusers' single-file loader tells TE1 from TE2
+# by comparing the stored position-embedding width with the model's
+# (create_diffusers_clip_model_from_ldm); with equal widths TE2 would be filled from TE1's keys.
+TINY_TEXT_ENCODER_1_CONFIG: dict[str, Any] = {
+    **SDXL_TEXT_ENCODER_1_CONFIG,
+    "hidden_size": 16,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "projection_dim": 16,
+    "vocab_size": TINY_VOCAB_SIZE,
+    "bos_token_id": TINY_BOS_TOKEN_ID,
+    "eos_token_id": TINY_EOS_TOKEN_ID,
+    "pad_token_id": TINY_EOS_TOKEN_ID,
+}
+
+# projection_dim != hidden_size on purpose: a transposed text_projection then changes its shape,
+# so the single-file round trip catches an orientation mistake that a square matrix would hide.
+TINY_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
+    **SDXL_TEXT_ENCODER_2_CONFIG,
+    "hidden_size": 32,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "projection_dim": 24,
+    "vocab_size": TINY_VOCAB_SIZE,
+    "bos_token_id": TINY_BOS_TOKEN_ID,
+    "eos_token_id": TINY_EOS_TOKEN_ID,
+    "pad_token_id": TINY_EXCLAMATION_TOKEN_ID,
+}
+
+# Three distinct widths so every resnet that has a conv_shortcut in SDXL has one here too;
+# head counts [1, 2, 4] give 16 channels per head at every level, as SDXL has 64 at every level.
+TINY_UNET_CONFIG: dict[str, Any] = {
+    **SDXL_UNET_CONFIG,
+    "block_out_channels": [16, 32, 64],
+    "attention_head_dim": [1, 2, 4],
+    "norm_num_groups": 8,
+    "addition_time_embed_dim": 8,
+    "cross_attention_dim": (
+        TINY_TEXT_ENCODER_1_CONFIG["hidden_size"] + TINY_TEXT_ENCODER_2_CONFIG["hidden_size"]
+    ),
+    "projection_class_embeddings_input_dim": 6 * 8 + TINY_TEXT_ENCODER_2_CONFIG["projection_dim"],
+    "sample_size": 8,  # 64 px at the VAE's factor 8
+}
+
+# Four levels as in SDXL, so latents are 1/8 of the image size everywhere in the project.
+TINY_VAE_CONFIG: dict[str, Any] = {
+    **SDXL_VAE_CONFIG,
+    "block_out_channels": [8, 16, 32, 32],
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+
+
+def real_unet(device: str | torch.device = "meta") -> UNet2DConditionModel:
+    """The SDXL base UNet with no weights (meta device): for counting and naming its modules."""
+    with torch.device(device):
+        return UNet2DConditionModel(**copy.deepcopy(SDXL_UNET_CONFIG))
+
+
+def real_text_encoder_1(device: str | torch.device = "meta") -> CLIPTextModel:
+    """SDXL's CLIP ViT-L text encoder with no weights (meta device)."""
+    with torch.device(device):
+        return CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_1_CONFIG))
+
+
+def real_text_encoder_2(device: str | torch.device = "meta") -> CLIPTextModelWithProjection:
+    """SDXL's OpenCLIP bigG text encoder, as transformers models it, with no weights (meta device)."""
+    with torch.device(device):
+        return CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG))

@@ -1,0 +1,394 @@
+"""The training loop: for each step, noise a latent, ask the UNet for the noise, step the adapter.
+
+Set-up is in ``training_setup``, a step's arithmetic in ``training_step``, data in ``train_data`` /
+``batches``, what several processes share in ``processes``; bookkeeping (saving, sampling, status,
+commands, signals) is in named helpers below, so the loop in ``_train_steps`` reads as plainly as
+nanoGPT's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from trainer.data.batches import EpochBatches, batch_loader
+from trainer.config.schema import TrainConfig, to_dict
+from trainer.sdxl.objective import draw_step_noise
+from .network import save_network
+from trainer.optional_packages import import_optional
+from trainer.config.presets import write_config
+from .processes import (
+    agree_on_commands,
+    average_gradients,
+    make_accelerator,
+    sum_over_processes,
+)
+from trainer.runs.resume import check_resume_config, check_resume_processes, find_state
+from trainer.runs.run_directory import RunDirectory
+from .sampling import SampleDefaults, generate_samples
+from trainer.data.epoch_plan import plan_epoch, shard_batch
+from trainer.runs.train_state import (
+    load_train_state,
+    prune_states,
+    read_state_extra,
+    save_train_state,
+)
+from .setup import TrainingError, prepare_session
+from .step import latent_shape, step_seed, training_loss
+
+log = logging.getLogger("dora_studio")
+STATUS_INTERVAL_S = 1.0  # status.json is rewritten at most this often between state changes
+
+
+@dataclass
+class Progress:
+    """Where the run is: what a saved state records, and all a resume needs (data order is seeded)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs fully done
+    batches_done: int = 0  # batches of the current epoch done
+    skipped_batches: int = 0  # accumulation groups dropped for a non-finite loss or gradient
+
+
+class StopRequested(Exception):
+    """Ctrl-C, SIGTERM or a ``stop`` command: save, then end the run as ``stopped``."""
+
+
+@dataclass
+class _Signals:
+    stop: bool = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The first Ctrl-C / SIGTERM asks for a clean stop; a second Ctrl-C interrupts at once."""
+        def handler(signum, frame):
+            self.stop = True
+            log.info("stop requested (%s): finishing this step, then saving", signal.Signals(signum).name)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for sig in previous:
+                signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. a test harness): no signal handling
+            previous = {}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+class Trainer:
+    """One run in one run directory: owns the session, the progress and the bookkeeping."""
+
+    def __init__(self, config: TrainConfig, run: RunDirectory, show_progress: bool = True):
+        self.config, self.run, self.show_progress = config, run, show_progress
+        self.signals = _Signals()
+        self.progress = Progress()
+        self.started_at = time.time()
+        self._last_status = 0.0
+        self._session_start: tuple[float, int] | None = None  # (time, step) when this process began stepping
+
+    # -- entry point -------------------------------------------------------------------------------
+
+    def run_training(self, resume: str | None = None) -> Path:
+        """Train to the end (or a stop request); returns the newest adapter written."""
+        accelerator = make_accelerator(self.config)
+        self.accelerator = accelerator
+        if accelerator.is_main_process:
+            self.run.create()
+            self.run.remove_stale_temp_files()
+            write_config(self.config, self.run.config_path)
+        self._status(state="starting", message="loading data and models", started_at=self.started_at,
+                     processes=accelerator.num_processes)
+        with self.signals.installed():
+            try:
+                return self._run(accelerator, resume)
+            except StopRequested:
+                if accelerator.is_main_process and self.run.read_status().get("state") != "stopped":
+                    self._status(state="stopped", message="stopped before training began")
+                raise
+            except BaseException as error:
+                with contextlib.suppress(OSError):  # a full disk must not hide the reason behind a second error
+                    self._status(state="failed", message=str(error) or type(error).__name__,
+                                          error_type=type(error).__name__)
+                raise
+
+    def _run(self, accelerator: Accelerator, resume: str | None) -> Path:
+        if accelerator.device.type == "cpu" and self.config.training.mixed_precision == "fp16":
+            raise TrainingError("training.mixed_precision = \"fp16\" needs a GPU (CPUs have no fp16 autocast); "
+                                "use \"bf16\" or \"no\" on this machine")
+        self.tensorboard = self._tensorboard_writer(accelerator)  # a missing package is said before any work
+        self._status(state="caching", message="checking the dataset and caching latents")
+        with accelerator.main_process_first():  # rank 0 builds/caches first; the others then find it all made
+            session = prepare_session(self.config, accelerator.device, accelerator.num_processes,
+                                      on_caching=self._caching_progress)
+        self.session = session
+        log.info("%d images, %d batches per epoch, %d optimizer steps in all", len(session.examples),
+                 session.batches_per_epoch, session.total_steps)
+        # Only the optimizer is prepared (fp16 loss scaling). The models are not wrapped in DDP: gradients
+        # of the adapters are averaged by hand (processes.average_gradients), which covers the text encoders too and
+        # layers skipped by module dropout, and leaves the pipeline's own modules unwrapped for sampling.
+        session.optimizer = accelerator.prepare(session.optimizer)
+        if resume and self._resume(resume):
+            pass
+        elif self.config.sampling.at_start and session.sample_prompts:
+            self._sample(self.run.samples_dir / "epoch_000", adapters=False)
+        if accelerator.is_main_process:
+            self.run.truncate_metrics(self.progress.step)
+        adapter = self._train_steps()
+        self._status(state="done", message=f"finished: {adapter}", last_adapter=str(adapter),
+                              step=self.progress.step, eta_seconds=0)
+        return adapter
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _train_steps(self) -> Path:
+        session, config, accelerator = self.session, self.config, self.accelerator
+        accumulation = config.training.gradient_accumulation
+        bar = tqdm(total=session.total_steps, initial=self.progress.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.show_progress and accelerator.is_main_process))
+        self._status(state="training", message="training", total_steps=session.total_steps,
+                     epochs=config.training.epochs)
+        rank, processes = accelerator.process_index, accelerator.num_processes
+        global_batch = config.training.batch_size * processes
+        while self.progress.epoch < config.training.epochs and self.progress.step < session.total_steps:
+            epoch = self.progress.epoch
+            global_draws = plan_epoch(session.examples, session.augment, global_batch, config.training.seed, epoch)
+            shards = [shard_batch(batch, rank, processes) for batch in global_draws]
+            dataset = EpochBatches([shard.draws for shard in shards], session.examples, session.latent_cache,
+                                   session.augment.background)
+            group_loss_sum, data_wait = 0.0, 0.0
+            step_started = tick = time.perf_counter()  # a step spans its whole accumulation group
+            for index, batch in enumerate(batch_loader(dataset, self.progress.batches_done,
+                                                       config.dataset.loader_workers),
+                                          start=self.progress.batches_done):
+                data_wait += time.perf_counter() - tick
+                shard = shards[index]
+                group_start = index - index % accumulation
+                group_size = min(accumulation, len(shards) - group_start)
+                syncs = index == group_start + group_size - 1
+                torch.manual_seed(step_seed(config.training.seed, epoch * len(shards) + index))
+                step_noise = draw_step_noise(shard.global_count, latent_shape(session, batch),
+                                             session.noise_scheduler.config.num_train_timesteps,
+                                             config.training.noise_offset, session.device)
+                losses = training_loss(session, session.pipe.unet, batch,
+                                       step_noise.rows(shard.offset, len(shard.draws)), accelerator.autocast)
+                weighted = (losses * torch.tensor(shard.weights, device=losses.device)).sum()
+                # each process's share of the global mean; averaging over processes (and the group) gives
+                # exactly the loss one process would compute on the whole global batch
+                accelerator.backward(weighted * processes / shard.global_count / group_size)
+                group_loss_sum += weighted.item() / shard.global_count / group_size
+                if syncs:
+                    group_loss = sum_over_processes(accelerator, group_loss_sum)
+                    average_gradients(accelerator, session.trainable.values())
+                    if not self._finite_step(group_loss):
+                        session.optimizer.zero_grad(set_to_none=True)
+                        self.progress.batches_done = index + 1
+                        group_loss_sum, data_wait = 0.0, 0.0
+                        step_started = tick = time.perf_counter()
+                        continue
+                    session.optimizer.step()
+                    session.lr_scheduler.step()
+                    session.optimizer.zero_grad(set_to_none=True)
+                    self.progress.step += 1
+                    self.progress.batches_done = index + 1
+                    self._after_step(bar, group_loss, time.perf_counter() - step_started, data_wait)
+                    self._step_bookkeeping()
+                    group_loss_sum, data_wait = 0.0, 0.0
+                    step_started = time.perf_counter()  # saving and sampling are not step time
+                    if self.progress.step >= session.total_steps and index + 1 < len(shards):
+                        break  # max_steps reached inside the epoch
+                tick = time.perf_counter()
+            else:
+                self.progress.epoch, self.progress.batches_done = epoch + 1, 0
+                self._epoch_bookkeeping()
+                continue
+            self._sample(self.run.samples_dir / f"step_{self.progress.step:06d}")  # the last look at the run
+            break
+        bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        return self._save("final")
+
+    # -- processes ---------------------------------------------------------------------------------
+
+    def _status(self, **fields) -> None:
+        """Only the main process writes the run folder."""
+        if self.accelerator.is_main_process:
+            self.run.write_status(**fields)
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+
+    def _finite_step(self, loss: float) -> bool:
+        """Clip, and check loss and gradient norm; False: skip this group (allowed), or raise to fail the run.
+
+        With fp16 the gradient scaler itself skips steps whose gradients overflow, so only the loss is
+        checked there.
+        """
+        config = self.config
+        problem = None if math.isfinite(loss) else f"the loss became {loss}"
+        if problem is None:
+            fp16 = config.training.mixed_precision == "fp16"
+            max_norm = config.optimizer.max_grad_norm
+            if max_norm > 0 or not fp16:
+                norm = self.accelerator.clip_grad_norm_(self.session.trainable.values(), max_norm or math.inf)
+                if not fp16 and not math.isfinite(float(norm)):
+                    problem = f"the gradient norm became {float(norm)}"
+        if problem is None:
+            return True
+        where = f"{problem} at step {self.progress.step + 1}"
+        if self.progress.skipped_batches < config.training.max_skipped_batches:
+            self.progress.skipped_batches += 1
+            log.warning("%s: batch skipped (%d of %d allowed)", where, self.progress.skipped_batches,
+                        config.training.max_skipped_batches)
+            return False
+        raise TrainingError(
+            f"{where}; the run stops here and the last saved adapter and state are kept. Usual fixes: lower the "
+            "learning rate, use mixed_precision = \"bf16\" instead of fp16, lower noise_offset, or allow a few "
+            "bad batches with training.max_skipped_batches"
+        )
+
+    def _after_step(self, bar, loss: float, seconds: float, data_wait: float) -> None:
+        step = self.progress.step
+        if self._session_start is None:
+            self._session_start = (time.perf_counter() - seconds, step - 1)
+        lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.session.optimizer.param_groups)
+               if not str(group.get("name", "")).endswith("/no_decay")}
+        if self.accelerator.is_main_process:
+            self.run.append_metrics({"step": step, "epoch": self.progress.epoch + 1, "loss": loss, "lr": lrs,
+                                     "seconds": seconds, "data_seconds": data_wait, "time": time.time()})
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("loss", loss, step)
+            for name, lr in lrs.items():
+                self.tensorboard.add_scalar(f"lr/{name}", lr, step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}", refresh=False)
+        now = time.perf_counter()
+        if now - self._last_status >= STATUS_INTERVAL_S or step == self.session.total_steps:
+            self._last_status = now
+            started, first_step = self._session_start
+            rate = (step - first_step) / max(now - started, 1e-9)
+            self._status(state="training", step=step, epoch=self.progress.epoch + 1, loss=loss,
+                                  eta_seconds=round((self.session.total_steps - step) / rate, 1),
+                                  message=f"step {step}/{self.session.total_steps}")
+
+    def _tensorboard_writer(self, accelerator: Accelerator):
+        if not (self.config.saving.tensorboard and accelerator.is_main_process):
+            return None
+        import_optional("tensorboard", feature="saving.tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run.root / "tensorboard"))
+
+    def _step_bookkeeping(self) -> None:
+        """Commands, signals and every-N-steps saving/sampling, after an optimizer step."""
+        local = self.run.take_commands() if self.accelerator.is_main_process else set()
+        commands = agree_on_commands(self.accelerator, local | ({"stop"} if self.signals.stop else set()))
+        step, saving, sampling = self.progress.step, self.config.saving, self.config.sampling
+        if "sample" in commands or (sampling.every_n_steps and step % sampling.every_n_steps == 0):
+            self._sample(self.run.samples_dir / f"step_{step:06d}")
+        if "stop" in commands:
+            path = self._save("step")
+            self._status(state="stopped", step=step, last_adapter=str(path),
+                                  message=f"stopped at step {step}; saved {path.name}; resume with --resume auto")
+            raise StopRequested
+        if step < self.session.total_steps and ("save" in commands or
+                                                (saving.every_n_steps and step % saving.every_n_steps == 0)):
+            self._save("step")
+
+    def _epoch_bookkeeping(self) -> None:
+        epoch, saving, sampling = self.progress.epoch, self.config.saving, self.config.sampling
+        if sampling.every_n_epochs and epoch % sampling.every_n_epochs == 0:
+            self._sample(self.run.samples_dir / f"epoch_{epoch:03d}")
+        last = epoch == self.config.training.epochs or self.progress.step >= self.session.total_steps
+        if not last and saving.every_n_epochs and epoch % saving.every_n_epochs == 0:
+            self._save("epoch")
+
+    def _sample(self, out_dir: Path, adapters: bool = True) -> None:
+        session = self.session
+        if not session.sample_prompts or not self.accelerator.is_main_process:
+            return
+        self._status(state="sampling", message=f"sampling {out_dir.name}")
+        resolution = self.config.dataset.resolution
+        defaults = SampleDefaults(resolution, resolution, self.config.sampling.steps,
+                                  self.config.sampling.guidance_scale, self.config.sampling.seed)
+        layers = {stem: layer for part in session.adapters.values() for stem, layer in part.items()} if adapters else {}
+        generate_samples(session.pipe, layers, session.sample_prompts, defaults, out_dir)
+        log.info("samples written to %s", out_dir)
+        self._status(state="training", message="training")
+
+    def _save(self, kind: str) -> Path:
+        """Adapter file (and resume state) now; ``kind``: "epoch", "step" or "final"."""
+        step, epoch, name = self.progress.step, self.progress.epoch, self.config.saving.output_name
+        path = self.run.adapters_dir / {
+            "final": f"{name}.safetensors", "epoch": f"{name}-epoch{epoch:03d}.safetensors",
+            "step": f"{name}-step{step:06d}.safetensors",
+        }[kind]
+        if not self.accelerator.is_main_process:
+            return path
+        try:
+            self._status(state="saving", message=f"saving {path.name}")
+            save_network(path, self.session.adapters, self.config, steps=step, epoch=epoch,
+                         started_at=self.started_at, dataset_dirs=self.session.dataset_dirs,
+                         tag_frequencies=self.session.tag_frequencies)
+            if self.config.saving.save_state:
+                save_train_state(self.run.states_dir, step, trainable=self.session.trainable,
+                                 optimizer=self.session.optimizer, lr_scheduler=self.session.lr_scheduler,
+                                 progress=asdict(self.progress), extra={"config": to_dict(self.config),
+                                        "processes": self.accelerator.num_processes})
+                prune_states(self.run.states_dir, self.config.saving.keep_last_states)
+        except OSError as error:  # every write is atomic: what was saved before is still whole
+            kept = self.run.read_status().get("last_adapter") or "none yet"
+            raise TrainingError(
+                f"could not save {path.name} in {self.run.root} ({error.strerror or error}); free disk space or "
+                f"fix the folder's permissions, then resume with --resume auto. The last good adapter ({kept}) "
+                "and its state are kept"
+            ) from error
+        if kind != "final":
+            self._prune_adapters()
+        log.info("saved %s", path)
+        self._status(state="training", message=f"saved {path.name}", last_adapter=str(path))
+        return path
+
+    def _prune_adapters(self) -> None:
+        keep = self.config.saving.keep_last
+        if keep <= 0:
+            return
+        name = self.config.saving.output_name
+        intermediate = sorted(self.run.adapters_dir.glob(f"{name}-*.safetensors"), key=lambda p: p.stat().st_mtime)
+        for old in intermediate[:-keep]:
+            old.unlink(missing_ok=True)
+
+    def _caching_progress(self, done: int, total: int) -> None:
+        if self.signals.stop:
+            raise StopRequested
+        if done == total or done % 10 == 0:
+            self._status(state="caching", message=f"caching latents {done}/{total}")
+
+    def _resume(self, resume: str) -> bool:
+        """Load the state to continue from; False when ``--resume auto`` found none (start from step 0)."""
+        state_dir = find_state(resume, self.run)
+        if state_dir is None:
+            log.info("no saved state in %s yet: starting the run from the beginning", self.run.states_dir)
+            return False
+        saved = read_state_extra(state_dir)
+        check_resume_config(saved["config"], to_dict(self.config), state_dir)
+        check_resume_processes(saved.get("processes", 1), self.accelerator.num_processes, state_dir)
+        loaded = load_train_state(state_dir, trainable=self.session.trainable, optimizer=self.session.optimizer,
+                                  lr_scheduler=self.session.lr_scheduler)
+        self.progress = Progress(**loaded["progress"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", state_dir, self.progress.step,
+                 self.progress.epoch + 1, self.progress.batches_done)
+        return True

@@ -1,0 +1,114 @@
+"""Optimizers and learning-rate schedules by name, so the config names one and the loop never imports one.
+
+Each ``ParamGroup`` (UNet, each text encoder) keeps its own learning rate and its name, so logs can
+show ``lr/<name>``. Parameters the caller marks ``no_decay`` (DoRA magnitudes, which weight decay
+would pull toward zero and so shrink the weight norm) go to a twin group with weight decay 0.
+Optional optimizer packages are imported only when chosen; a missing one says what to install.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import Parameter
+
+from trainer.optional_packages import import_optional
+
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters trained with one learning rate; ``name`` ("unet", "text_encoder_1", ...) labels its lr in logs."""
+
+    name: str
+    params: list[Parameter]
+    lr: float
+
+
+def build_optimizer(
+    name: str,
+    groups: Sequence[ParamGroup],
+    *,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    no_decay: Callable[[Parameter], bool] | None,
+) -> torch.optim.Optimizer:
+    """Build optimizer ``name`` with one param group per non-empty ``ParamGroup`` (plus its no-decay twin).
+
+    Prodigy estimates the step size itself and treats ``lr`` as a multiplier, so it is usually run
+    with lr 1.0 (the lr given here is used as is), and it needs one lr for all groups. Adafactor runs with a fixed (scheduled) lr; Adam's
+    ``betas`` and ``eps`` mean something else there, so Adafactor keeps its own defaults for those.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    torch_groups = _torch_param_groups(groups, weight_decay, no_decay)
+    if not torch_groups:
+        raise ValueError("no parameters to train: every ParamGroup is empty")
+    params = [p for group in torch_groups for p in group["params"]]
+    # The optimizer-wide lr is only a default (each group sets its own), but diffusers' polynomial
+    # schedule reads it as its reference lr, so it is the first group's rather than a library default.
+    lr = torch_groups[0]["lr"]
+
+    if name == "adamw":
+        fused = all(p.is_cuda for p in params)  # one kernel per step instead of a loop over tensors
+        return torch.optim.AdamW(torch_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                 fused=fused or None)
+    if name == "adamw8bit":
+        bnb = import_optional("bitsandbytes", feature=f"optimizer {name!r}")
+        return bnb.optim.AdamW8bit(torch_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name == "prodigy":
+        prodigyopt = import_optional("prodigyopt", feature=f"optimizer {name!r}")
+        # Prodigy estimates one step size for all groups and refuses, at the first step, groups whose lr
+        # differ (0 excepted, meaning frozen): said here, before any model is loaded.
+        if len({g["lr"] for g in torch_groups} - {0.0}) > 1:
+            raise ValueError("prodigy needs the same lr for every group (conventionally 1.0; 0 freezes a group), "
+                             f"got {', '.join(f'{g.name}={g.lr}' for g in groups if g.params)}")
+        return prodigyopt.Prodigy(torch_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    from transformers.optimization import (
+        Adafactor,  # a hard dependency, imported late because it is slow
+    )
+
+    # relative_step/scale_parameter off: otherwise Adafactor ignores lr and computes its own step size.
+    return Adafactor(torch_groups, lr=lr, weight_decay=weight_decay,
+                     relative_step=False, scale_parameter=False, warmup_init=False)
+
+
+def build_scheduler(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    num_cycles: int = 1,
+    power: float = 1.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """diffusers' schedule ``name``, stepped once per optimizer step; it scales every group's own lr."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown lr scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    if warmup_steps < 0 or total_steps < 1:
+        raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                         num_cycles=num_cycles, power=power)
+
+
+def _torch_param_groups(
+    groups: Sequence[ParamGroup], weight_decay: float, no_decay: Callable[[Parameter], bool] | None
+) -> list[dict[str, Any]]:
+    torch_groups = []
+    for group in groups:
+        skip_decay = [bool(no_decay and no_decay(p)) for p in group.params]
+        decayed = [p for p, skip in zip(group.params, skip_decay) if not skip]
+        undecayed = [p for p, skip in zip(group.params, skip_decay) if skip]
+        for suffix, params, decay in (("", decayed, weight_decay), ("/no_decay", undecayed, 0.0)):
+            if params:
+                torch_groups.append({"name": group.name + suffix, "params": params, "lr": group.lr,
+                                     "weight_decay": decay})
+    return torch_groups

@@ -1,0 +1,259 @@
+"""Everything a run needs before its first step: data, models, adapters, caches, optimizer.
+
+Kept apart from the loop (``trainer.training.loop``) so the loop reads top to bottom like nanoGPT's: what
+is set up here is handed over in one ``Session``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from trainer.data.buckets import crop_plan
+from trainer.data.captions import CaptionOptions, is_randomised, process_caption
+from trainer.data.check import DataReport, report_for_scan
+from trainer.config.schema import TrainConfig
+from trainer.data.scan import DatasetError, scan_dataset
+from trainer.sdxl.objective import training_noise_scheduler
+from trainer.data.latent_cache import LatentCache, fill_cache, vae_fingerprint
+from trainer.sdxl.model_files import default_cache_dir, load_sdxl_pipeline, resolve_model_path
+from .network import (
+    PART_GROUP_NAMES,
+    PART_LR_SETTINGS,
+    Adapters,
+    inject_network,
+    magnitude_parameter_ids,
+    tag_frequency,
+    trainable_parameters,
+)
+from .optimizers import ParamGroup, build_optimizer, build_scheduler
+from .sample_prompts import SamplePrompt, parse_prompt_line, read_prompt_file
+from trainer.sdxl.text_encoding import encode_captions
+from trainer.data.epoch_plan import AugmentOptions, Draw, TrainExample, epoch_batches, plan_examples
+
+log = logging.getLogger("dora_studio")
+
+MAX_PROBLEMS_LOGGED = 20
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what to change."""
+
+
+@dataclass
+class Session:
+    """What the loop works with; built once by ``prepare_session``."""
+
+    config: TrainConfig
+    device: torch.device
+    pipe: object  # diffusers StableDiffusionXLPipeline holding the adapted models
+    adapters: Adapters
+    trainable: dict[str, torch.nn.Parameter]
+    examples: list[TrainExample]
+    augment: AugmentOptions
+    report: DataReport
+    noise_scheduler: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    sample_prompts: list[SamplePrompt]
+    latent_cache: LatentCache | None = None
+    text_cache: dict[str, tuple[Tensor, Tensor]] | None = None
+    dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)  # kohya's ss_dataset_dirs
+    tag_frequencies: dict[str, dict[str, int]] = field(default_factory=dict)  # kohya's ss_tag_frequency
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        return self.config.network.train_text_encoders
+
+
+def augment_options(config: TrainConfig) -> AugmentOptions:
+    d = config.dataset
+    colour = tuple(int(d.background_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return AugmentOptions(
+        captions=CaptionOptions(d.trigger_word, d.shuffle_tags, d.keep_tokens, d.caption_dropout, d.tag_dropout,
+                                d.tag_separator),
+        bucket_spec=config.dataset.bucket_spec(), flip=d.flip, random_crop=d.random_crop, background=colour,
+    )
+
+
+def sample_prompts(config: TrainConfig) -> list[SamplePrompt]:
+    prompts = [parse_prompt_line(line) for line in config.sampling.prompts]
+    if config.sampling.prompt_file:
+        prompts += read_prompt_file(Path(config.sampling.prompt_file))
+    return prompts
+
+
+def schedule_lengths(batches_per_epoch: int, config: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps); an epoch's last accumulation group may be short."""
+    per_epoch = math.ceil(batches_per_epoch / config.training.gradient_accumulation)
+    total = per_epoch * config.training.epochs
+    if config.training.max_steps:
+        total = min(total, config.training.max_steps)
+    return per_epoch, total
+
+
+def _check_schedule(scheduler_config, config: TrainConfig) -> None:
+    """Refuse to train epsilon on a model whose own scheduler says it predicts v (or has zero terminal SNR).
+
+    Such an adapter would learn the wrong target and its samples would be grey noise; the fix is two settings.
+    Only this direction is refused: a single-file v-pred checkpoint often comes with SDXL base's configs.
+    """
+    model_predicts_v = scheduler_config.get("prediction_type") == "v_prediction"
+    wants_v = model_predicts_v and config.model.prediction_type != "v_prediction"
+    wants_ztsnr = scheduler_config.get("rescale_betas_zero_snr") and not config.model.zero_terminal_snr
+    if wants_v or wants_ztsnr:
+        needed = ['model.prediction_type = "v_prediction"'] if wants_v else []
+        needed += ["model.zero_terminal_snr = true"] if wants_ztsnr else []
+        raise TrainingError(f"{config.model.path}: this model was trained with "
+                            f"{'v-prediction' if wants_v else 'zero terminal SNR'} (its scheduler config says so); "
+                            f"set {' and '.join(needed)} in the preset's [model] section")
+
+
+def load_pipeline(config: TrainConfig, device: torch.device):
+    """The SDXL pipeline with frozen weights in the compute dtype and the VAE in fp32.
+
+    The SDXL VAE overflows in fp16 (black or NaN images), so it always runs in fp32; it only encodes once
+    per image with the latent cache, and decodes only for samples.
+    """
+    model_path = resolve_model_path(config.model.path)
+    pipe = load_sdxl_pipeline(model_path, config.model.config_dir or None)
+    weight_dtype = WEIGHT_DTYPES[config.training.mixed_precision]
+    pipe.unet.to(device, weight_dtype)
+    pipe.text_encoder.to(device, weight_dtype)
+    pipe.text_encoder_2.to(device, weight_dtype)
+    pipe.vae.to(device, torch.float32)
+    for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        model.requires_grad_(False).eval()
+    _check_schedule(pipe.scheduler.config, config)
+    if config.model.prediction_type == "v_prediction" or config.model.zero_terminal_snr:
+        # sampling must use the schedule training used, or v-pred / ZTSNR samples come out grey
+        pipe.scheduler = pipe.scheduler.from_config(
+            pipe.scheduler.config, prediction_type=config.model.prediction_type,
+            rescale_betas_zero_snr=config.model.zero_terminal_snr,
+            **({"timestep_spacing": "trailing"} if config.model.zero_terminal_snr else {}),
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _optimizer(config: TrainConfig, adapters: Adapters, total_steps: int):
+    opt = config.optimizer
+    groups = [
+        ParamGroup(PART_GROUP_NAMES[part], [p for layer in layers.values() for p in layer.parameters(recurse=False)],
+                   getattr(opt, PART_LR_SETTINGS[part]) or opt.learning_rate)
+        for part, layers in adapters.items()
+    ]
+    magnitudes = magnitude_parameter_ids(adapters)
+    optimizer = build_optimizer(opt.name, groups, weight_decay=opt.weight_decay, betas=tuple(opt.betas),
+                                eps=opt.eps, no_decay=lambda p: id(p) in magnitudes)
+    scheduler = build_scheduler(opt.scheduler, optimizer, warmup_steps=opt.warmup_steps, total_steps=total_steps)
+    return optimizer, scheduler
+
+
+def cacheable_draws(examples: list[TrainExample], augment: AugmentOptions) -> list[Draw]:
+    """Every crop a run can use when crops are centred: one per image, and its mirror when flipping."""
+    draws = []
+    for index, example in enumerate(examples):
+        crop = crop_plan(*example.size, example.bucket, False, None, augment.bucket_spec)
+        draws += [Draw(index, crop, flipped, "") for flipped in ((False, True) if augment.flip else (False,))]
+    return draws
+
+
+def _latent_cache(
+    config: TrainConfig, pipe, examples: list[TrainExample], augment, on_progress
+) -> tuple[LatentCache | None, list[TrainExample]]:
+    """The filled cache and the examples that can train (an image failing to load now is left out)."""
+    if not config.dataset.cache_latents or config.dataset.random_crop:
+        return None, examples
+    root = Path(config.dataset.latent_cache_dir) if config.dataset.latent_cache_dir else default_cache_dir() / "latents"
+    cache = LatentCache(root, vae_fingerprint(pipe.vae, torch.float32))
+    draws = cacheable_draws(examples, augment)
+    filled = fill_cache(cache, examples, draws, pipe.vae, augment.background, on_progress)
+    log.info("latent cache %s: %d encoded now, %d reused", cache.folder, filled.encoded,
+             len(draws) - filled.encoded - len(filled.unreadable))
+    for reason in filled.unreadable.values():
+        log.warning("skipped: %s", reason)
+    usable = [example for example in examples if example.path not in filled.unreadable]
+    if not usable:
+        raise DatasetError(f"{config.dataset.path}: no image could be loaded; see the reasons above")
+    return cache, usable
+
+
+@torch.no_grad()
+def _text_cache(config: TrainConfig, pipe, examples, augment, device) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """Caption -> (prompt embeds, pooled) when every step's caption is fixed and the encoders are frozen."""
+    if (not config.dataset.cache_text_encoder_outputs or config.network.train_text_encoders
+            or is_randomised(augment.captions)):
+        return None
+    captions = sorted({process_caption(e.caption, augment.captions, None) for e in examples})
+    cache = {}
+    for caption in captions:
+        embeds, pooled = encode_captions((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
+                                         [caption], device)
+        cache[caption] = (embeds[0], pooled[0])
+    return cache
+
+
+def prepare_session(
+    config: TrainConfig, device: torch.device, processes: int = 1,
+    on_caching: Callable[[int, int], None] = lambda done, total: None,
+) -> Session:
+    """``processes``: how many share each global batch (batch_size images each)."""
+    # the same pre-flight as `dora-studio check-data`; raises DatasetError when nothing is usable
+    scan = scan_dataset(Path(config.dataset.path), config.dataset.caption_extension)
+    report = report_for_scan(scan, config.dataset.bucket_spec(), config.training.batch_size)
+    for problem in report.problems[:MAX_PROBLEMS_LOGGED]:
+        log.warning("%s%s", "skipped: " if problem.skipped else "", problem.message)
+    if len(report.problems) > MAX_PROBLEMS_LOGGED:
+        log.warning("... and %d more; `dora-studio check-data %s` lists them all",
+                    len(report.problems) - MAX_PROBLEMS_LOGGED, config.dataset.path)
+    augment = augment_options(config)
+    examples = plan_examples(scan, augment.bucket_spec)
+    for note in config.cache_conflicts():
+        log.info("note: %s", note)
+    pipe = load_pipeline(config, device)
+    torch.manual_seed(config.training.seed)  # the adapters' random init is part of what the seed fixes
+    adapters = inject_network(pipe, config)
+    pipe.unet.train()
+    if config.network.train_text_encoders:
+        pipe.text_encoder.train()
+        pipe.text_encoder_2.train()
+    if config.training.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if config.network.train_text_encoders:
+            pipe.text_encoder.gradient_checkpointing_enable()
+            pipe.text_encoder_2.gradient_checkpointing_enable()
+    latent_cache, examples = _latent_cache(config, pipe, examples, augment, on_caching)
+    global_batch = config.training.batch_size * processes
+    batches_per_epoch = len(epoch_batches(examples, global_batch, config.training.seed, epoch=0))
+    steps_per_epoch, total_steps = schedule_lengths(batches_per_epoch, config)
+    optimizer, lr_scheduler = _optimizer(config, adapters, total_steps)
+    root = Path(config.dataset.path)
+    folders: dict[str, dict[str, int]] = {}
+    captions: dict[str, list[str]] = {}
+    for item in scan.items:
+        name = item.folder.relative_to(root).as_posix() if item.folder != root else root.name
+        entry = folders.setdefault(name, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+        captions.setdefault(name, []).append(item.caption)
+    return Session(
+        config=config, device=device, pipe=pipe, adapters=adapters, trainable=trainable_parameters(adapters),
+        examples=examples, augment=augment, report=report,
+        noise_scheduler=training_noise_scheduler(dict(pipe.scheduler.config), config.model.prediction_type,
+                                                 config.model.zero_terminal_snr),
+        optimizer=optimizer, lr_scheduler=lr_scheduler, batches_per_epoch=batches_per_epoch,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, sample_prompts=sample_prompts(config),
+        latent_cache=latent_cache,
+        text_cache=_text_cache(config, pipe, examples, augment, device),
+        dataset_dirs=folders, tag_frequencies=tag_frequency(captions, config.dataset.tag_separator),
+    )

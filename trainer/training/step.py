@@ -1,0 +1,63 @@
+"""One training step's arithmetic: its seed, the captions' conditioning and the denoising loss.
+
+Kept apart from the loop's bookkeeping (``trainer.training.loop``) so the lines that decide what is learned
+read in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from trainer.data.batches import Batch
+from trainer.sdxl.objective import StepNoise, add_noise, denoising_loss, prediction_target
+from trainer.data.latent_cache import encode_moments, sample_latents
+from trainer.sdxl.text_encoding import encode_captions
+from .setup import Session
+
+
+def step_seed(seed: int, micro_step: int) -> int:
+    """The torch seed of one micro-batch: noise, timesteps and adapter dropout replay exactly on resume."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{micro_step}".encode()).digest()[:8], "little") >> 1
+
+
+def _conditioning(session: Session, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    pipe, device = session.pipe, session.device
+    if session.text_cache is not None:
+        embeds, pooled = zip(*(session.text_cache[caption] for caption in captions))
+        return torch.stack(embeds), torch.stack(pooled)
+    grad = torch.enable_grad() if session.trains_text_encoders else torch.no_grad()
+    with grad:
+        return encode_captions((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
+                               captions, device)
+
+
+def training_loss(session: Session, unet, batch: Batch, step_noise: StepNoise, autocast) -> torch.Tensor:
+    """Per-sample denoising losses of one batch, as SDXL was trained (diffusers' train_text_to_image_sdxl.py).
+
+    ``step_noise`` holds this batch's rows of the step's draws; ``autocast`` is the accelerator's.
+    """
+    vae = session.pipe.vae
+    moments = batch.moments if batch.moments is not None else encode_moments(vae, batch.pixels.to(session.device))
+    latents = sample_latents(moments.to(session.device, torch.float32), vae.config.scaling_factor, step_noise.latent)
+    with autocast():
+        embeds, pooled = _conditioning(session, batch.captions)
+        noisy = add_noise(session.noise_scheduler, latents, step_noise.noise, step_noise.timesteps)
+        prediction = unet(
+            noisy, step_noise.timesteps, encoder_hidden_states=embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids.to(session.device)},
+        ).sample
+    target = prediction_target(session.noise_scheduler, latents, step_noise.noise, step_noise.timesteps)
+    return denoising_loss(session.noise_scheduler, prediction, target, step_noise.timesteps,
+                          session.config.training.min_snr_gamma)
+
+
+def latent_shape(session: Session, batch: Batch) -> tuple[int, ...]:
+    """(channels, height, width) of the batch's latents, known before they are sampled."""
+    if batch.moments is not None:
+        channels, height, width = batch.moments.shape[1:]
+        return channels // 2, height, width
+    vae = session.pipe.vae.config
+    factor = 2 ** (len(vae.block_out_channels) - 1)
+    return vae.latent_channels, batch.pixels.shape[2] // factor, batch.pixels.shape[3] // factor
