@@ -12,9 +12,10 @@ import sys
 import tomllib
 from pathlib import Path
 
-from trainer.kohya.adapter_file import AdapterFileError, load_adapter
+from trainer.kohya.adapter_file import load_adapter
 from trainer.files import write_bytes_atomically
 from trainer.kohya.inspect import format_summary, summarize
+from trainer.errors import AdapterFileError
 
 VERIFY_TIMEOUT_S = 1800
 

@@ -14,12 +14,12 @@ import gradio as gr
 
 from trainer.config.schema import (
     SECTIONS,
-    ConfigError,
     TrainConfig,
     field_type,
     fields_of,
     from_dict,
 )
+from trainer.errors import ConfigError, Problem
 
 SECTION_TITLES = {
     "model": "Model", "dataset": "Dataset", "network": "Network", "optimizer": "Optimizer",
@@ -101,7 +101,7 @@ def form_values(config: TrainConfig) -> list[Any]:
     return shown
 
 
-def settings_from_form(values: list[Any]) -> tuple[dict, list[str]]:
+def settings_from_form(values: list[Any]) -> tuple[dict, list[Problem]]:
     """Nested settings from the form's values, plus problems found while converting (e.g. 8.5 for an int)."""
     settings: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     problems = []
@@ -112,29 +112,29 @@ def settings_from_form(values: list[Any]) -> tuple[dict, list[str]]:
             try:
                 value = _text_to_list(value, annotation)
             except ValueError:
-                problems.append(f"{key}: expected numbers separated by commas, got {value!r}")
+                problems.append(Problem(key, f"expected numbers separated by commas, got {value!r}"))
                 continue
         elif annotation is int and isinstance(value, float):
             if not value.is_integer():
-                problems.append(f"{key}: expected a whole number, got {value}")
+                problems.append(Problem(key, f"expected a whole number, got {value}"))
                 continue
             value = int(value)
         elif annotation is str and value is None:
             value = ""
         if value is None and annotation != (float | None):
-            problems.append(f"{key}: required")
+            problems.append(Problem(key, "required"))
             continue
         if value is not None:
             settings[section][name] = value
     return settings, problems
 
 
-def config_from_form(values: list[Any]) -> tuple[TrainConfig | None, list[str]]:
-    """The validated config, or None and every problem as 'key: what is wrong' lines."""
+def config_from_form(values: list[Any]) -> tuple[TrainConfig | None, list[Problem]]:
+    """The validated config, or None and every problem, each naming its setting."""
     settings, problems = settings_from_form(values)
     if problems:
         return None, problems
     try:
         return from_dict(settings, where="form"), []
     except ConfigError as error:
-        return None, [line.strip() for line in str(error).splitlines()[1:]]
+        return None, error.problems

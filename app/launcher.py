@@ -22,14 +22,11 @@ from trainer.config.presets import config_toml
 from trainer.runs.run_directory import RunDirectory
 
 from .runs import active_run, run_path, validate_run_name
+from trainer.errors import LaunchRefused
 
 PRESET_NAME = "preset.toml"  # what the UI asked for; the trainer writes the resolved config.toml
 CONSOLE_NAME = "console.log"  # the trainer process's own output (tracebacks land here)
 LOCK_NAME = ".launch.lock"
-
-
-class LaunchRefused(RuntimeError):
-    """A start or command that cannot be carried out; the message says why."""
 
 
 @contextlib.contextmanager

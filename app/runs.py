@@ -14,10 +14,11 @@ import os
 import re
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.runs.run_directory import RunDirectory
+from trainer.errors import Problem, RunNameError
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # names the browser may send
 ACTIVE_STATES = ("starting", "caching", "training", "sampling", "saving")
@@ -26,10 +27,6 @@ STARTING_GRACE_S = 60.0  # a folder without status.json this young is a trainer 
 LOG_READ_LIMIT = 1 << 20  # bytes read from the end of a log: enough lines, however big the file
 _SAMPLE_DIR = re.compile(r"^(epoch|step)_(\d+)$")
 _SAMPLE_FILE = re.compile(r"^(\d+)\.png$")
-
-
-class RunNameError(ValueError):
-    """A run name the UI refuses: it could leave the runs folder or is not a plain folder name."""
 
 
 def validate_run_name(name: str) -> str:
@@ -83,6 +80,7 @@ class RunStatus:
     eta_seconds: float | None = None
     loss: float | None = None
     message: str = ""
+    problems: list[Problem] = field(default_factory=list)  # a failed run's, each naming a setting or file
     last_adapter: str = ""
     updated_at: float | None = None  # status.json's, else the folder's mtime: when the run last changed
     pid: int | None = None
@@ -102,6 +100,12 @@ def _read_json(path: Path):
         return None
 
 
+def _problems(value) -> list[Problem]:
+    if not isinstance(value, list):
+        return []
+    return [Problem(str(p.get("where") or ""), str(p.get("message") or "")) for p in value if isinstance(p, dict)]
+
+
 def read_status(run_dir: Path) -> RunStatus:
     run_dir = Path(run_dir)
     try:
@@ -119,7 +123,8 @@ def read_status(run_dir: Path) -> RunStatus:
         step=_number(status.get("step"), int, 0), total_steps=_number(status.get("total_steps"), int, 0),
         epoch=_number(status.get("epoch"), int, 0), epochs=_number(status.get("epochs"), int, 0),
         eta_seconds=_number(status.get("eta_seconds"), float, None), loss=_number(status.get("loss"), float, None),
-        message=str(status.get("message") or ""), last_adapter=str(status.get("last_adapter") or ""),
+        message=str(status.get("message") or ""), problems=_problems(status.get("problems")),
+        last_adapter=str(status.get("last_adapter") or ""),
         updated_at=_number(status.get("updated_at"), float, folder_mtime),
     )
     if run.state in ACTIVE_STATES and not run.alive:

@@ -9,6 +9,7 @@ second tab or a restarted UI shows the same run in the same state, and no per-ta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pandas as pd
 from trainer.data.check import check_dataset, format_report
 from trainer.config.schema import from_dict
 from trainer.config.presets import config_from_text, config_toml, load_config
+from trainer.errors import Problem, StudioError
 
 from .export import adapter_summary, verify_adapter
 from .form import (
@@ -28,9 +30,8 @@ from .form import (
     form_values,
     settings_from_form,
 )
-from .launcher import LaunchRefused, resume_run, send_command, start_run
+from .launcher import resume_run, send_command, start_run
 from .runs import (
-    RunNameError,
     format_eta,
     list_runs,
     log_tail,
@@ -53,9 +54,10 @@ def _preset_choices() -> list[str]:
     return sorted(p.name for p in PRESETS_DIR.glob("*.toml"))
 
 
-def _error_box(lines: list[str]) -> str:
-    return "**Please fix:**\n" + "\n".join(f"- `{line.split(':', 1)[0]}`:{line.split(':', 1)[1]}"
-                                            if ":" in line else f"- {line}" for line in lines)
+def _error_box(problems: list[Problem]) -> str:
+    """One bullet per problem, its setting or file first."""
+    return "**Please fix:**\n" + "\n".join(f"- `{p.where}`: {p.message}" if p.where else f"- {p.message}"
+                                            for p in problems)
 
 
 class Studio:
@@ -70,11 +72,11 @@ class Studio:
     def load_preset(self, name: str | None, upload: str | None):
         path = Path(upload) if upload else PRESETS_DIR / (name or "quickstart.toml")
         if not upload and path.name not in _preset_choices():
-            return [gr.skip()] * len(FORM_KEYS) + [_error_box([f"unknown preset {name!r}"])]
+            return [gr.skip()] * len(FORM_KEYS) + [_error_box([Problem(str(name), "unknown preset")])]
         try:
             config = load_config(path)
-        except ValueError as error:
-            return [gr.skip()] * len(FORM_KEYS) + [_error_box(str(error).splitlines()[1:] or [str(error)])]
+        except StudioError as error:
+            return [gr.skip()] * len(FORM_KEYS) + [_error_box(error.problems)]
         return [*form_values(config), f"Loaded {path.name}."]
 
     def check_data(self, *values):
@@ -84,8 +86,8 @@ class Studio:
             config = from_dict({"dataset": settings["dataset"], "training": settings["training"]}, where="form")
             report = check_dataset(Path(config.dataset.path), config.dataset.caption_extension,
                                    config.dataset.bucket_spec(), config.training.batch_size)
-        except ValueError as error:  # ConfigError and DatasetError both say what to fix
-            return _error_box(str(error).splitlines()), ""
+        except StudioError as error:  # ConfigError and DatasetError both say what to fix
+            return _error_box(error.problems), ""
         return "Dataset checked.", format_report(report)
 
     def save_preset(self, *values):
@@ -104,8 +106,8 @@ class Studio:
             return _error_box(problems), gr.skip(), gr.skip()
         try:
             name = start_run(self.runs_dir, config)
-        except LaunchRefused as error:
-            return _error_box([str(error)]), gr.skip(), gr.skip()
+        except StudioError as error:
+            return _error_box(error.problems), gr.skip(), gr.skip()
         return f"Started run **{name}**.", gr.Dropdown(choices=self._run_names(), value=name), gr.Tabs(selected="run")
 
     # -- watch ---------------------------------------------------------------------------------------
@@ -133,6 +135,8 @@ class Studio:
             parts.append(f"ETA {format_eta(status.eta_seconds)}")
         text = " · ".join(parts[1:])
         message = status.message or ""
+        if status.problems:
+            return f"{parts[0]}\n{text}\n\n{_error_box(status.problems)}"
         if status.state in ("failed", "died"):
             return f"{parts[0]}\n{text}\n\n> **{message}**"
         return f"{parts[0]}\n{text}\n\n{message}"
@@ -146,7 +150,7 @@ class Studio:
                     gr.Dropdown(choices=[], value=None), gr.skip()]
         try:
             run_dir = run_path(self.runs_dir, name)
-        except RunNameError as error:
+        except StudioError as error:
             return [str(error)] + [gr.skip()] * (outputs - 1)
         current = repr(signature(run_dir))
         if current == last_signature:
@@ -173,7 +177,7 @@ class Studio:
             return "No run selected."
         try:
             send_command(self.runs_dir, name, command)
-        except (LaunchRefused, RunNameError) as error:
+        except StudioError as error:
             return str(error)
         return {"stop": "Stopping after this step (the adapter and state are saved first).",
                 "save": "Saving after this step.", "sample": "Sampling after this step."}[command]
@@ -183,7 +187,7 @@ class Studio:
             return "No run selected."
         try:
             resume_run(self.runs_dir, name)
-        except (LaunchRefused, RunNameError) as error:
+        except StudioError as error:
             return str(error)
         return f"Resuming {name}."
 
@@ -220,7 +224,7 @@ class Studio:
         """The run's status (state, step, total_steps, epoch, eta_seconds, loss, message, ...)."""
         with _as_user_error():
             status = read_status(run_path(self.runs_dir, name))
-        return {key: getattr(status, key) for key in status.__dataclass_fields__} | {"name": name}
+        return dataclasses.asdict(status) | {"name": name}  # problems as {"where", "message"} dicts
 
     def api_stop(self, name: str) -> str:
         """Ask the run to save and stop after its current step."""
@@ -234,7 +238,7 @@ def _as_user_error() -> Iterator[None]:
     """Refusals reach API callers as their message (gr.Error), not as a server traceback."""
     try:
         yield
-    except (ValueError, LaunchRefused) as error:  # ConfigError, RunNameError, DatasetError are ValueErrors
+    except StudioError as error:
         raise gr.Error(str(error)) from None
 
 

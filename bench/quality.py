@@ -38,7 +38,8 @@ from trainer.kohya.adapter_file import load_adapter
 from trainer.adapters.weights import merged_weight
 from trainer.sdxl.objective import add_noise, prediction_target, training_noise_scheduler
 from trainer.kohya.merge import canonical_stems, match_stems, merge_matched, model_stem_targets, pipeline_parts
-from trainer.sdxl.model_files import load_sdxl_pipeline, resolve_builtin
+from trainer.builtin.resolve import resolve_builtin
+from trainer.sdxl.model_files import load_sdxl_pipeline
 from trainer.config.presets import load_config
 from trainer.runs.run_directory import RunDirectory
 from trainer.builtin.shapes import CONCEPT_SHAPE, draw

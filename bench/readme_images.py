@@ -59,7 +59,8 @@ def _wrap(text: str, width: int) -> str:
 
 
 def toy_samples(out: Path) -> None:
-    from trainer.sdxl.model_files import load_sdxl_pipeline, resolve_builtin
+    from trainer.builtin.resolve import resolve_builtin
+    from trainer.sdxl.model_files import load_sdxl_pipeline
 
     pipe = load_sdxl_pipeline(resolve_builtin("builtin:toy-sdxl"))
     pipe.set_progress_bar_config(disable=True)

@@ -16,7 +16,8 @@ import random
 import torch
 from quality_metrics import read_picture
 
-from trainer.sdxl.model_files import load_sdxl_pipeline, resolve_builtin
+from trainer.builtin.resolve import resolve_builtin
+from trainer.sdxl.model_files import load_sdxl_pipeline
 from trainer.builtin.shapes import PLAIN_SHAPES
 from trainer.builtin.toy_pretrain import random_scene
 

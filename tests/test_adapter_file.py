@@ -14,13 +14,13 @@ from lycoris import create_lycoris
 from torch import Tensor, nn
 
 from trainer.kohya.adapter_file import (
-    AdapterFileError,
     build_metadata,
     load_adapter,
     rename_stems,
     save_adapter,
 )
 from trainer.adapters.weights import AdapterWeights, merged_weight, weight_norm
+from trainer.errors import AdapterFileError
 
 METADATA = {"ss_output_name": "test", "modelspec.title": "Test ünïcode"}
 

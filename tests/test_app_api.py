@@ -16,9 +16,10 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from app.launcher import LaunchRefused, send_command, start_run
+from app.launcher import send_command, start_run
 from app.runs import read_status
 from trainer.config.presets import config_from_text
+from trainer.errors import LaunchRefused
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "presets"

@@ -1,3 +1,4 @@
+from trainer.errors import RunNameError
 """app.runs against run folders written by hand: fresh, torn, running, killed, finished and failed runs."""
 
 import json
@@ -11,7 +12,6 @@ import pytest
 
 from app import runs
 from app.runs import (
-    RunNameError,
     active_run,
     format_eta,
     list_runs,

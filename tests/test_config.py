@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from trainer.cli import main
-from trainer.config.schema import SECTIONS, ConfigError, TrainConfig, all_keys, fields_of, from_dict, to_dict
+from trainer.config.schema import SECTIONS, TrainConfig, all_keys, fields_of, from_dict, to_dict
 from trainer.config.docs import settings_markdown, settings_text
 from trainer.config.presets import apply_overrides, config_toml, load_config, read_preset, write_config
+from trainer.errors import ConfigError, Problem
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted((REPO / "presets").glob("*.toml"))
@@ -46,7 +47,7 @@ def test_defaults_need_only_a_dataset():
     message = problems_of({})
     assert "dataset.path" in message
     assert len(message.strip().splitlines()) == 2  # the "settings:" heading and the one problem
-    assert TrainConfig().problems() == ["dataset.path: missing; set it to the folder of your training images"]
+    assert TrainConfig().problems() == [Problem("dataset.path", "missing; set it to the folder of your training images")]
     assert from_dict(DATASET).dataset.path == "/data/images"
 
 

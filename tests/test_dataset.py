@@ -20,8 +20,9 @@ from PIL import Image
 from trainer.data.buckets import BucketSpec, assign_bucket, crop_plan, make_buckets, micro_conditioning
 from trainer.data.captions import CaptionOptions, is_randomised, process_caption
 from trainer.cli import main
-from trainer.data.scan import DatasetError, scan_dataset
-from trainer.data.image_io import ImageLoadError, load_image_rgb, probe_image
+from trainer.data.scan import scan_dataset
+from trainer.data.image_io import load_image_rgb, probe_image
+from trainer.errors import DatasetError, ImageLoadError
 
 SDXL = BucketSpec()
 

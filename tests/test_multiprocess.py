@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from test_training import metrics, settings, train
+from trainer.errors import TrainStateError
 
 REPO = Path(__file__).resolve().parents[1]
 # Two processes each sum half of every batch's gradients and then add the halves, where one process sums
@@ -81,7 +82,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_dir, od
 
 
 def test_resume_refuses_another_number_of_processes(tiny_dir, odd_dataset, tmp_path):
-    from trainer.runs.train_state import TrainStateError
 
     data = settings(tiny_dir, odd_dataset, tmp_path / "cache", training={"epochs": 1, "batch_size": 2},
                     sampling={"prompts": []})

@@ -9,7 +9,6 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch import nn
 
-from trainer.optional_packages import MissingPackageError
 from trainer.training.optimizers import (
     OPTIMIZERS,
     SCHEDULERS,
@@ -17,6 +16,7 @@ from trainer.training.optimizers import (
     build_optimizer,
     build_scheduler,
 )
+from trainer.errors import MissingPackageError
 
 ADAM = {"weight_decay": 0.1, "betas": (0.9, 0.99), "eps": 1e-8}
 

@@ -23,7 +23,7 @@ import trainer.training.loop as training
 from test_training import metrics, settings, small_dataset, train  # noqa: F401  (small_dataset is a fixture)
 from trainer.kohya.adapter_file import load_adapter
 from trainer.runs.train_state import list_states
-from trainer.training.setup import TrainingError
+from trainer.errors import TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 

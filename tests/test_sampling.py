@@ -1,3 +1,4 @@
+from trainer.errors import PromptSyntaxError
 """Sample prompts in kohya's syntax, and sampling with the adapter merged exactly and always unmerged."""
 
 import itertools
@@ -11,7 +12,7 @@ from PIL import Image
 from trainer.adapters.weights import merged_weight
 from trainer.adapters.injection import NetworkSpec, inject_adapters, select_targets
 from trainer.sdxl.model_files import load_sdxl_pipeline
-from trainer.training.sample_prompts import PromptSyntaxError, SamplePrompt, parse_prompt_line, read_prompt_file
+from trainer.training.sample_prompts import SamplePrompt, parse_prompt_line, read_prompt_file
 from trainer.training.sampling import SampleDefaults, generate_samples, resolve
 
 # -- the prompt syntax -------------------------------------------------------------------------------

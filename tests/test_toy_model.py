@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 
 from trainer.cli import main
-from trainer.sdxl.model_files import load_sdxl_pipeline, resolve_builtin
+from trainer.builtin.resolve import resolve_builtin
+from trainer.sdxl.model_files import load_sdxl_pipeline
 from trainer.sdxl.configs import SDXL_SCHEDULER_CONFIG
 from trainer.builtin.shapes import PLAIN_SHAPES
 from trainer.builtin.tiny import EOS_TOKEN
@@ -32,6 +33,7 @@ from trainer.builtin.toy import (
     toy_vocab_and_merges,
 )
 from trainer.builtin.toy_pretrain import random_scene
+from trainer.errors import TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +112,7 @@ def test_the_toy_model_draws_shapes_on_plain_backgrounds_and_follows_colours(toy
 
 def test_training_epsilon_on_the_toy_model_is_refused_with_the_fix():
     from trainer.config.presets import load_config
-    from trainer.training.setup import TrainingError, _check_schedule
+    from trainer.training.setup import _check_schedule
 
     preset = REPO / "presets" / "quickstart.toml"
     right = load_config(preset, ["model.path=builtin:toy-sdxl", "model.prediction_type=v_prediction",

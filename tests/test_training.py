@@ -23,6 +23,7 @@ from trainer.sdxl.model_files import load_sdxl_pipeline
 from trainer.runs.run_directory import RunDirectory
 from trainer.training.loop import StopRequested, Trainer
 from trainer.kohya.verify import verify_match
+from trainer.errors import TrainStateError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,7 +172,6 @@ def test_stop_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_dir, sma
 
 
 def test_resume_refuses_changed_training_settings(tiny_dir, small_dataset, tmp_path):
-    from trainer.runs.train_state import TrainStateError
 
     data = settings(tiny_dir, small_dataset, tmp_path / "cache", training={"epochs": 1}, sampling={"prompts": []})
     train(data, tmp_path / "run")

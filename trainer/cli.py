@@ -1,4 +1,7 @@
-"""The ``dora-studio`` command. Each subcommand is a small function over the engine's modules."""
+"""The ``dora-studio`` command. Each subcommand is a small function over the engine's modules.
+
+Subcommands import what they use when they run, so ``--help`` and ``settings`` answer without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.errors import StudioError, UsageError
+
 EXIT_OK, EXIT_FAILED_CHECK, EXIT_BAD_INPUT = 0, 1, 2
-
-
-class UserError(Exception):
-    """An error whose message is for the user (names the file and the fix); printed without a traceback."""
 
 
 def _match(loaded, pipe):
@@ -36,8 +37,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from trainer.kohya.adapter_file import load_adapter
-    from trainer.sdxl.model_files import load_sdxl_pipeline, resolve_model_path
+    from trainer.builtin.resolve import resolve_model_path
     from trainer.kohya.verify import format_report, verify_match
+    from trainer.sdxl.model_files import load_sdxl_pipeline
 
     loaded = load_adapter(Path(args.file))  # before the slow model load, so a bad file fails fast
     match = _match(loaded, load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir))
@@ -48,11 +50,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from trainer.kohya.adapter_file import load_adapter
-    from trainer.kohya.merge import export_pipeline, merge_matched, require_full_match
-    from trainer.sdxl.model_files import load_sdxl_pipeline, resolve_model_path
+    from trainer.builtin.resolve import resolve_model_path
+    from trainer.kohya.merge import merge_matched, require_full_match
+    from trainer.sdxl.model_files import export_pipeline, load_sdxl_pipeline
 
     if Path(args.out).exists():
-        raise UserError(f"{args.out} already exists; choose a new output path so nothing is overwritten")
+        raise UsageError.at(args.out, "already exists; choose a new output path so nothing is overwritten")
     loaded = load_adapter(Path(args.adapter))  # before the slow model load, so a bad file fails fast
     pipe = load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir)
     match = _match(loaded, pipe)
@@ -100,14 +103,14 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         spec, batch_size = config.dataset.bucket_spec(), config.training.batch_size
     else:
         if not args.dir:
-            raise UserError("give the dataset folder (or --preset PRESET to check the preset's dataset)")
+            raise UsageError("give the dataset folder (or --preset PRESET to check the preset's dataset)")
         try:
             spec = BucketSpec(resolution=args.resolution, min_side=min(512, args.resolution),
                               max_side=max(2048, args.resolution))
         except ValueError as error:
-            raise UserError(f"--resolution {args.resolution}: {error}") from None
+            raise UsageError.at(f"--resolution {args.resolution}", str(error)) from None
         if args.batch_size < 1:
-            raise UserError(f"--batch-size {args.batch_size}: must be 1 or more")
+            raise UsageError.at(f"--batch-size {args.batch_size}", "must be 1 or more")
         folder, extension, batch_size = Path(args.dir), args.caption_extension, args.batch_size
     report = check_dataset(folder, extension, spec, batch_size)
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
@@ -121,8 +124,8 @@ def _train_config(args: argparse.Namespace):
     if args.preset is None and args.resume and args.run_dir:
         return load_config(Path(args.run_dir) / "config.toml", args.set)
     if args.preset is None:
-        raise UserError("give a preset, e.g. `dora-studio train presets/quickstart.toml` (or --run-dir and "
-                        "--resume auto to continue a run with its saved settings)")
+        raise UsageError("give a preset, e.g. `dora-studio train presets/quickstart.toml` (or --run-dir and "
+                         "--resume auto to continue a run with its saved settings)")
     return load_config(args.preset, args.set)
 
 
@@ -132,7 +135,7 @@ def _run_dir(args: argparse.Namespace, output_name: str) -> Path:
     if args.resume and args.resume != "auto":
         return Path(args.resume).resolve().parent.parent  # <run>/state/step-N
     if args.resume:
-        raise UserError("--resume auto needs --run-dir: the folder of the run to continue")
+        raise UsageError.at("--resume auto", "needs --run-dir: the folder of the run to continue")
     return Path(args.runs_dir) / f"{output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -145,8 +148,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = RunDirectory(_run_dir(args, config.saving.output_name))
     launched = "RANK" in os.environ  # under torchrun / accelerate launch: one of several processes
     if not args.resume and run.config_path.exists() and not launched:
-        raise UserError(f"{run.root} already holds a run; pass --resume auto to continue it, or choose another "
-                        "--run-dir")
+        raise UsageError.at(run.root, "already holds a run; pass --resume auto to continue it, or choose "
+                            "another --run-dir")
     if config.training.processes > 1 and not launched:
         return _launch_processes(config.training.processes, args, run.root)
     main_process = os.environ.get("RANK", "0") == "0"
@@ -190,7 +193,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if args.auth:
         user, sep, password = args.auth.partition(":")
         if not (sep and user and password):
-            raise UserError("--auth: write it as USER:PASSWORD")
+            raise UsageError.at("--auth", "write it as USER:PASSWORD")
         auth = (user, password)
     serve(Path(args.runs_dir), host=args.host, port=args.port, auth=auth)
     return EXIT_OK
@@ -279,22 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     # messages; users who want it back can set these variables themselves.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    # Imported after parsing so that --help answers without loading torch.
-    from trainer.kohya.adapter_file import AdapterFileError
-    from trainer.config.schema import ConfigError
-    from trainer.data.scan import DatasetError
-    from trainer.kohya.merge import AdapterMismatchError
-    from trainer.sdxl.model_files import ModelLoadError
-    from trainer.optional_packages import MissingPackageError
-    from trainer.training.sample_prompts import PromptSyntaxError
-    from trainer.runs.train_state import TrainStateError
-    from trainer.training.setup import TrainingError
-
-    user_errors = (UserError, AdapterFileError, AdapterMismatchError, ModelLoadError, DatasetError, ConfigError,
-                   MissingPackageError, PromptSyntaxError, TrainStateError, TrainingError)
     try:
         return args.func(args)
-    except user_errors as error:
+    except StudioError as error:  # what the user can fix: the problems, no traceback
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

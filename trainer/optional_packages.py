@@ -5,9 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-
-class MissingPackageError(RuntimeError):
-    """A chosen feature needs a package that is not installed; the message has the ``pip install`` line."""
+from trainer.errors import MissingPackageError
 
 
 def import_optional(module: str, *, feature: str, package: str | None = None) -> ModuleType:

@@ -36,6 +36,7 @@ from trainer.sdxl.configs import (
 from trainer.sdxl.sgm_checkpoint import save_sgm_checkpoint
 from .shapes import BACKGROUNDS, COLOURS, COLUMNS, PLAIN_SHAPES, ROWS, SIZES
 from .tiny import random_pipeline, tiny_vocab
+from trainer.errors import ModelLoadError
 
 TOY_RESOLUTION = 128
 TOY_ASSET = Path(__file__).parent / "assets" / "toy-sdxl.safetensors"
@@ -134,7 +135,7 @@ def _check_weights(path: Path) -> None:
     from trainer.sdxl.model_files import ModelLoadError  # models imports this module lazily, on first use of the builtin
 
     if not path.is_file():
-        raise ModelLoadError(f"{path}: the toy model's weights are missing; reinstall DoRA Studio, or rebuild "
+        raise ModelLoadError.at(path, "the toy model's weights are missing; reinstall DoRA Studio, or rebuild "
                              "them with `dora-studio make-toy-model` (about 45 minutes on 2 CPU cores)")
 
 

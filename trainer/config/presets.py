@@ -12,17 +12,17 @@ from typing import Any
 
 import tomli_w
 
+from trainer.errors import ConfigError, Problem
 from trainer.files import write_bytes_atomically
 from .schema import (
     SECTIONS,
-    ConfigError,
     TrainConfig,
     field_type,
     fields_of,
     from_dict,
     resolve_paths,
     to_dict,
-    unknown_key_message,
+    unknown_key,
 )
 
 MAX_BASE_DEPTH = 16
@@ -30,13 +30,13 @@ MAX_BASE_DEPTH = 16
 
 def _read_toml(path: Path) -> dict:
     if not path.is_file():
-        raise ConfigError(f"{path}: preset file not found; check the path (presets live in presets/)")
+        raise ConfigError.at(path, "preset file not found; check the path (presets live in presets/)")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+        raise ConfigError.at(path, f"not valid TOML: {error}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text; save the preset as UTF-8") from None
+        raise ConfigError.at(path, "not UTF-8 text; save the preset as UTF-8") from None
 
 
 def _merge(base: dict, child: dict) -> dict:
@@ -55,16 +55,16 @@ def read_preset(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     path = Path(path).expanduser().resolve()
     if path in _chain:
         cycle = " -> ".join(str(p.name) for p in (*_chain, path))
-        raise ConfigError(f"{path}: presets inherit from each other in a loop ({cycle}); remove one `base`")
+        raise ConfigError.at(path, f"presets inherit from each other in a loop ({cycle}); remove one `base`")
     if len(_chain) >= MAX_BASE_DEPTH:
-        raise ConfigError(f"{path}: more than {MAX_BASE_DEPTH} levels of `base`; flatten the chain")
+        raise ConfigError.at(path, f"more than {MAX_BASE_DEPTH} levels of `base`; flatten the chain")
     data = _read_toml(path)
     base_name = data.pop("base", None)
     data = resolve_paths(data, path.parent)
     if base_name is None:
         return data
     if not isinstance(base_name, str):
-        raise ConfigError(f"{path}: base: expected a file name like \"base.toml\", got {base_name!r}")
+        raise ConfigError.at(path, f"base: expected a file name like \"base.toml\", got {base_name!r}")
     return _merge(read_preset(path.parent / base_name, (*_chain, path)), data)
 
 
@@ -87,16 +87,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key = key.strip()
         section_name, _, name = key.partition(".")
         if not sep:
-            problems.append(f"--set {override}: write it as section.name=value, e.g. network.rank=16")
+            problems.append(Problem(f"--set {override}", "write it as section.name=value, e.g. network.rank=16"))
             continue
         section = SECTIONS.get(section_name)
         if section is None or name not in {f.name for f in fields_of(section)}:
-            problems.append(f"--set {unknown_key_message(key)}")
+            problems.append(unknown_key(key, where=f"--set {key}"))
             continue
         value = _parse_override_value(field_type(section, name), raw.strip())
         data = _merge(data, resolve_paths({section_name: {name: value}}, Path.cwd()))
     if problems:
-        raise ConfigError("command line:\n  " + "\n  ".join(problems))
+        raise ConfigError(*problems, context="command line")
     return data
 
 
@@ -105,7 +105,7 @@ def config_from_text(text: str, base_dir: Path, where: str = "preset") -> TrainC
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{where}: not valid TOML: {error}") from None
+        raise ConfigError.at(where, f"not valid TOML: {error}") from None
     base_name = data.pop("base", None)
     data = resolve_paths(data, base_dir)
     if base_name is not None:

@@ -19,11 +19,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from trainer.data.buckets import BucketSpec
-from trainer.training.optimizers import OPTIMIZERS, SCHEDULERS
-
-
-class ConfigError(ValueError):
-    """Settings that cannot run; the message names each bad key and what to write instead."""
+from trainer.errors import ConfigError, Problem
 
 
 def setting(default: Any, help: str, *, choices: tuple = (), minimum: float | None = None,
@@ -36,6 +32,10 @@ def setting(default: Any, help: str, *, choices: tuple = (), minimum: float | No
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 @dataclass
@@ -205,35 +205,35 @@ class TrainConfig:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     saving: SavingSettings = field(default_factory=SavingSettings)
 
-    def problems(self) -> list[str]:
-        """Rules between settings, as 'key: what is wrong and the fix' lines."""
+    def problems(self) -> list[Problem]:
+        """Rules between settings that the fields alone cannot check, each naming its setting."""
         found = []
         if not self.dataset.path:
-            found.append("dataset.path: missing; set it to the folder of your training images")
+            found.append(Problem("dataset.path", "missing; set it to the folder of your training images"))
         d = self.dataset
         if not d.min_bucket_side <= d.resolution <= d.max_bucket_side:
-            found.append(f"dataset.resolution: {d.resolution} must lie between dataset.min_bucket_side "
-                         f"({d.min_bucket_side}) and dataset.max_bucket_side ({d.max_bucket_side})")
+            found.append(Problem("dataset.resolution", f"{d.resolution} must lie between dataset.min_bucket_side "
+                                 f"({d.min_bucket_side}) and dataset.max_bucket_side ({d.max_bucket_side})"))
         if not _is_hex_colour(d.background_colour):
-            found.append(f"dataset.background_colour: {d.background_colour!r} is not a colour like \"#ffffff\"")
+            found.append(Problem("dataset.background_colour", f"{d.background_colour!r} is not a colour like \"#ffffff\""))
         if len(self.optimizer.betas) != 2 or not all(0 <= b < 1 for b in self.optimizer.betas):
-            found.append("optimizer.betas: give two numbers in [0, 1), like [0.9, 0.999]")
+            found.append(Problem("optimizer.betas", "give two numbers in [0, 1), like [0.9, 0.999]"))
         if not self.saving.output_name or any(c in self.saving.output_name for c in '/\\:*?"<>|'):
-            found.append(f"saving.output_name: {self.saving.output_name!r} must be a plain file name")
+            found.append(Problem("saving.output_name", f"{self.saving.output_name!r} must be a plain file name"))
         if self.model.zero_terminal_snr and self.model.prediction_type != "v_prediction":
-            found.append("model.zero_terminal_snr: needs model.prediction_type = \"v_prediction\" (with epsilon the "
-                         "last timestep has nothing to predict: Lin et al. 2023, section 3.2)")
+            found.append(Problem("model.zero_terminal_snr", "needs model.prediction_type = \"v_prediction\" (with "
+                                 "epsilon the last timestep has nothing to predict: Lin et al. 2023, section 3.2)"))
         part_lrs = {self.optimizer.unet_lr, self.optimizer.text_encoder_1_lr, self.optimizer.text_encoder_2_lr}
         if self.optimizer.name == "prodigy" and len(part_lrs - {None}) > 0 and self.network.train_text_encoders:
             if len({lr if lr is not None else self.optimizer.learning_rate for lr in part_lrs}) > 1:
-                found.append("optimizer.unet_lr / text_encoder_*_lr: prodigy finds one step size for all parts; "
-                             "leave them unset and set optimizer.learning_rate (usually 1.0)")
+                found.append(Problem("optimizer.unet_lr / text_encoder_*_lr", "prodigy finds one step size for all "
+                                     "parts; leave them unset and set optimizer.learning_rate (usually 1.0)"))
         for key in ("network.include", "network.exclude"):
             for pattern in lookup(self, key):
                 try:
                     re.compile(pattern)
                 except re.error as error:
-                    found.append(f"{key}: {pattern!r} is not a valid regex ({error})")
+                    found.append(Problem(key, f"{pattern!r} is not a valid regex ({error})"))
         return found
 
     def cache_conflicts(self) -> list[str]:
@@ -306,42 +306,43 @@ def _coerce(annotation: Any, value: Any) -> Any:
     return value
 
 
-def _check_value(key: str, spec: dataclasses.Field, annotation: Any, value: Any) -> tuple[Any, str | None]:
-    """(coerced value, None) or (None, 'key: problem')."""
+def _check_value(key: str, spec: dataclasses.Field, annotation: Any, value: Any) -> tuple[Any, Problem | None]:
+    """(coerced value, None) or (None, the problem with it)."""
     try:
         value = _coerce(annotation, value)
     except ValueError:
-        return None, f"{key}: expected {_type_name(annotation)}, got {value!r}"
+        return None, Problem(key, f"expected {_type_name(annotation)}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):  # TOML allows nan and inf; no bound rejects nan
-        return None, f"{key}: expected a finite number, got {value}"
+        return None, Problem(key, f"expected a finite number, got {value}")
     meta = spec.metadata
     if meta["choices"] and value not in meta["choices"]:
-        return None, f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}"
+        return None, Problem(key, f"{value!r} is not one of {', '.join(map(str, meta['choices']))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if meta["minimum"] is not None and value < meta["minimum"]:
-            return None, f"{key}: {value} is below the minimum {meta['minimum']}"
+            return None, Problem(key, f"{value} is below the minimum {meta['minimum']}")
         if meta["maximum"] is not None and value > meta["maximum"]:
-            return None, f"{key}: {value} is above the maximum {meta['maximum']}"
+            return None, Problem(key, f"{value} is above the maximum {meta['maximum']}")
     return value, None
 
 
-def unknown_key_message(key: str) -> str:
+def unknown_key(key: str, where: str | None = None) -> Problem:
+    """``key`` is no setting: suggest the closest one. ``where``: how the user wrote it (default: the key)."""
     close = difflib.get_close_matches(key, all_keys(), n=1)
     hint = f"did you mean {close[0]}?" if close else "`dora-studio settings` lists them all"
-    return f"{key}: unknown setting; {hint}"
+    return Problem(where or key, f"unknown setting; {hint}")
 
 
 def from_dict(data: dict, where: str = "settings") -> TrainConfig:
     """Build and validate a config from nested sections; every problem is reported at once."""
-    problems: list[str] = []
+    problems: list[Problem] = []
     sections: dict[str, Any] = {}
     for section_name, values in data.items():
         if section_name not in SECTIONS:
-            problems.append(unknown_key_message(section_name) if not isinstance(values, dict) else
-                            f"[{section_name}]: unknown section; sections are {', '.join(SECTIONS)}")
+            problems.append(unknown_key(section_name) if not isinstance(values, dict) else
+                            Problem(f"[{section_name}]", f"unknown section; sections are {', '.join(SECTIONS)}"))
             continue
         if not isinstance(values, dict):
-            problems.append(f"{section_name}: expected a [{section_name}] table")
+            problems.append(Problem(section_name, f"expected a [{section_name}] table"))
             continue
         section = SECTIONS[section_name]
         specs = {f.name: f for f in fields_of(section)}
@@ -349,7 +350,7 @@ def from_dict(data: dict, where: str = "settings") -> TrainConfig:
         for name, value in values.items():
             key = f"{section_name}.{name}"
             if name not in specs:
-                problems.append(unknown_key_message(key))
+                problems.append(unknown_key(key))
                 continue
             value, problem = _check_value(key, specs[name], field_type(section, name), value)
             if problem:
@@ -360,7 +361,7 @@ def from_dict(data: dict, where: str = "settings") -> TrainConfig:
     config = TrainConfig(**sections)
     problems += [] if problems else config.problems()
     if problems:
-        raise ConfigError(f"{where}:\n  " + "\n  ".join(problems))
+        raise ConfigError(*problems, context=where)
     return config
 
 

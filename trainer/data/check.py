@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .buckets import BucketSpec, assign_bucket, make_buckets
-from .scan import DatasetScan, FolderReport, Problem, scan_dataset
+from .scan import DatasetScan, FolderReport, ScanProblem, scan_dataset
 
 # Enlarging more than this makes soft, blurry training targets; worth a warning, not a refusal.
 UPSCALE_WARNING = 2.0
@@ -22,7 +22,7 @@ UPSCALE_WARNING = 2.0
 class DataReport:
     root: Path
     folders: list[FolderReport]
-    problems: list[Problem]
+    problems: list[ScanProblem]
     ignored_files: dict[str, int]
     image_count: int
     repeated_image_count: int  # images per epoch, repeats included
@@ -68,7 +68,7 @@ def report_for_scan(scan: DatasetScan, bucket_spec: BucketSpec, batch_size: int)
         bucket_counts[bucket] += item.repeats
         upscale = max(bucket[0] / item.width, bucket[1] / item.height)
         if upscale > UPSCALE_WARNING:
-            problems.append(Problem(
+            problems.append(ScanProblem(
                 item.path, "upscaled",
                 f"{item.path}: {item.width}x{item.height} is enlarged {upscale:.1f}x to its {bucket[0]}x{bucket[1]} "
                 "bucket and will train soft; use a larger version if you have one",

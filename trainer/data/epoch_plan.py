@@ -24,9 +24,9 @@ from .buckets import (
     micro_conditioning,
 )
 from .captions import CaptionOptions, process_caption
-from .scan import DatasetError, DatasetScan
-from .image_io import ImageLoadError, load_image_rgb
-
+from .scan import DatasetScan
+from .image_io import load_image_rgb
+from trainer.errors import DatasetError, ImageLoadError
 
 @dataclass(frozen=True)
 class TrainExample:
@@ -145,8 +145,9 @@ def load_pixels(example: TrainExample, draw: Draw, background: tuple[int, int, i
     except ImageLoadError as error:
         # The scan checks files without decoding them all (a truncated BMP, a PNG with a bad stream but good
         # checksums pass), and a file may change after it: end the run with the file and fix, not a traceback.
-        raise DatasetError(f"{error}; it passed the dataset check when the run started. Fix or remove it, "
-                           "then continue with --resume auto") from None
+        problem = error.problems[0]
+        raise DatasetError.at(problem.where, f"{problem.message}; it passed the dataset check when the run started. "
+                              "Fix or remove it, then continue with --resume auto") from None
     resized_width, resized_height = draw.crop.resized_size
     if image.size != (resized_width, resized_height):
         image = image.resize((resized_width, resized_height), resample=_resample(image.size, draw.crop.resized_size))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from trainer.errors import ImageLoadError
 
 # Pillow's own DecompressionBombError threshold (2 x MAX_IMAGE_PIXELS = 2 x 89,478,485). Set here rather
 # than read from Pillow so another library changing the global cannot change what we accept; images up to
@@ -30,14 +31,6 @@ READABLE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF")
 _QUARTER_TURN_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-
-
-class ImageLoadError(ValueError):
-    """An image that cannot be used. ``kind`` is "unreadable" or "too_large"; the message has the fix."""
-
-    def __init__(self, message: str, kind: str = "unreadable") -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -57,7 +50,7 @@ def _open(path: Path) -> Iterator[Image.Image]:
     except Image.DecompressionBombError:  # Pillow's own guard, at the same limit unless changed globally
         raise _too_large(path) from None
     except FileNotFoundError:
-        raise ImageLoadError(f"{path}: file not found (moved or deleted while scanning?)") from None
+        raise ImageLoadError.at(path, "file not found (moved or deleted while scanning?)") from None
     except (OSError, ValueError, SyntaxError) as error:  # PIL.UnidentifiedImageError is an OSError
         raise _unreadable(path, error) from None
     with image:
@@ -68,8 +61,8 @@ def _open(path: Path) -> Iterator[Image.Image]:
 
 
 def _too_large(path: Path, size: str = "") -> ImageLoadError:
-    return ImageLoadError(
-        f"{path}: image too large ({size}over the {PIXEL_LIMIT / 1e6:.0f} megapixel limit that guards "
+    return ImageLoadError.at(
+        path, f"image too large ({size}over the {PIXEL_LIMIT / 1e6:.0f} megapixel limit that guards "
         "against decompression bombs); downscale it: training resizes to about 1 megapixel anyway",
         kind="too_large",
     )
@@ -80,7 +73,7 @@ def _unreadable(path: Path, error: Exception) -> ImageLoadError:
         reason = "the file is empty (0 bytes)"
     else:
         reason = f"{type(error).__name__}: {error}"
-    return ImageLoadError(f"{path}: cannot read this image: {reason}; re-export or remove it")
+    return ImageLoadError.at(path, f"cannot read this image: {reason}; re-export or remove it")
 
 
 def _orientation(image: Image.Image) -> int:

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from trainer.files import atomic_path
-from .scan import DatasetError
 from .epoch_plan import Draw, TrainExample, load_pixels
+from trainer.errors import DatasetError
 
 CACHE_FORMAT = 1  # bump when the entry layout changes, so old entries are never misread
 

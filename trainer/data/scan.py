@@ -13,7 +13,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .image_io import ImageLoadError, probe_image
+from .image_io import probe_image
+from trainer.errors import DatasetError, ImageLoadError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}  # kohya's IMAGE_EXTENSIONS, any letter case
 FORMATS_FOR_EXTENSION = {
@@ -27,10 +28,6 @@ REPEAT_PREFIX = re.compile(r"^([0-9]+)_")
 DATASET_FIX = (
     "put images with same-name .txt captions in it, or in subfolders named like 10_mychar for 10 repeats"
 )
-
-
-class DatasetError(ValueError):
-    """A dataset folder that cannot be trained on; the message names the path and the fix."""
 
 
 @dataclass
@@ -52,7 +49,7 @@ class FolderReport:
 
 
 @dataclass
-class Problem:
+class ScanProblem:
     path: Path
     kind: str  # e.g. "unreadable", "too_large", "missing_caption"
     message: str  # names the file, the reason and the fix
@@ -64,7 +61,7 @@ class DatasetScan:
     root: Path
     items: list[ImageItem] = field(default_factory=list)
     folders: list[FolderReport] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[ScanProblem] = field(default_factory=list)
     ignored_files: dict[str, int] = field(default_factory=dict)  # non-image files by extension
 
     @property
@@ -100,7 +97,7 @@ def _subfolder(path: Path, parent: _Folder) -> _Folder:
     return _Folder(path, 1, "no repeat prefix, using 1 (kohya would skip it; name it like 10_name for repeats)")
 
 
-def _walk(root: Path, problems: list[Problem]) -> list[tuple[_Folder, list[Path]]]:
+def _walk(root: Path, problems: list[ScanProblem]) -> list[tuple[_Folder, list[Path]]]:
     """Every folder under ``root`` with its files; symlinked folders followed once, loops reported.
 
     Hidden entries (``.ipynb_checkpoints``, macOS ``._x.jpg``) are skipped, as kohya's glob skips them.
@@ -118,17 +115,17 @@ def _walk(root: Path, problems: list[Problem]) -> list[tuple[_Folder, list[Path]
                              key=lambda p: (p.is_symlink(), p.name))
         except OSError as error:
             message = f"{folder.path}: cannot list it ({error}); check its permissions"
-            problems.append(Problem(folder.path, "unreadable_folder", message, skipped=True))
+            problems.append(ScanProblem(folder.path, "unreadable_folder", message, skipped=True))
             continue
         files = []
         for entry in entries:
             if entry.is_dir():
                 target = entry.resolve()
                 if target in seen and resolved.is_relative_to(target):
-                    problems.append(Problem(entry, "symlink_loop", f"{entry}: links back to {target}, a folder "
+                    problems.append(ScanProblem(entry, "symlink_loop", f"{entry}: links back to {target}, a folder "
                                             "above it (a symlink loop); not followed"))
                 elif target in seen:
-                    problems.append(Problem(entry, "duplicate_folder", f"{entry}: same folder as {target}, "
+                    problems.append(ScanProblem(entry, "duplicate_folder", f"{entry}: same folder as {target}, "
                                             "which is already scanned; not scanned twice"))
                 else:
                     seen.add(target)
@@ -136,7 +133,7 @@ def _walk(root: Path, problems: list[Problem]) -> list[tuple[_Folder, list[Path]
             elif entry.is_file():
                 files.append(entry)
             elif entry.is_symlink():
-                problems.append(Problem(entry, "broken_link", f"{entry}: link to a missing file; fix or remove it"))
+                problems.append(ScanProblem(entry, "broken_link", f"{entry}: link to a missing file; fix or remove it"))
         found.append((folder, files))
     return sorted(found, key=lambda pair: pair[0].path)
 
@@ -167,19 +164,19 @@ def _caption_for(scan: DatasetScan, image: Path, caption_extension: str) -> str:
     caption_path = image.with_suffix(caption_extension)
     fallback = "training uses an empty caption (plus the trigger word if set)"
     if not caption_path.is_file():
-        scan.problems.append(Problem(image, "missing_caption", f"{image}: no caption file {caption_path.name}; "
+        scan.problems.append(ScanProblem(image, "missing_caption", f"{image}: no caption file {caption_path.name}; "
                                      f"{fallback}"))
         return ""
     try:
         caption, warning = read_caption(caption_path)
     except OSError as error:
-        scan.problems.append(Problem(caption_path, "unreadable_caption", f"{caption_path}: cannot read it "
+        scan.problems.append(ScanProblem(caption_path, "unreadable_caption", f"{caption_path}: cannot read it "
                                      f"({error}); {fallback}"))
         return ""
     if warning:
-        scan.problems.append(Problem(caption_path, "caption_encoding", warning))
+        scan.problems.append(ScanProblem(caption_path, "caption_encoding", warning))
     if not caption:
-        scan.problems.append(Problem(caption_path, "empty_caption", f"{caption_path}: caption is empty; {fallback}"))
+        scan.problems.append(ScanProblem(caption_path, "empty_caption", f"{caption_path}: caption is empty; {fallback}"))
     return caption
 
 
@@ -187,17 +184,17 @@ def _add_image(scan: DatasetScan, path: Path, folder: _Folder, caption_extension
     try:
         probe = probe_image(path)
     except ImageLoadError as error:
-        scan.problems.append(Problem(path, error.kind, str(error), skipped=True))
+        scan.problems.append(ScanProblem(path, error.kind, str(error), skipped=True))
         return
     if min(probe.width, probe.height) < MIN_IMAGE_SIDE:
-        scan.problems.append(Problem(
+        scan.problems.append(ScanProblem(
             path, "too_small",
             f"{path}: {probe.width}x{probe.height} is too small to train on (under {MIN_IMAGE_SIDE} px a side); "
             "replace it with a larger version or remove it", skipped=True,
         ))
         return
     if probe.format not in FORMATS_FOR_EXTENSION[path.suffix.lower()]:
-        scan.problems.append(Problem(
+        scan.problems.append(ScanProblem(
             path, "format_mismatch",
             f"{path}: the file is {probe.format} although named {path.suffix}; it is read as {probe.format}, "
             "but other tools may refuse it: rename or re-export it",
@@ -214,7 +211,7 @@ def _report_shared_captions(scan: DatasetScan, caption_extension: str) -> None:
     for stem, paths in by_stem.items():
         if len(paths) > 1:
             names = ", ".join(p.name for p in paths)
-            scan.problems.append(Problem(stem.with_suffix(caption_extension), "shared_caption",
+            scan.problems.append(ScanProblem(stem.with_suffix(caption_extension), "shared_caption",
                                          f"{names} share one caption name {stem.name}{caption_extension}; "
                                          "rename or remove the duplicate"))
 
@@ -226,16 +223,16 @@ def _no_usable_images(scan: DatasetScan) -> DatasetError:
         others = ", ".join(f"{count} {ext}" for ext, count in scan.ignored_files.items())
         reasons.append(f"other files found: {others} (images must be {', '.join(sorted(IMAGE_EXTENSIONS))})")
     details = "".join(f"\n  {reason}" for reason in reasons)
-    return DatasetError(f"{scan.root}: no usable images;{details}\nto fix: {DATASET_FIX}")
+    return DatasetError.at(scan.root, f"no usable images;{details}\nto fix: {DATASET_FIX}")
 
 
 def scan_dataset(root: Path, caption_extension: str = ".txt") -> DatasetScan:
     """Every usable image under ``root`` with its caption and repeats, plus what was skipped and why."""
     root = Path(root)
     if not root.exists():
-        raise DatasetError(f"{root}: dataset folder does not exist; check the path, then {DATASET_FIX}")
+        raise DatasetError.at(root, f"dataset folder does not exist; check the path, then {DATASET_FIX}")
     if not root.is_dir():
-        raise DatasetError(f"{root}: is a file, not a folder; give the folder that holds the images and "
+        raise DatasetError.at(root, "is a file, not a folder; give the folder that holds the images and "
                            f"{DATASET_FIX}")
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension  # as kohya does: "txt" means ".txt"

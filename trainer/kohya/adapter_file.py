@@ -26,7 +26,8 @@ from trainer.adapters.weights import (
     DoraAxis,
     dora_axis_from_shape,
 )
-from trainer.files import write_bytes_atomically
+from trainer.errors import AdapterFileError
+from trainer.files import PICKLE_SUFFIXES, write_bytes_atomically
 
 DOWN, UP, ALPHA, DORA_SCALE = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
 # PEFT / diffusers names map one to one onto kohya's (A = down, B = up).
@@ -36,14 +37,8 @@ _PART_SUFFIXES = {DOWN: DOWN, UP: UP, ALPHA: ALPHA, DORA_SCALE: DORA_SCALE,
 # reported unknown as a whole rather than merged without them.
 _FOREIGN_STEM_SUFFIXES = (".lora_magnitude_vector.weight", ".lora_magnitude_vector", ".lora_mid.weight")
 _PEFT_PREFIXES = (("unet.", "lora_unet_"), ("text_encoder_2.", "lora_te2_"), ("text_encoder.", "lora_te1_"))
-# Pickle-based checkpoint formats: loading them can run arbitrary code, so they are never opened.
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-class AdapterFileError(ValueError):
-    """A file that cannot be read or written as an adapter; the message names the file and the fix."""
 
 
 @dataclass
@@ -197,7 +192,7 @@ def load_adapter(path: Path) -> LoadedAdapter:
         with safetensors.safe_open(path, framework="pt") as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise AdapterFileError(f"{path}: the tensors cannot be read ({err}); the file is corrupt: "
+        raise AdapterFileError.at(path, f"the tensors cannot be read ({err}); the file is corrupt: "
                                "download or export it again") from None
     parts, unknown_keys = _group_by_stem(path, tensors)
     axis_hint = _axis_hint(metadata)
@@ -209,7 +204,7 @@ def load_adapter(path: Path) -> LoadedAdapter:
     if not adapters:
         detail = (f"its {len(unknown_keys)} keys (e.g. {unknown_keys[:3]}) are of a kind this tool does not "
                   "read (LoHa, LoKr, full diff, embeddings...)") if unknown_keys else "it holds no tensors"
-        raise AdapterFileError(f"{path} contains no LoRA/DoRA layers: {detail}; choose a LoRA or DoRA file")
+        raise AdapterFileError.at(path, f"contains no LoRA/DoRA layers: {detail}; choose a LoRA or DoRA file")
     return LoadedAdapter(adapters, metadata, sorted(unknown_keys), dtypes)
 
 
@@ -219,8 +214,8 @@ def rename_stems(loaded: LoadedAdapter, aliases: Mapping[str, str]) -> LoadedAda
     for stem in loaded.adapters:
         new = aliases.get(stem, stem)
         if new in renamed:
-            raise AdapterFileError(f"stems {renamed[new]!r} and {stem!r} both become {new!r}: the file "
-                                   "holds the same layer twice; keep one of them")
+            raise AdapterFileError.at(stem, f"{renamed[new]!r} and {stem!r} both become {new!r}: the file "
+                                      "holds the same layer twice; keep one of them")
         renamed[new] = stem
 
     def rename_key(key: str) -> str:
@@ -237,10 +232,10 @@ def rename_stems(loaded: LoadedAdapter, aliases: Mapping[str, str]) -> LoadedAda
 def _read_metadata(path: Path) -> dict[str, str]:
     """Check the container by hand before safetensors sees it, so every failure gets a clear message."""
     if not path.is_file():
-        raise AdapterFileError(f"{path}: no such adapter file; check the path and its spelling")
+        raise AdapterFileError.at(path, "no such adapter file; check the path and its spelling")
     size = path.stat().st_size
     if size == 0:
-        raise AdapterFileError(f"{path} is empty (0 bytes): the export or download was interrupted; do it again")
+        raise AdapterFileError.at(path, "the file is empty (0 bytes): the export or download was interrupted; do it again")
     with path.open("rb") as f:
         prefix = f.read(8)
         header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
@@ -251,21 +246,21 @@ def _read_metadata(path: Path) -> dict[str, str]:
         header = None
     if not isinstance(header, dict):
         if prefix[:1] == b"\x80" or prefix[:4] == b"PK\x03\x04" or path.suffix.lower() in PICKLE_SUFFIXES:
-            raise AdapterFileError(
-                f"{path} is a pickle / PyTorch checkpoint, not a safetensors file. It was not opened, because "
+            raise AdapterFileError.at(
+                path, "a pickle / PyTorch checkpoint, not a safetensors file. It was not opened, because "
                 "unpickling can run arbitrary code; get the .safetensors version or convert it with a tool you trust")
-        raise AdapterFileError(f"{path} is not a safetensors file, or its header is truncated or corrupt; "
+        raise AdapterFileError.at(path, "not a safetensors file, or its header is truncated or corrupt; "
                                "download or export it again")
     try:
         data_end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (TypeError, KeyError, IndexError, ValueError):
-        raise AdapterFileError(f"{path}: corrupt safetensors header; download or export it again") from None
+        raise AdapterFileError.at(path, "corrupt safetensors header; download or export it again") from None
     if 8 + header_len + data_end > size:
-        raise AdapterFileError(f"{path} is truncated: its header describes {data_end} bytes of tensor data but "
+        raise AdapterFileError.at(path, f"the file is truncated: its header describes {data_end} bytes of tensor data but "
                                f"only {size - 8 - header_len} are there; download or export it again")
     metadata = header.get("__metadata__") or {}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise AdapterFileError(f"{path}: metadata values must be strings; the file is corrupt")
+        raise AdapterFileError.at(path, "metadata values must be strings; the file is corrupt")
     return dict(metadata)
 
 
@@ -294,7 +289,7 @@ def _group_by_stem(path: Path, tensors: Mapping[str, Tensor]) -> tuple[dict[str,
         stem, part = _normalise_stem(key[: -len(suffix)]), _PART_SUFFIXES[suffix]
         found = parts.setdefault(stem, {})
         if part in found:
-            raise AdapterFileError(f"{path}: keys {found[part]!r} and {key!r} are the same tensor of stem "
+            raise AdapterFileError.at(path, f"keys {found[part]!r} and {key!r} are the same tensor of stem "
                                    f"{stem!r}; the file mixes two formats of one layer: keep one")
         found[part] = key
     for stem in list(parts):
@@ -302,7 +297,7 @@ def _group_by_stem(path: Path, tensors: Mapping[str, Tensor]) -> tuple[dict[str,
             unknown += parts.pop(stem).values()
         elif len({DOWN, UP} & parts[stem].keys()) == 1:
             missing = UP if DOWN in parts[stem] else DOWN
-            raise AdapterFileError(f"{path}: stem {stem!r} has no {missing.lstrip('.')} tensor; the file is "
+            raise AdapterFileError.at(path, f"stem {stem!r} has no {missing.lstrip('.')} tensor; the file is "
                                    "incomplete: export it again")
     return parts, unknown
 
@@ -327,7 +322,7 @@ def _stem_weights(path: Path, stem: str, found: Mapping[str, Tensor], axis_hint:
     _check_finite(where, stem, found.values())
     alpha = found.get(ALPHA)
     if alpha is not None and alpha.numel() != 1:
-        raise AdapterFileError(f"{where}: {stem}.alpha has shape {tuple(alpha.shape)}, not a scalar; the file is corrupt")
+        raise AdapterFileError.at(where, f"{stem}.alpha has shape {tuple(alpha.shape)}, not a scalar; the file is corrupt")
     dora_scale = found.get(DORA_SCALE)
     if dora_scale is not None:
         dora_scale = _dora_scale_layout(where, stem, dora_scale, up.shape[0], down.shape[1], down.dim(), axis_hint)
@@ -342,7 +337,7 @@ def _dora_scale_layout(
     if scale.dim() == 1:
         n = scale.shape[0]
         if n not in (in_features, out_features):
-            raise AdapterFileError(f"{where}: {stem}.dora_scale has {n} values but the layer has in={in_features}, "
+            raise AdapterFileError.at(where, f"{stem}.dora_scale has {n} values but the layer has in={in_features}, "
                                    f"out={out_features}; the file is corrupt")
         axis = axis_hint if in_features == out_features else ("input" if n == in_features else "output")
         shape = (1, in_features) if axis == "input" else (out_features, 1)
@@ -356,9 +351,9 @@ def _check_scale_shape(where: str, stem: str, scale: Tensor, out_features: int, 
     try:
         dora_axis_from_shape(tuple(scale.shape), out_features, in_features)
     except ValueError as err:
-        raise AdapterFileError(f"{where}: {stem}: {err}; export the file again") from None
+        raise AdapterFileError.at(where, f"{stem}: {err}; export the file again") from None
     if scale.dim() != dims:
-        raise AdapterFileError(f"{where}: {stem}.dora_scale has shape {tuple(scale.shape)} for a {dims}-D layer; "
+        raise AdapterFileError.at(where, f"{stem}.dora_scale has shape {tuple(scale.shape)} for a {dims}-D layer; "
                                "export the file again")
 
 
@@ -371,15 +366,15 @@ def _check_pair(where: str, stem: str, down: Tensor, up: Tensor) -> None:
         and all(k == 1 for k in up.shape[2:])
     )
     if not fits:
-        raise AdapterFileError(
-            f"{where}: stem {stem!r}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not fit "
+        raise AdapterFileError.at(
+            where, f"stem {stem!r}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not fit "
             "(expected down (r, in[, kh, kw]) and up (out, r[, 1, 1])); the file is damaged: export it again")
 
 
 def _check_finite(where: str, stem: str, tensors: Iterable[Tensor]) -> None:
     """Refuse NaN/Inf: every front end would merge them into the model silently."""
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise AdapterFileError(f"{where}: stem {stem!r} has NaN or Inf values (training diverged, or fp16 "
+        raise AdapterFileError.at(where, f"stem {stem!r} has NaN or Inf values (training diverged, or fp16 "
                                "overflow); use an earlier checkpoint or save in float32 / bfloat16")
 
 

@@ -1,4 +1,4 @@
-"""Match an adapter file's stems to a model's modules, merge it in, and export the merged model.
+"""Match an adapter file's stems to a model's modules and merge it in (``sdxl.model_files`` saves the result).
 
 The merge is ``trainer.adapters.weights.merged_weight``: the same arithmetic the layers use, so a merged
 model computes what the adapter computed in training.
@@ -6,9 +6,6 @@ model computes what the adapter computed in training.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +15,7 @@ from torch import nn
 
 from .adapter_file import LoadedAdapter, rename_stems
 from trainer.adapters.weights import AdapterWeights, merged_weight
+from trainer.errors import AdapterMismatchError, Problem
 from trainer.sdxl.naming import Part, stem_for, unet_diffusers_stem_aliases
 
 
@@ -61,10 +59,6 @@ def _shape_problem(weights: AdapterWeights, module: nn.Module) -> str | None:
     return None
 
 
-class AdapterMismatchError(ValueError):
-    """The adapter's stems or shapes do not fit the model."""
-
-
 @dataclass
 class StemMatch:
     matched: dict[str, tuple[AdapterWeights, StemTarget]]
@@ -89,13 +83,13 @@ def require_full_match(match: StemMatch, adapter_file: Path, model: str | Path) 
     """Refuse to merge a file whose stems the model does not have: front ends would drop them silently."""
     if not match.unmatched and not match.misfit:
         return
-    lines = [f"{stem}: no such module" for stem in match.unmatched[:10]]
-    lines += [f"{stem}: {why}" for stem, why in list(match.misfit.items())[:10]]
-    more = len(match.unmatched) + len(match.misfit) - len(lines)
+    problems = [Problem(stem, "no such module") for stem in match.unmatched[:10]]
+    problems += [Problem(stem, why) for stem, why in list(match.misfit.items())[:10]]
+    more = len(match.unmatched) + len(match.misfit) - len(problems)
     raise AdapterMismatchError(
-        f"{adapter_file} does not fit the model {model}: {len(match.unmatched)} stems not found, "
-        f"{len(match.misfit)} with wrong shapes (is it an adapter for another architecture, e.g. SD1.5?)\n  "
-        + "\n  ".join(lines) + (f"\n  ... and {more} more" if more > 0 else "")
+        *problems, *([f"... and {more} more"] if more > 0 else []),
+        context=f"{adapter_file} does not fit the model {model}: {len(match.unmatched)} stems not found, "
+                f"{len(match.misfit)} with wrong shapes (is it an adapter for another architecture, e.g. SD1.5?)",
     )
 
 
@@ -105,27 +99,3 @@ def merge_matched(match: StemMatch, strength: float) -> None:
     for weights, target in match.matched.values():
         weight = target.module.weight
         weight.copy_(merged_weight(weight, weights, strength).to(weight.dtype))
-
-
-def export_pipeline(pipe, out: Path, dtype: torch.dtype | None = None) -> Path:
-    """A diffusers folder, or an SGM single-file checkpoint when ``out`` ends in .safetensors."""
-    from trainer.sdxl.sgm_checkpoint import save_sgm_checkpoint
-
-    out = Path(out)
-    if out.suffix.lower() == ".safetensors":
-        save_sgm_checkpoint(pipe, out, dtype=dtype)
-        return out
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose a new folder so nothing is overwritten")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target, then renamed, so a crash never leaves a half-written model folder.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        if dtype is not None:
-            pipe.to(dtype=dtype)
-        pipe.save_pretrained(staging, safe_serialization=True)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out

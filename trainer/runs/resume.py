@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .run_directory import RunDirectory
-from .train_state import TrainStateError, list_states, newest_state
+from .train_state import list_states, newest_state
+from trainer.errors import TrainStateError
 
 RESUME_MAY_CHANGE = (
     "sampling.", "saving.", "training.epochs", "training.max_steps", "dataset.latent_cache_dir",
@@ -27,7 +28,7 @@ def find_state(resume: str, run: RunDirectory) -> Path | None:
     path = Path(resume)
     if path in list_states(path.parent):
         return path
-    raise TrainStateError(f"{path}: not a complete saved state (a folder like <run>/state/step-00000120 holding "
+    raise TrainStateError.at(path, "not a complete saved state (a folder like <run>/state/step-00000120 holding "
                           "state.json and tensors.safetensors); use --resume auto to take the newest")
 
 
@@ -44,13 +45,13 @@ def check_resume_config(saved: dict, current: dict, state_dir: Path) -> None:
     )
     if changed:
         details = "; ".join(f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in changed)
-        raise TrainStateError(f"{state_dir}: cannot resume with different training settings ({details}). Set them "
+        raise TrainStateError.at(state_dir, f"cannot resume with different training settings ({details}). Set them "
                               "back, or start a new run without --resume")
 
 
 def check_resume_processes(saved: int, current: int, state_dir: Path) -> None:
     """The data order and the global batch depend on the number of processes, so it must not change."""
     if saved != current:
-        raise TrainStateError(f"{state_dir}: saved by a run with {saved} training process(es), resumed with "
+        raise TrainStateError.at(state_dir, f"saved by a run with {saved} training process(es), resumed with "
                               f"{current}; resume with {saved} (training.processes, or your accelerate/torchrun "
                               "launch), or start a new run")

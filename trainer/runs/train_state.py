@@ -2,8 +2,8 @@
 
 A state is a folder ``step-00000120/`` holding ``tensors.safetensors`` (every tensor) and ``state.json``
 (everything else, tensors replaced by ``{"__tensor__": key}``, tuples by ``{"__tuple__": [...]}`` so
-torch gets back exactly what it saved). The folder is written under a ``.tmp-*`` name, fsynced and
-renamed into place, so a ``step-*`` folder is always complete. Loading checks names, shapes, dtypes
+torch gets back exactly what it saved). The folder is written whole (``trainer.files.atomic_folder``),
+so a ``step-*`` folder is always complete. Loading checks names, shapes, dtypes
 and the optimizer's kind and parameter order before touching anything, so a wrong state fails with
 ``TrainStateError`` instead of resuming into silently different training.
 """
@@ -11,9 +11,7 @@ and the optimizer's kind and parameter order before touching anything, so a wron
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,15 +22,13 @@ import torch
 from safetensors import SafetensorError
 from torch.optim.lr_scheduler import LRScheduler
 
+from trainer.errors import TrainStateError
+from trainer.files import atomic_folder, remove_staging_folders
+
 TENSORS_FILE, JSON_FILE = "tensors.safetensors", "state.json"
 _FORMAT, _VERSION = "dora-studio/train-state", 1
 _STATE_DIR = re.compile(r"step-(\d+)")
-_TMP_PREFIX = ".tmp-"
 _TENSOR, _TUPLE = "__tensor__", "__tuple__"  # the only keys a JSON object may have to mean "not a dict"
-
-
-class TrainStateError(ValueError):
-    """A state folder that is incomplete, corrupt or does not fit the model/optimizer; names folder and problem."""
 
 
 def save_train_state(
@@ -71,27 +67,10 @@ def save_train_state(
     for name, tensor in trainable.items():
         _encode(tensor, f"params/{name}", tensors)
     text = json.dumps(state, indent=1)  # before any file exists: a refused value leaves nothing behind
-
-    states_root = Path(states_root)
-    states_root.mkdir(parents=True, exist_ok=True)
-    final = states_root / f"step-{step:08d}"
-    tmp = states_root / f"{_TMP_PREFIX}{final.name}-{secrets.token_hex(6)}"
-    tmp.mkdir()
-    try:
-        safetensors.torch.save_file(tensors, tmp / TENSORS_FILE)
-        _fsync_file(tmp / TENSORS_FILE)
-        (tmp / JSON_FILE).write_text(text, encoding="utf-8")  # last: its presence marks a complete folder
-        _fsync_file(tmp / JSON_FILE)
-        _fsync_dir(tmp)
-        replaced = states_root / f"{_TMP_PREFIX}old-{final.name}-{secrets.token_hex(6)}"
-        if final.exists():  # moved aside rather than deleted first, so a crash here loses nothing
-            final.rename(replaced)
-        os.replace(tmp, final)
-        _fsync_dir(states_root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(replaced, ignore_errors=True)
+    final = Path(states_root) / f"step-{step:08d}"
+    with atomic_folder(final, if_exists="replace") as staging:
+        safetensors.torch.save_file(tensors, staging / TENSORS_FILE)
+        (staging / JSON_FILE).write_text(text, encoding="utf-8")
     return final
 
 
@@ -110,7 +89,7 @@ def load_train_state(
     state, tensors = _read(state_dir)
 
     def fail(problem: str) -> TrainStateError:
-        return TrainStateError(f"train state {state_dir}: {problem}")
+        return TrainStateError.at(f"train state {state_dir}", problem)
 
     saved = {key.removeprefix("params/"): t for key, t in tensors.items() if key.startswith("params/")}
     missing, unexpected = sorted(trainable.keys() - saved.keys()), sorted(saved.keys() - trainable.keys())
@@ -178,7 +157,7 @@ def prune_states(states_root: Path, keep_last: int) -> list[Path]:
     doomed = states[:-keep_last] if keep_last > 0 else []
     for path in doomed:
         shutil.rmtree(path)
-    return doomed + _remove_tmp_folders(Path(states_root))
+    return doomed + remove_staging_folders(Path(states_root))
 
 
 # ---------------------------------------------------------------- encoding
@@ -240,14 +219,14 @@ def _decode_optimizer(encoded: dict, tensors: Mapping[str, torch.Tensor]) -> dic
 
 def _read(state_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not (state_dir / JSON_FILE).is_file() or not (state_dir / TENSORS_FILE).is_file():
-        raise TrainStateError(f"train state {state_dir}: incomplete, needs both {JSON_FILE} and {TENSORS_FILE}")
+        raise TrainStateError.at(f"train state {state_dir}", f"incomplete, needs both {JSON_FILE} and {TENSORS_FILE}")
     try:
         state = json.loads((state_dir / JSON_FILE).read_text(encoding="utf-8"))
         tensors = safetensors.torch.load_file(state_dir / TENSORS_FILE)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as exc:
-        raise TrainStateError(f"train state {state_dir}: unreadable ({exc})") from None
+        raise TrainStateError.at(f"train state {state_dir}", f"unreadable ({exc})") from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT or state.get("version") != _VERSION:
-        raise TrainStateError(f"train state {state_dir}: not a {_FORMAT} version {_VERSION} state.json")
+        raise TrainStateError.at(f"train state {state_dir}", f"not a {_FORMAT} version {_VERSION} state.json")
     return state, tensors
 
 
@@ -276,29 +255,3 @@ def _few(names: list[str], limit: int = 5) -> str:
         return "(none)"
     shown = ", ".join(names[:limit])
     return f"{shown} (+{len(names) - limit} more)" if len(names) > limit else shown
-
-
-def _remove_tmp_folders(states_root: Path) -> list[Path]:
-    if not states_root.is_dir():
-        return []
-    removed = []
-    for path in states_root.iterdir():
-        if path.name.startswith(_TMP_PREFIX) and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a folder's entries (new files, a rename) durable; like ``atomic_io.atomic_path`` does, POSIX only."""
-    if hasattr(os, "O_DIRECTORY"):
-        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

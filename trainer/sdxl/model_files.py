@@ -1,4 +1,4 @@
-"""Load an SDXL base model: a diffusers folder or an SGM single-file checkpoint, safetensors only.
+"""Load and save SDXL models: diffusers folders and SGM single-file checkpoints, safetensors only.
 
 Pickle checkpoints (.ckpt, .pt, .bin) can run arbitrary code when loaded, so they are refused by name
 before anything reads them.
@@ -6,28 +6,23 @@ before anything reads them.
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from trainer.kohya.adapter_file import PICKLE_SUFFIXES
+from trainer.errors import ModelLoadError
+from trainer.files import PICKLE_SUFFIXES, atomic_folder
 
-
-class ModelLoadError(ValueError):
-    """A model path that cannot be loaded, with the reason and the fix in the message."""
+from .sgm_checkpoint import save_sgm_checkpoint
 
 
 def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelLoadError(
-            f"{path}: pickle checkpoints are refused because loading them can run arbitrary code. "
+        raise ModelLoadError.at(
+            path, "pickle checkpoints are refused because loading them can run arbitrary code. "
             "Convert it to .safetensors (most front ends and model sites offer that) and point at the new file."
         )
 
@@ -35,18 +30,18 @@ def _refuse_pickle(path: Path) -> None:
 def _check_diffusers_folder(path: Path) -> None:
     index = path / "model_index.json"
     if not index.is_file():
-        raise ModelLoadError(
-            f"{path}: not a diffusers model folder (no model_index.json). Give a diffusers SDXL folder "
+        raise ModelLoadError.at(
+            path, "not a diffusers model folder (no model_index.json). Give a diffusers SDXL folder "
             "or an SDXL single-file .safetensors checkpoint."
         )
     try:
         found = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "?")
     except (ValueError, AttributeError) as error:  # bad JSON or bad UTF-8 (both ValueError), or not an object
-        raise ModelLoadError(f"{index}: not a readable diffusers model_index.json ({error}); download the model "
+        raise ModelLoadError.at(index, f"not a readable diffusers model_index.json ({error}); download the model "
                              "folder again") from None
     families = {"StableDiffusionPipeline": " (Stable Diffusion 1.x or 2.x)"}
     if found != "StableDiffusionXLPipeline":
-        raise ModelLoadError(f"{path}: this is a {found} folder{families.get(found, '')}, not SDXL "
+        raise ModelLoadError.at(path, f"this is a {found} folder{families.get(found, '')}, not SDXL "
                              "(StableDiffusionXLPipeline); DoRA Studio trains SDXL base models")
 
 
@@ -76,14 +71,14 @@ def _check_single_file(path: Path) -> None:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
     except Exception as error:  # safetensors raises its own SafetensorError for damaged headers
-        raise ModelLoadError(f"{path}: not a readable .safetensors file ({error}); download it again") from None
+        raise ModelLoadError.at(path, f"not a readable .safetensors file ({error}); download it again") from None
     found = checkpoint_architecture(keys)
     if found != "SDXL":
-        raise ModelLoadError(f"{path}: this checkpoint is {found}, not SDXL; DoRA Studio trains SDXL base models "
+        raise ModelLoadError.at(path, f"this checkpoint is {found}, not SDXL; DoRA Studio trains SDXL base models "
                              "(SDXL 1.0, Pony, Illustrious, NoobAI and other SDXL fine-tunes)")
 
 
-def _quiet_library_progress() -> None:
+def quiet_library_progress() -> None:
     """Per-component load/save bars from diffusers and transformers are noise above our own progress."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -100,23 +95,23 @@ def load_sdxl_pipeline(model: str | Path, config_dir: str | Path | None = None, 
     """
     from diffusers import StableDiffusionXLPipeline
 
-    _quiet_library_progress()
+    quiet_library_progress()
     path = Path(model)
     _refuse_pickle(path)
     if not path.exists():
-        raise ModelLoadError(f"{path}: model path does not exist; check the spelling or give an absolute path")
+        raise ModelLoadError.at(path, "model path does not exist; check the spelling or give an absolute path")
     if path.is_dir():
         _check_diffusers_folder(path)
         return StableDiffusionXLPipeline.from_pretrained(
             path, dtype=dtype, use_safetensors=True, local_files_only=True
         )
     if path.suffix.lower() != ".safetensors":
-        raise ModelLoadError(f"{path}: unknown model file type; expected a .safetensors checkpoint or a folder")
+        raise ModelLoadError.at(path, "unknown model file type; expected a .safetensors checkpoint or a folder")
     _check_single_file(path)
     config = Path(config_dir) if config_dir else path.with_suffix("")
     if not (config / "model_index.json").is_file():
-        raise ModelLoadError(
-            f"{path}: a single-file checkpoint needs its diffusers config folder to load offline; none at {config}. "
+        raise ModelLoadError.at(
+            path, f"a single-file checkpoint needs its diffusers config folder to load offline; none at {config}. "
             "Pass the folder of a diffusers SDXL model (only its *.json and tokenizer files are read)."
         )
     return StableDiffusionXLPipeline.from_single_file(
@@ -124,43 +119,20 @@ def load_sdxl_pipeline(model: str | Path, config_dir: str | Path | None = None, 
     )
 
 
-BUILTIN_PREFIX = "builtin:"
-# name -> the module that writes it (``save_builtin(folder)``) and names its cache folder (``builtin_cache_tag()``,
-# which changes whenever the weights would): the random tiny model, the pretrained toy model.
-BUILTIN_MODELS = {"tiny-sdxl": "trainer.builtin.tiny", "toy-sdxl": "trainer.builtin.toy"}
+def export_pipeline(pipe, out: Path, dtype: torch.dtype | None = None) -> Path:
+    """A diffusers folder, or an SGM single-file checkpoint when ``out`` ends in .safetensors.
 
-
-def default_cache_dir() -> Path:
-    """``$DORA_STUDIO_CACHE``, else the XDG cache folder (``~/.cache/dora-studio``)."""
-    if os.environ.get("DORA_STUDIO_CACHE"):
-        return Path(os.environ["DORA_STUDIO_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dora-studio"
-
-
-def resolve_builtin(model: str, cache_dir: Path | None = None) -> Path:
-    """The folder of a ``builtin:`` model, built on first use into the cache and reused after.
-
-    Built under a temp name and renamed, so two runs starting together never see a half-written model.
+    Written whole beside the target and renamed, so a crash never leaves half a model; an existing ``out``
+    is never overwritten.
     """
-    name = model.removeprefix(BUILTIN_PREFIX)
-    if name not in BUILTIN_MODELS:
-        raise ModelLoadError(f"{model}: unknown built-in model; built-ins are "
-                             + ", ".join(BUILTIN_PREFIX + known for known in BUILTIN_MODELS))
-    builder = importlib.import_module(BUILTIN_MODELS[name])
-
-    _quiet_library_progress()
-    folder = (cache_dir or default_cache_dir()) / "models" / f"{name}-{builder.builtin_cache_tag()}"
-    if not (folder / "model_index.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-        try:
-            builder.save_builtin(staging)
-            if not folder.exists():  # another process may have finished first; theirs is identical
-                os.replace(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return folder
-
-
-def resolve_model_path(model: str) -> Path:
-    return resolve_builtin(model) if model.startswith(BUILTIN_PREFIX) else Path(model)
+    out = Path(out)
+    if out.suffix.lower() == ".safetensors":
+        save_sgm_checkpoint(pipe, out, dtype=dtype)
+        return out
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new folder so nothing is overwritten")
+    with atomic_folder(out, if_exists="refuse") as staging:
+        if dtype is not None:
+            pipe.to(dtype=dtype)
+        pipe.save_pretrained(staging, safe_serialization=True)
+    return out

@@ -43,8 +43,9 @@ from trainer.runs.train_state import (
     read_state_extra,
     save_train_state,
 )
-from .setup import TrainingError, prepare_session
+from .setup import prepare_session
 from .step import latent_shape, step_seed, training_loss
+from trainer.errors import StudioError, TrainingError
 
 log = logging.getLogger("dora_studio")
 STATUS_INTERVAL_S = 1.0  # status.json is rewritten at most this often between state changes
@@ -121,14 +122,15 @@ class Trainer:
                 raise
             except BaseException as error:
                 with contextlib.suppress(OSError):  # a full disk must not hide the reason behind a second error
+                    problems = error.problems if isinstance(error, StudioError) else []
                     self._status(state="failed", message=str(error) or type(error).__name__,
-                                          error_type=type(error).__name__)
+                                 error_type=type(error).__name__, problems=[asdict(p) for p in problems])
                 raise
 
     def _run(self, accelerator: Accelerator, resume: str | None) -> Path:
         if accelerator.device.type == "cpu" and self.config.training.mixed_precision == "fp16":
-            raise TrainingError("training.mixed_precision = \"fp16\" needs a GPU (CPUs have no fp16 autocast); "
-                                "use \"bf16\" or \"no\" on this machine")
+            raise TrainingError.at("training.mixed_precision", "\"fp16\" needs a GPU (CPUs have no fp16 autocast); "
+                                   "use \"bf16\" or \"no\" on this machine")
         self.tensorboard = self._tensorboard_writer(accelerator)  # a missing package is said before any work
         self._status(state="caching", message="checking the dataset and caching latents")
         with accelerator.main_process_first():  # rank 0 builds/caches first; the others then find it all made

@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from torch.nn import Parameter
 
+from trainer.config.schema import OPTIMIZERS, SCHEDULERS
 from trainer.optional_packages import import_optional
 
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from trainer.config.schema import TrainConfig
+from trainer.errors import TrainingError
 from trainer.runs.run_directory import COMMANDS
-from .setup import TrainingError
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from trainer.errors import PromptSyntaxError
 
 SUPPORTED_OPTIONS = {
     "n": "negative prompt",
@@ -36,10 +37,6 @@ KOHYA_ONLY_OPTIONS = {
 MAX_STEPS = 1000  # kohya's ceiling too; it clamps silently, we refuse
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 _SUPPORTED_LIST = ", ".join(f"--{name} ({meaning})" for name, meaning in SUPPORTED_OPTIONS.items())
-
-
-class PromptSyntaxError(ValueError):
-    """A prompt line that cannot be read; the message names the line (file:line when from a file) and the fix."""
 
 
 @dataclass(frozen=True)
@@ -162,8 +159,8 @@ def read_prompt_file(path: Path) -> list[SamplePrompt]:
     """
     path = Path(path)
     if path.suffix.lower() in (".toml", ".json"):
-        raise PromptSyntaxError(
-            f"{path}: {path.suffix} prompt files are not supported; write one prompt per line in a .txt file"
+        raise PromptSyntaxError.at(
+            path, f"{path.suffix} prompt files are not supported; write one prompt per line in a .txt file"
         )
     prompts = []
     for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
@@ -173,5 +170,5 @@ def read_prompt_file(path: Path) -> list[SamplePrompt]:
         try:
             prompts.append(parse_prompt_line(line))
         except PromptSyntaxError as error:
-            raise PromptSyntaxError(f"{path}:{number}: {error}") from None
+            raise PromptSyntaxError.at(f"{path}:{number}", str(error)) from None
     return prompts

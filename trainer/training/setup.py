@@ -19,10 +19,12 @@ from trainer.data.buckets import crop_plan
 from trainer.data.captions import CaptionOptions, is_randomised, process_caption
 from trainer.data.check import DataReport, report_for_scan
 from trainer.config.schema import TrainConfig
-from trainer.data.scan import DatasetError, scan_dataset
+from trainer.data.scan import scan_dataset
 from trainer.sdxl.objective import training_noise_scheduler
 from trainer.data.latent_cache import LatentCache, fill_cache, vae_fingerprint
-from trainer.sdxl.model_files import default_cache_dir, load_sdxl_pipeline, resolve_model_path
+from trainer.builtin.resolve import resolve_model_path
+from trainer.files import default_cache_dir
+from trainer.sdxl.model_files import load_sdxl_pipeline
 from .network import (
     PART_GROUP_NAMES,
     PART_LR_SETTINGS,
@@ -36,15 +38,12 @@ from .optimizers import ParamGroup, build_optimizer, build_scheduler
 from .sample_prompts import SamplePrompt, parse_prompt_line, read_prompt_file
 from trainer.sdxl.text_encoding import encode_captions
 from trainer.data.epoch_plan import AugmentOptions, Draw, TrainExample, epoch_batches, plan_examples
+from trainer.errors import DatasetError, TrainingError
 
 log = logging.getLogger("dora_studio")
 
 MAX_PROBLEMS_LOGGED = 20
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on; the message says why and what to change."""
 
 
 @dataclass
@@ -114,7 +113,7 @@ def _check_schedule(scheduler_config, config: TrainConfig) -> None:
     if wants_v or wants_ztsnr:
         needed = ['model.prediction_type = "v_prediction"'] if wants_v else []
         needed += ["model.zero_terminal_snr = true"] if wants_ztsnr else []
-        raise TrainingError(f"{config.model.path}: this model was trained with "
+        raise TrainingError.at(config.model.path, "this model was trained with "
                             f"{'v-prediction' if wants_v else 'zero terminal SNR'} (its scheduler config says so); "
                             f"set {' and '.join(needed)} in the preset's [model] section")
 
@@ -185,7 +184,7 @@ def _latent_cache(
         log.warning("skipped: %s", reason)
     usable = [example for example in examples if example.path not in filled.unreadable]
     if not usable:
-        raise DatasetError(f"{config.dataset.path}: no image could be loaded; see the reasons above")
+        raise DatasetError.at(config.dataset.path, "no image could be loaded; see the reasons above")
     return cache, usable
 
 
