@@ -14,6 +14,7 @@ from pathlib import Path
 
 from trainer.kohya.adapter_file import load_adapter
 from trainer.files import write_bytes_atomically
+from trainer.runs.run_directory import RunDirectory
 from trainer.kohya.inspect import format_summary, summarize
 from trainer.errors import AdapterFileError
 
@@ -27,10 +28,6 @@ def adapter_summary(path: Path) -> str:
         return str(error)
 
 
-def _verify_cache(path: Path) -> Path:
-    return path.with_name(path.name.removesuffix(".safetensors") + ".verify.json")
-
-
 def _format(result: dict) -> str:
     if "error" in result:
         return result["error"]
@@ -41,12 +38,13 @@ def _format(result: dict) -> str:
     return "\n".join(lines)
 
 
-def verify_adapter(path: Path, run: bool) -> str:
-    """The stored verify result; with ``run``, verify now against the run's base model and store it."""
-    cache = _verify_cache(path)
-    if not run:
+def verify_adapter(run: RunDirectory, path: Path, now: bool) -> str:
+    """The stored verify result of ``run``'s adapter ``path``; with ``now``, verify it against the run's base
+    model first and store the result."""
+    cache = RunDirectory.verify_result_path(path)
+    if not now:
         return _format(json.loads(cache.read_text())) if cache.is_file() else "Not verified yet."
-    config = tomllib.loads((path.parent.parent / "config.toml").read_text(encoding="utf-8"))
+    config = tomllib.loads(run.config_path.read_text(encoding="utf-8"))
     command = [sys.executable, "-m", "trainer.cli", "verify", str(path), "--model", config["model"]["path"], "--json"]
     if config["model"].get("config_dir"):
         command += ["--config-dir", config["model"]["config_dir"]]

@@ -1,6 +1,6 @@
 """Reading run folders for the UI: what a run is doing, its curves, samples, adapters and logs.
 
-The run directory (``trainer/run_dir.py``) is the whole contract between trainer and UI, and the UI
+The run directory (``trainer.runs.run_directory``) is the whole contract between trainer and UI, and the UI
 reads it while the trainer writes it, or after the trainer died. So every reader here tolerates
 missing and half-written files and never raises on them: a poll that fails would blank the page.
 Names come from the browser, so they are checked before they touch the filesystem.
@@ -11,39 +11,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.runs.run_directory import RunDirectory
 from trainer.errors import Problem, RunNameError
+from trainer.runs.run_directory import (
+    ACTIVE_STATES,
+    PROMPTS_FILE,
+    SAMPLE_IMAGE,
+    SAMPLES_FOLDER,
+    STATES,
+    RunDirectory,
+)
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # names the browser may send
-ACTIVE_STATES = ("starting", "caching", "training", "sampling", "saving")
-KNOWN_STATES = (*ACTIVE_STATES, "done", "failed", "stopped")
 STARTING_GRACE_S = 60.0  # a folder without status.json this young is a trainer still starting up
 LOG_READ_LIMIT = 1 << 20  # bytes read from the end of a log: enough lines, however big the file
-_SAMPLE_DIR = re.compile(r"^(epoch|step)_(\d+)$")
-_SAMPLE_FILE = re.compile(r"^(\d+)\.png$")
-
-
-def validate_run_name(name: str) -> str:
-    # fullmatch, not match: RUN_NAME's "$" would otherwise accept a trailing newline.
-    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
-        raise RunNameError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-' "
-                           "(starting with a letter or digit, at most 100 characters)")
-    return name
-
-
-def run_path(runs_dir: Path, name: str) -> Path:
-    """The run folder for ``name``, resolved; refused if it (through a symlink) lies outside ``runs_dir``."""
-    root = Path(runs_dir).resolve()
-    path = (root / validate_run_name(name)).resolve()
-    if path == root or not path.is_relative_to(root):
-        raise RunNameError(f"run {name!r} points outside {root}")
-    return path
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -113,7 +97,7 @@ def read_status(run_dir: Path) -> RunStatus:
     except OSError:
         folder_mtime = None
     status = _read_json(RunDirectory(run_dir).status_path)
-    if not isinstance(status, dict) or status.get("state") not in KNOWN_STATES:
+    if not isinstance(status, dict) or status.get("state") not in STATES:
         young = folder_mtime is not None and time.time() - folder_mtime < STARTING_GRACE_S
         return RunStatus(run_dir.name, "starting" if young else "unknown", updated_at=folder_mtime,
                          message="waiting for the trainer to start" if young else "no readable status.json")
@@ -181,7 +165,7 @@ def _sample_dirs(run_dir: Path) -> list[tuple[Path, str]]:
     """(folder, label) oldest first: by when written, as epoch and step folders can interleave."""
     found = []
     for folder in _listdir(RunDirectory(Path(run_dir)).samples_dir):
-        match, stat = _SAMPLE_DIR.match(folder.name), _stat(folder)
+        match, stat = SAMPLES_FOLDER.fullmatch(folder.name), _stat(folder)
         if match and stat and folder.is_dir():
             kind, number = match[1], int(match[2])
             label = "base model" if (kind, number) == ("epoch", 0) else f"{kind} {number}"
@@ -194,11 +178,11 @@ def read_samples(run_dir: Path) -> list[Sample]:
     """Every sample image, newest sampling first, then by prompt index."""
     samples = []
     for order, (folder, label) in enumerate(_sample_dirs(run_dir)):
-        records = _read_json(folder / "prompts.json")  # written after the images: may be missing yet
+        records = _read_json(folder / PROMPTS_FILE)  # written after the images: may be missing yet
         records = records if isinstance(records, list) else []
         prompts = {r.get("file"): str(r.get("prompt", "")) for r in records if isinstance(r, dict)}
         for path in _listdir(folder):
-            match = _SAMPLE_FILE.match(path.name)  # also skips ".00.png.<hex>.tmp" files being written
+            match = SAMPLE_IMAGE.fullmatch(path.name)  # also skips ".00.png.<hex>.tmp" files being written
             if match:
                 samples.append(Sample(path, label, order, int(match[1]), prompts.get(path.name, "")))
     samples.sort(key=lambda s: (-s.order, s.index))
@@ -245,27 +229,27 @@ def _tail(path: Path, lines: int) -> str:
 def log_tail(run_dir: Path, lines: int = 40) -> str:
     """train.log's tail; console.log's too when the run failed or died, or never got to train.log,
     since a traceback or a crash at start-up only reaches the process's stderr."""
-    run_dir = Path(run_dir)
-    text = _tail(RunDirectory(run_dir).log_path, lines)
-    if read_status(run_dir).state in ("failed", "died", "unknown") or not text:
-        console = _tail(run_dir / "console.log", lines)
+    run = RunDirectory(Path(run_dir))
+    text = _tail(run.log_path, lines)
+    if read_status(run.root).state in ("failed", "died", "unknown") or not text:
+        console = _tail(run.console_log_path, lines)
         if console:
             text = f"{text}\n\n--- console.log ---\n{console}" if text else console
     return text
 
 
 def list_runs(runs_dir: Path) -> list[RunStatus]:
-    """Every run folder (one with status.json, config.toml or preset.toml), most recently updated first."""
+    """Every run folder (``RunDirectory.is_run``), most recently updated first."""
     runs = []
     for entry in _listdir(Path(runs_dir)):
         if entry.is_symlink():
             continue  # an alias of a run would be listed twice; one pointing out is not ours
         try:
-            path = run_path(runs_dir, entry.name)  # drops hidden folders and invalid names
+            run = RunDirectory.named(runs_dir, entry.name)  # drops hidden folders and invalid names
         except RunNameError:
             continue
-        if path.is_dir() and any((path / f).is_file() for f in ("status.json", "config.toml", "preset.toml")):
-            runs.append(read_status(path))
+        if run.root.is_dir() and run.is_run():
+            runs.append(read_status(run.root))
     runs.sort(key=lambda run: (run.updated_at or 0.0, run.name), reverse=True)
     return runs
 
@@ -285,7 +269,7 @@ def signature(run_dir: Path) -> tuple:
     sample_files = sum(not path.name.startswith(".") for folder, _ in _sample_dirs(run.root)
                        for path in _listdir(folder))
     adapters = tuple((p.name, *(_stat(p) or ())) for p in read_adapters(run.root))
-    logs = tuple(_stat(p) for p in (run.log_path, run.root / "console.log"))
+    logs = tuple(_stat(p) for p in (run.log_path, run.console_log_path))
     return (status and status[0], metrics and metrics[1], sample_files, adapters, logs,
             read_status(run.root).state)
 

@@ -21,6 +21,7 @@ from trainer.data.check import check_dataset, format_report
 from trainer.config.schema import from_dict
 from trainer.config.presets import config_from_text, config_toml, load_config
 from trainer.errors import Problem, StudioError
+from trainer.runs.run_directory import RunDirectory
 
 from .export import adapter_summary, verify_adapter
 from .form import (
@@ -39,7 +40,6 @@ from .runs import (
     read_metrics,
     read_samples,
     read_status,
-    run_path,
     samples_for_prompt,
     signature,
 )
@@ -66,6 +66,10 @@ class Studio:
     def __init__(self, runs_dir: Path):
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
+
+    def _run(self, name: str) -> RunDirectory:
+        """The run a browser names; ``RunNameError`` if the name could leave the runs folder."""
+        return RunDirectory.named(self.runs_dir, name)
 
     # -- configure ---------------------------------------------------------------------------------
 
@@ -123,7 +127,7 @@ class Studio:
         return gr.Dropdown(choices=[run.name for run in runs], value=chosen.name if chosen else None)
 
     def _status_markdown(self, name: str) -> str:
-        status = read_status(run_path(self.runs_dir, name))
+        status = read_status(self._run(name).root)
         parts = [f"### {name}", f"**{STATE_BADGES.get(status.state, status.state)}**"]
         if status.total_steps:
             parts.append(f"step {status.step} / {status.total_steps}")
@@ -149,7 +153,7 @@ class Studio:
             return ["No run yet: configure one and press Start.", None, [], gr.Dropdown(choices=[]), "",
                     gr.Dropdown(choices=[], value=None), gr.skip()]
         try:
-            run_dir = run_path(self.runs_dir, name)
+            run_dir = self._run(name).root
         except StudioError as error:
             return [str(error)] + [gr.skip()] * (outputs - 1)
         current = repr(signature(run_dir))
@@ -167,7 +171,7 @@ class Studio:
     def compare(self, name: str | None, prompt_index: str | None):
         if not name or prompt_index is None:
             return []
-        samples = samples_for_prompt(read_samples(run_path(self.runs_dir, name)), int(prompt_index))
+        samples = samples_for_prompt(read_samples(self._run(name).root), int(prompt_index))
         return [(str(s.path), s.epoch_label) for s in samples]
 
     # -- control -------------------------------------------------------------------------------------
@@ -197,21 +201,25 @@ class Studio:
     def _adapter_choices(run_dir: Path) -> list[str]:
         return [path.name for path in read_adapters(run_dir)]
 
-    def _adapter_path(self, name: str | None, adapter: str | None) -> Path | None:
+    def _adapter(self, name: str | None, adapter: str | None) -> tuple[RunDirectory, Path] | None:
+        """The run and one of its adapter files, as the browser names them; None unless both exist."""
         if not name or not adapter:
             return None
-        path = run_path(self.runs_dir, name) / "adapters" / adapter
-        return path if path.parent.name == "adapters" and path.is_file() and "/" not in adapter else None
+        run = self._run(name)
+        path = run.adapters_dir / adapter
+        return (run, path) if path.parent == run.adapters_dir and path.is_file() and "/" not in adapter else None
 
     def show_adapter(self, name: str | None, adapter: str | None):
-        path = self._adapter_path(name, adapter)
-        if path is None:
+        found = self._adapter(name, adapter)
+        if found is None:
             return "", gr.DownloadButton(visible=False), ""
-        return adapter_summary(path), gr.DownloadButton(value=str(path), visible=True), verify_adapter(path, run=False)
+        run, path = found
+        return (adapter_summary(path), gr.DownloadButton(value=str(path), visible=True),
+                verify_adapter(run, path, now=False))
 
     def verify(self, name: str | None, adapter: str | None) -> str:
-        path = self._adapter_path(name, adapter)
-        return verify_adapter(path, run=True) if path else "Choose an adapter first."
+        found = self._adapter(name, adapter)
+        return verify_adapter(*found, now=True) if found else "Choose an adapter first."
 
     # -- API (plain types, for scripts and gradio_client) -------------------------------------------
 
@@ -223,7 +231,7 @@ class Studio:
     def api_status(self, name: str) -> dict[str, Any]:
         """The run's status (state, step, total_steps, epoch, eta_seconds, loss, message, ...)."""
         with _as_user_error():
-            status = read_status(run_path(self.runs_dir, name))
+            status = read_status(self._run(name).root)
         return dataclasses.asdict(status) | {"name": name}  # problems as {"where", "message"} dicts
 
     def api_stop(self, name: str) -> str:

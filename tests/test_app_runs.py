@@ -1,4 +1,3 @@
-from trainer.errors import RunNameError
 """app.runs against run folders written by hand: fresh, torn, running, killed, finished and failed runs."""
 
 import json
@@ -9,6 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+from trainer.errors import RunNameError
+from trainer.runs.run_directory import RunDirectory, validate_run_name
 
 from app import runs
 from app.runs import (
@@ -21,10 +22,8 @@ from app.runs import (
     read_metrics,
     read_samples,
     read_status,
-    run_path,
     samples_for_prompt,
     signature,
-    validate_run_name,
 )
 
 
@@ -282,7 +281,7 @@ def test_active_run_is_the_live_one(tmp_path):
 @pytest.mark.parametrize("name", ["my-run_2024.01", "A", "a" * 100, "a..b"])
 def test_valid_names(tmp_path, name):
     assert validate_run_name(name) == name
-    assert run_path(tmp_path, name) == tmp_path.resolve() / name
+    assert RunDirectory.named(tmp_path, name).root == tmp_path.resolve() / name
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "a/../b", "/etc", "x/y", "x\\y", ".hidden", "-rf", "has space",
@@ -291,7 +290,7 @@ def test_invalid_names(tmp_path, name):
     with pytest.raises(RunNameError):
         validate_run_name(name)
     with pytest.raises(ValueError):
-        run_path(tmp_path, name)
+        RunDirectory.named(tmp_path, name).root
 
 
 def test_run_path_refuses_symlink_out_but_allows_one_inside(tmp_path):
@@ -301,8 +300,8 @@ def test_run_path_refuses_symlink_out_but_allows_one_inside(tmp_path):
     (runs_dir / "escape").symlink_to(tmp_path / "secret")
     (runs_dir / "alias").symlink_to(runs_dir / "real")
     with pytest.raises(RunNameError):
-        run_path(runs_dir, "escape")
-    assert run_path(runs_dir, "alias") == (runs_dir / "real").resolve()
+        RunDirectory.named(runs_dir, "escape").root
+    assert RunDirectory.named(runs_dir, "alias").root == (runs_dir / "real").resolve()
 
 
 # -- polling ------------------------------------------------------------------------------------------

@@ -1,4 +1,3 @@
-from trainer.errors import PromptSyntaxError
 """Sample prompts in kohya's syntax, and sampling with the adapter merged exactly and always unmerged."""
 
 import itertools
@@ -6,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from trainer.errors import PromptSyntaxError
 import torch
 from PIL import Image
 

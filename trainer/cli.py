@@ -10,10 +10,10 @@ import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from trainer.errors import StudioError, UsageError
+from trainer.runs.run_directory import RunDirectory, new_run_name
 
 EXIT_OK, EXIT_FAILED_CHECK, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -122,30 +122,29 @@ def _train_config(args: argparse.Namespace):
     from trainer.config.presets import load_config
 
     if args.preset is None and args.resume and args.run_dir:
-        return load_config(Path(args.run_dir) / "config.toml", args.set)
+        return load_config(RunDirectory(Path(args.run_dir)).config_path, args.set)
     if args.preset is None:
         raise UsageError("give a preset, e.g. `dora-studio train presets/quickstart.toml` (or --run-dir and "
                          "--resume auto to continue a run with its saved settings)")
     return load_config(args.preset, args.set)
 
 
-def _run_dir(args: argparse.Namespace, output_name: str) -> Path:
+def _run_directory(args: argparse.Namespace, output_name: str) -> RunDirectory:
     if args.run_dir:
-        return Path(args.run_dir)
+        return RunDirectory(Path(args.run_dir))
     if args.resume and args.resume != "auto":
-        return Path(args.resume).resolve().parent.parent  # <run>/state/step-N
+        return RunDirectory.of_state(Path(args.resume))
     if args.resume:
         raise UsageError.at("--resume auto", "needs --run-dir: the folder of the run to continue")
-    return Path(args.runs_dir) / f"{output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return RunDirectory(Path(args.runs_dir) / new_run_name(Path(args.runs_dir), output_name))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.runs.run_directory import RunDirectory
     from trainer.runs.train_log import log_to
     from trainer.training.loop import StopRequested, Trainer
 
     config = _train_config(args)
-    run = RunDirectory(_run_dir(args, config.saving.output_name))
+    run = _run_directory(args, config.saving.output_name)
     launched = "RANK" in os.environ  # under torchrun / accelerate launch: one of several processes
     if not args.resume and run.config_path.exists() and not launched:
         raise UsageError.at(run.root, "already holds a run; pass --resume auto to continue it, or choose "

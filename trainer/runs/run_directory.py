@@ -1,33 +1,88 @@
-"""The run directory: everything a run shows the outside world, and the only door the UI has into it.
+"""The run folder: every path, state, command and name in it, written by the trainer and read by the studio.
 
 Layout: ``config.toml`` (fully resolved settings), ``status.json`` (state, progress, ETA, last message),
-``metrics.jsonl`` (one line per optimizer step), ``samples/epoch_NNN/``, ``adapters/``, ``state/``,
-``train.log``, and ``commands/``, where anyone may drop a file named ``stop``, ``save`` or ``sample``
-for the trainer to act on at its next step. Files other processes read are replaced atomically.
+``metrics.jsonl`` (one line per optimizer step), ``samples/epoch_NNN/`` and ``samples/step_NNNNNN/`` (``NN.png``
+and ``prompts.json``), ``adapters/`` (``NAME-epochNNN``, ``NAME-stepNNNNNN`` and the final ``NAME``, each
+``.safetensors``), ``state/``, ``train.log``, and ``commands/``, where anyone may drop a file named ``stop``,
+``save`` or ``sample`` for the trainer to act on at its next step. A run the studio started also has
+``preset.toml`` (what it asked for) and ``console.log`` (the trainer process's own output). Files other
+processes read are replaced atomically. This module is the only place these names are spelled.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from trainer.errors import RunNameError
 from trainer.files import write_bytes_atomically
 
-STATES = ("starting", "caching", "training", "sampling", "saving", "done", "failed", "stopped")
+ACTIVE_STATES = ("starting", "caching", "training", "sampling", "saving")
+FINAL_STATES = ("done", "failed", "stopped")
+STATES = (*ACTIVE_STATES, *FINAL_STATES)
 COMMANDS = ("stop", "save", "sample")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # run folder names (the browser may send them)
+SAMPLES_FOLDER = re.compile(r"(epoch|step)_(\d+)")  # one sampling: after an epoch, or at a step
+SAMPLE_IMAGE = re.compile(r"(\d+)\.png")  # the image of sample prompt N
+PROMPTS_FILE = "prompts.json"  # beside the images: every value each prompt was drawn with
+AdapterKind = Literal["epoch", "step", "final"]
+
+
+def validate_run_name(name: str) -> str:
+    """``name`` if it is a plain folder name that cannot leave the runs folder, else ``RunNameError``."""
+    # fullmatch, not match with "$": "$" would accept a trailing newline.
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+        raise RunNameError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-' "
+                           "(starting with a letter or digit, at most 100 characters)")
+    return name
+
+
+def new_run_name(runs_dir: Path, output_name: str) -> str:
+    """``<output_name>-<date>-<time>``, with ``-2``, ``-3``... when that folder exists already."""
+    stem = f"{output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, counter = stem, 1
+    while (Path(runs_dir) / name).exists():
+        counter += 1
+        name = f"{stem}-{counter}"
+    return validate_run_name(name)
+
+
+def sample_image_name(index: int) -> str:
+    return f"{index:02d}.png"
 
 
 @dataclass(frozen=True)
 class RunDirectory:
     root: Path
 
+    @classmethod
+    def named(cls, runs_dir: Path, name: str) -> RunDirectory:
+        """The run ``name`` in ``runs_dir``, resolved; refused if it (through a symlink) lies outside ``runs_dir``."""
+        parent = Path(runs_dir).resolve()
+        root = (parent / validate_run_name(name)).resolve()
+        if root == parent or not root.is_relative_to(parent):
+            raise RunNameError(f"run {name!r} points outside {parent}")
+        return cls(root)
+
+    @classmethod
+    def of_state(cls, state_dir: Path) -> RunDirectory:
+        """The run a saved state (``<run>/state/step-N``) belongs to."""
+        return cls(Path(state_dir).resolve().parent.parent)
+
+    # -- files -------------------------------------------------------------------------------------
+
     @property
     def config_path(self) -> Path:
         return self.root / "config.toml"
+
+    @property
+    def preset_path(self) -> Path:
+        return self.root / "preset.toml"
 
     @property
     def status_path(self) -> Path:
@@ -40,6 +95,10 @@ class RunDirectory:
     @property
     def log_path(self) -> Path:
         return self.root / "train.log"
+
+    @property
+    def console_log_path(self) -> Path:
+        return self.root / "console.log"
 
     @property
     def samples_dir(self) -> Path:
@@ -56,6 +115,37 @@ class RunDirectory:
     @property
     def commands_dir(self) -> Path:
         return self.root / "commands"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.root / "tensorboard"
+
+    def is_run(self) -> bool:
+        """Whether the folder holds a run (one being started, running, or done)."""
+        return any(path.is_file() for path in (self.status_path, self.config_path, self.preset_path))
+
+    def epoch_samples_dir(self, epoch: int) -> Path:
+        """Samples after ``epoch`` epochs; ``epoch_000`` is the base model, before training."""
+        return self.samples_dir / f"epoch_{epoch:03d}"
+
+    def step_samples_dir(self, step: int) -> Path:
+        return self.samples_dir / f"step_{step:06d}"
+
+    def adapter_path(self, output_name: str, kind: AdapterKind, *, epoch: int = 0, step: int = 0) -> Path:
+        suffix = {"final": "", "epoch": f"-epoch{epoch:03d}", "step": f"-step{step:06d}"}[kind]
+        return self.adapters_dir / f"{output_name}{suffix}.safetensors"
+
+    def intermediate_adapters(self, output_name: str) -> list[Path]:
+        """The epoch and step adapters of ``output_name`` (not the final one), oldest first."""
+        found = self.adapters_dir.glob(f"{output_name}-*.safetensors")
+        return sorted(found, key=lambda path: path.stat().st_mtime)
+
+    @staticmethod
+    def verify_result_path(adapter: Path) -> Path:
+        """Where the studio keeps ``dora-studio verify``'s result for an adapter: ``NAME.verify.json`` beside it."""
+        return adapter.with_name(adapter.name.removesuffix(".safetensors") + ".verify.json")
+
+    # -- what the trainer writes -------------------------------------------------------------------
 
     def create(self) -> None:
         for folder in (self.root, self.samples_dir, self.adapters_dir, self.states_dir, self.commands_dir):

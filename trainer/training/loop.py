@@ -146,7 +146,7 @@ class Trainer:
         if resume and self._resume(resume):
             pass
         elif self.config.sampling.at_start and session.sample_prompts:
-            self._sample(self.run.samples_dir / "epoch_000", adapters=False)
+            self._sample(self.run.epoch_samples_dir(0), adapters=False)
         if accelerator.is_main_process:
             self.run.truncate_metrics(self.progress.step)
         adapter = self._train_steps()
@@ -217,7 +217,7 @@ class Trainer:
                 self.progress.epoch, self.progress.batches_done = epoch + 1, 0
                 self._epoch_bookkeeping()
                 continue
-            self._sample(self.run.samples_dir / f"step_{self.progress.step:06d}")  # the last look at the run
+            self._sample(self.run.step_samples_dir(self.progress.step))  # the last look at the run
             break
         bar.close()
         if self.tensorboard is not None:
@@ -292,7 +292,7 @@ class Trainer:
         import_optional("tensorboard", feature="saving.tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(str(self.run.root / "tensorboard"))
+        return SummaryWriter(str(self.run.tensorboard_dir))
 
     def _step_bookkeeping(self) -> None:
         """Commands, signals and every-N-steps saving/sampling, after an optimizer step."""
@@ -300,7 +300,7 @@ class Trainer:
         commands = agree_on_commands(self.accelerator, local | ({"stop"} if self.signals.stop else set()))
         step, saving, sampling = self.progress.step, self.config.saving, self.config.sampling
         if "sample" in commands or (sampling.every_n_steps and step % sampling.every_n_steps == 0):
-            self._sample(self.run.samples_dir / f"step_{step:06d}")
+            self._sample(self.run.step_samples_dir(step))
         if "stop" in commands:
             path = self._save("step")
             self._status(state="stopped", step=step, last_adapter=str(path),
@@ -313,7 +313,7 @@ class Trainer:
     def _epoch_bookkeeping(self) -> None:
         epoch, saving, sampling = self.progress.epoch, self.config.saving, self.config.sampling
         if sampling.every_n_epochs and epoch % sampling.every_n_epochs == 0:
-            self._sample(self.run.samples_dir / f"epoch_{epoch:03d}")
+            self._sample(self.run.epoch_samples_dir(epoch))
         last = epoch == self.config.training.epochs or self.progress.step >= self.session.total_steps
         if not last and saving.every_n_epochs and epoch % saving.every_n_epochs == 0:
             self._save("epoch")
@@ -334,10 +334,7 @@ class Trainer:
     def _save(self, kind: str) -> Path:
         """Adapter file (and resume state) now; ``kind``: "epoch", "step" or "final"."""
         step, epoch, name = self.progress.step, self.progress.epoch, self.config.saving.output_name
-        path = self.run.adapters_dir / {
-            "final": f"{name}.safetensors", "epoch": f"{name}-epoch{epoch:03d}.safetensors",
-            "step": f"{name}-step{step:06d}.safetensors",
-        }[kind]
+        path = self.run.adapter_path(name, kind, epoch=epoch, step=step)
         if not self.accelerator.is_main_process:
             return path
         try:
@@ -368,9 +365,7 @@ class Trainer:
         keep = self.config.saving.keep_last
         if keep <= 0:
             return
-        name = self.config.saving.output_name
-        intermediate = sorted(self.run.adapters_dir.glob(f"{name}-*.safetensors"), key=lambda p: p.stat().st_mtime)
-        for old in intermediate[:-keep]:
+        for old in self.run.intermediate_adapters(self.config.saving.output_name)[:-keep]:
             old.unlink(missing_ok=True)
 
     def _caching_progress(self, done: int, total: int) -> None:

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from trainer.files import atomic_path
+from trainer.runs.run_directory import PROMPTS_FILE, sample_image_name
 from trainer.adapters.layers import LoRALayer
 from .sample_prompts import SamplePrompt
 
@@ -96,12 +97,12 @@ def generate_samples(
             for index, prompt in enumerate(prompts):
                 values = resolve(prompt, index, defaults)
                 image = _draw(pipe, values, device)
-                path = out_dir / f"{index:02d}.png"
+                path = out_dir / sample_image_name(index)
                 with atomic_path(path) as tmp:
                     image.save(tmp, format="PNG")
                 paths.append(path)
                 records.append({"file": path.name, **values})
-        with atomic_path(out_dir / "prompts.json") as tmp:
+        with atomic_path(out_dir / PROMPTS_FILE) as tmp:
             tmp.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return paths
     finally:
