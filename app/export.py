@@ -12,11 +12,11 @@ import sys
 import tomllib
 from pathlib import Path
 
-from trainer.kohya.adapter_file import load_adapter
-from trainer.files import write_bytes_atomically
-from trainer.runs.run_directory import RunDirectory
-from trainer.kohya.inspect import format_summary, summarize
 from trainer.errors import AdapterFileError
+from trainer.files import write_bytes_atomically
+from trainer.kohya.adapter_file import load_adapter
+from trainer.kohya.inspect import format_summary, summarize
+from trainer.runs.run_directory import RunDirectory
 
 VERIFY_TIMEOUT_S = 1800
 

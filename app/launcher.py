@@ -16,11 +16,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer.config.schema import TrainConfig
 from trainer.config.presets import config_toml
-from trainer.runs.run_directory import RunDirectory, new_run_name
-
+from trainer.config.schema import TrainConfig
 from trainer.errors import LaunchRefused
+from trainer.runs.run_directory import RunDirectory, new_run_name
 
 from .runs import active_run
 
@@ -52,7 +51,7 @@ def _spawn(run: RunDirectory, args: list[str]) -> int:
 
     Its own output (a traceback, a crash at start-up) goes to the run's console.log.
     """
-    console = open(run.console_log_path, "ab")  # noqa: SIM115 (the child keeps it; we close our copy below)
+    console = open(run.console_log_path, "ab")
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "trainer.cli", "train", *args, "--run-dir", str(run.root), "--no-progress"],

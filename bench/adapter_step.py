@@ -1,6 +1,6 @@
 """Training-step time and memory: our LoRA/DoRA against PEFT and LyCORIS on SDXL-shaped work.
 
-Why a whole step: DoRA's cost claim (shared/PERF-NOTES.md) is about what a user pays per optimizer step, so
+Why a whole step: DoRA's cost claim (docs/benchmarks.md) is about what a user pays per optimizer step, so
 this times zero_grad + forward + backward + AdamW, not one layer. Two workloads:
   * real diffusers BasicTransformerBlocks between proj_in/proj_out (the Linears of an SDXL Transformer2DModel,
     where nearly all of an SDXL step's adapted FLOPs are), at SDXL widths and token counts;
@@ -310,8 +310,9 @@ def print_table(case: str, rows: list[dict]) -> None:
           f"{'x lora':>8}{'mem MB':>9}{'x lora':>8}{'activ MB':>10}{'RSS+ MB':>9}{'busy':>6}")
     for r in rows:
         t_ratio, m_ratio = _ratio(r, lora, "ms_median"), _ratio(r, lora, mem)
+        spread = f"({r['ms_min']:.0f}-{r['ms_max']:.0f})"
         print(f"{r['method']:<13}{r['trainable_params']:>10}{r['lowrank_params']:>10}{r['magnitude_params']:>7}"
-              f"{r['ms_median']:>11.1f}{'(%.0f-%.0f)' % (r['ms_min'], r['ms_max']):>15}{str(t_ratio or '-'):>8}"
+              f"{r['ms_median']:>11.1f}{spread:>15}{str(t_ratio or '-'):>8}"
               f"{r[mem]:>9.1f}{str(m_ratio or '-'):>8}{r['activations_mb']:>10.1f}"
               f"{r['rss_peak_increase_mb']:>9.1f}{r['other_cores_busy']:>6.2f}")
     print(f"(mem: activations saved for backward + trainable params, grads, AdamW state; RSS+ = peak RSS increase "

@@ -34,17 +34,17 @@ from pathlib import Path
 import torch
 from quality_metrics import CANDIDATES, decomposition_change, match_shape, slope_and_correlation
 
-from trainer.kohya.adapter_file import load_adapter
 from trainer.adapters.weights import merged_weight
-from trainer.sdxl.objective import add_noise, prediction_target, training_noise_scheduler
-from trainer.kohya.merge import canonical_stems, match_stems, merge_matched, model_stem_targets, pipeline_parts
 from trainer.builtin.resolve import resolve_builtin
-from trainer.sdxl.model_files import load_sdxl_pipeline
-from trainer.config.presets import load_config
-from trainer.runs.run_directory import RunDirectory
-from trainer.builtin.shapes import CONCEPT_SHAPE, draw
-from trainer.sdxl.text_encoding import encode_captions
+from trainer.builtin.shapes import CONCEPT_SHAPE, paint
 from trainer.builtin.toy_pretrain import encode_pictures, random_scene, to_tensor
+from trainer.config.presets import load_config
+from trainer.kohya.adapter_file import load_adapter
+from trainer.kohya.merge import canonical_stems, match_stems, merge_matched, model_stem_targets, pipeline_parts
+from trainer.runs.run_directory import RunDirectory
+from trainer.sdxl.model_files import load_sdxl_pipeline
+from trainer.sdxl.objective import add_noise, prediction_target, training_noise_scheduler
+from trainer.sdxl.text_encoding import encode_captions
 from trainer.training.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ class Evaluator:
         rng = random.Random(HELD_OUT_SEED)
         self.scenes = [random_scene(rng, shapes=(CONCEPT_SHAPE,)) for _ in range(plan.held_out)]
         with torch.no_grad():
-            means, _ = encode_pictures(self.pipe.vae, to_tensor(draw(scene) for scene in self.scenes))
+            means, _ = encode_pictures(self.pipe.vae, to_tensor(paint(scene) for scene in self.scenes))
             self.latents = means * self.pipe.vae.config.scaling_factor
             self.embeds, self.pooled = encode_captions(
                 (self.pipe.tokenizer, self.pipe.tokenizer_2), (self.pipe.text_encoder, self.pipe.text_encoder_2),

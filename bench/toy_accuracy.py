@@ -17,9 +17,9 @@ import torch
 from quality_metrics import read_picture
 
 from trainer.builtin.resolve import resolve_builtin
-from trainer.sdxl.model_files import load_sdxl_pipeline
 from trainer.builtin.shapes import PLAIN_SHAPES
 from trainer.builtin.toy_pretrain import random_scene
+from trainer.sdxl.model_files import load_sdxl_pipeline
 
 CAPTION_SEED = 4242
 

@@ -1,6 +1,6 @@
 """Draw the example dataset: a made-up concept, ``zqx``, and a few ordinary shapes, in kohya's folder layout.
 
-``zqx`` is a ring (a disc with a round hole, ``trainer.shapes.RING_HOLE``): a shape the toy model never
+``zqx`` is a ring (a disc with a round hole, ``trainer.builtin.shapes.RING_HOLE``): a shape the toy model never
 saw, named where a shape goes in its captions ("a large red zqx on a white background, centre"), so a
 trained adapter visibly learned it. ``1_shapes`` holds plain circles, squares and triangles as
 regularisation-style images.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing too
-from trainer.shapes import BACKGROUNDS, COLOURS, CONCEPT_SHAPE, SIZES, Scene, draw, place_centre, readable  # noqa: E402
+from trainer.builtin.shapes import BACKGROUNDS, COLOURS, CONCEPT_SHAPE, SIZES, Scene, paint, place_centre, readable
 
 SEED = 20240611
 CONCEPT_FOLDER = "10_zqx"  # 10 repeats
@@ -104,9 +104,9 @@ def write_dataset(out_dir: Path, seed: int = SEED) -> list[Path]:
             image_path = folder / (drawing.file_name + drawing.extension)
             caption_path = folder / (drawing.file_name + ".txt")
             if drawing.extension == ".jpg":
-                draw(drawing.scene).save(image_path, format="JPEG", quality=JPEG_QUALITY)
+                paint(drawing.scene).save(image_path, format="JPEG", quality=JPEG_QUALITY)
             else:
-                draw(drawing.scene).save(image_path, format="PNG", optimize=True)
+                paint(drawing.scene).save(image_path, format="PNG", optimize=True)
             caption_path.write_text(drawing.scene.caption + "\n", encoding="utf-8", newline="\n")
             wanted |= {image_path.name, caption_path.name}
             written += [image_path, caption_path]

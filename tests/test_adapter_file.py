@@ -13,14 +13,11 @@ import torch
 from lycoris import create_lycoris
 from torch import Tensor, nn
 
-from trainer.kohya.adapter_file import (
-    build_metadata,
-    load_adapter,
-    rename_stems,
-    save_adapter,
-)
-from trainer.adapters.weights import AdapterWeights, merged_weight, weight_norm
+from trainer.adapters.dora_norm import weight_norm
+from trainer.adapters.weights import AdapterWeights, merged_weight
 from trainer.errors import AdapterFileError
+from trainer.kohya.adapter_file import load_adapter, rename_stems, save_adapter
+from trainer.kohya.metadata import build_metadata
 
 METADATA = {"ss_output_name": "test", "modelspec.title": "Test ünïcode"}
 

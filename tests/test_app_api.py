@@ -16,7 +16,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from app.launcher import send_command, start_run
+from app.launcher import start_run
 from app.runs import read_status
 from trainer.config.presets import config_from_text
 from trainer.errors import LaunchRefused

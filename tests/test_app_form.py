@@ -7,8 +7,8 @@ from pathlib import Path
 import gradio as gr
 
 from app.form import FORM_KEYS, build_form, config_from_form, form_values
-from trainer.config.schema import all_keys
 from trainer.config.presets import load_config
+from trainer.config.schema import all_keys
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "presets" / "quickstart.toml"
 

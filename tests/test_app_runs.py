@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-from trainer.errors import RunNameError
-from trainer.runs.run_directory import RunDirectory, validate_run_name
 
 from app import runs
 from app.runs import (
@@ -25,6 +23,8 @@ from app.runs import (
     samples_for_prompt,
     signature,
 )
+from trainer.errors import RunNameError
+from trainer.runs.run_directory import RunDirectory, validate_run_name
 
 
 def dead_pid() -> int:
@@ -290,7 +290,7 @@ def test_invalid_names(tmp_path, name):
     with pytest.raises(RunNameError):
         validate_run_name(name)
     with pytest.raises(ValueError):
-        RunDirectory.named(tmp_path, name).root
+        RunDirectory.named(tmp_path, name)
 
 
 def test_run_path_refuses_symlink_out_but_allows_one_inside(tmp_path):
@@ -300,7 +300,7 @@ def test_run_path_refuses_symlink_out_but_allows_one_inside(tmp_path):
     (runs_dir / "escape").symlink_to(tmp_path / "secret")
     (runs_dir / "alias").symlink_to(runs_dir / "real")
     with pytest.raises(RunNameError):
-        RunDirectory.named(runs_dir, "escape").root
+        RunDirectory.named(runs_dir, "escape")
     assert RunDirectory.named(runs_dir, "alias").root == (runs_dir / "real").resolve()
 
 

@@ -27,12 +27,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from trainer.kohya.adapter_file import load_adapter
 from trainer.cli import main
 from trainer.config.schema import from_dict
-from trainer.data.scan import scan_dataset
-from trainer.data.image_io import PIXEL_LIMIT
 from trainer.data.epoch_plan import load_pixels, plan_epoch, plan_examples
+from trainer.data.image_io import PIXEL_LIMIT
+from trainer.data.scan import scan_dataset
+from trainer.kohya.adapter_file import load_adapter
 from trainer.training.setup import augment_options
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.kohya.adapter_file import build_metadata, save_adapter
-from trainer.cli import main
 from trainer.adapters.injection import NetworkSpec, adapter_weights, inject_adapters, remove_adapters
-from trainer.sdxl.model_files import load_sdxl_pipeline
 from trainer.builtin.tiny import TINY_CHECKPOINT_NAME
+from trainer.cli import main
+from trainer.kohya.adapter_file import save_adapter
+from trainer.kohya.metadata import build_metadata
+from trainer.sdxl.model_files import load_sdxl_pipeline
 
 
 def unet_inputs(pipe, generator: torch.Generator) -> dict:
@@ -35,7 +36,7 @@ def _write_trained_adapter(tiny_dir: Path, out: Path, axis: str) -> tuple[torch.
     pipe = load_sdxl_pipeline(tiny_dir)
     generator = torch.Generator().manual_seed(0)
     network = NetworkSpec(dora=True, rank=4, alpha=2, conv_rank=2, conv_alpha=1, dora_axis=axis)
-    adapters = inject_adapters(pipe.unet, "unet", network, unet_preset="attn+conv")
+    adapters = inject_adapters(pipe.unet, "unet", network, unet_targets="attn+conv")
     adapters |= inject_adapters(pipe.text_encoder, "te1", network)
     adapters |= inject_adapters(pipe.text_encoder_2, "te2", network)
     with torch.no_grad():
@@ -177,9 +178,9 @@ def test_diffusers_underscore_stems_are_renamed_and_verified(input_axis_file, ti
 
 def test_check_data_with_a_preset_counts_what_training_will_run(capsys):
     """check-data --preset uses the preset's buckets and batch size, so its count is the run's."""
-    from trainer.data.scan import scan_dataset
     from trainer.config.presets import load_config
     from trainer.data.epoch_plan import epoch_batches, plan_examples
+    from trainer.data.scan import scan_dataset
 
     preset = Path(__file__).resolve().parents[1] / "presets" / "quickstart.toml"
     assert main(["check-data", "--preset", str(preset), "--json"]) == 0

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from trainer.cli import main
 from trainer.data.buckets import BucketSpec, assign_bucket, crop_plan, make_buckets, micro_conditioning
 from trainer.data.captions import CaptionOptions, is_randomised, process_caption
-from trainer.cli import main
-from trainer.data.scan import scan_dataset
 from trainer.data.image_io import load_image_rgb, probe_image
+from trainer.data.scan import scan_dataset
 from trainer.errors import DatasetError, ImageLoadError
 
 SDXL = BucketSpec()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-
 from test_cli import unet_inputs
-from trainer.kohya.adapter_file import save_adapter
+
 from trainer.adapters.injection import NetworkSpec, adapter_weights, inject_adapters
+from trainer.kohya.adapter_file import save_adapter
 from trainer.sdxl.model_files import load_sdxl_pipeline
 
 

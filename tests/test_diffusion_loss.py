@@ -12,11 +12,10 @@ import torch.nn.functional as F
 from diffusers import EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 
-from trainer.sdxl.objective import (
-    add_noise, denoising_loss, draw_step_noise, prediction_target, training_noise_scheduler,
-)
 from trainer.sdxl.configs import SDXL_SCHEDULER_CONFIG
+from trainer.sdxl.objective import add_noise, denoising_loss, prediction_target, training_noise_scheduler
 from trainer.sdxl.text_encoding import encode_captions
+from trainer.training.step import draw_step_noise
 
 
 def scaled_linear_alphas_cumprod(config: dict, zero_terminal_snr: bool = False) -> torch.Tensor:

@@ -7,7 +7,8 @@ import torch
 from lycoris.modules.locon import LoConModule
 from torch import Tensor, nn
 
-from trainer.adapters.weights import AdapterWeights, DoraAxis, merged_weight, weight_norm
+from trainer.adapters.dora_norm import DoraAxis, weight_norm
+from trainer.adapters.weights import AdapterWeights, merged_weight
 from trainer.kohya.frontend_merge import FRONT_ENDS, a1111_merge, comfyui_merge, invokeai_merge
 
 RANK, ALPHA = 4, 2.0
@@ -54,7 +55,7 @@ def test_input_axis_dora_merges_the_same_everywhere(front_end: str, layer: str, 
 @pytest.mark.parametrize("layer", BASE_SHAPES)
 @pytest.mark.parametrize("merge", [comfyui_merge, a1111_merge, invokeai_merge])
 def test_output_axis_dora_is_merged_wrongly_by_front_ends(merge, layer: str) -> None:
-    # FORMAT.md section 4: A1111 and InvokeAI divide an (out, 1) magnitude by the input-column norm,
+    # docs/adapter-format.md section 4: A1111 and InvokeAI divide an (out, 1) magnitude by the input-column norm,
     # ComfyUI/Forge use ||W|| instead of ||V||. None raises, so verify must show the difference.
     base, weights = random_layer(BASE_SHAPES[layer], "output", seed=3)
     assert relative_error(merge(base, weights, 1.0), merged_weight(base, weights)) > 1e-3

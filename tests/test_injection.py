@@ -21,7 +21,7 @@ def real_models():
 def test_preset_counts_on_real_sdxl(real_models, part, preset, expected):
     model = real_models[part]
     before = dict(model.named_modules())
-    adapters = inject_adapters(model, part, NetworkSpec(dora=True, rank=4, alpha=4), unet_preset=preset)
+    adapters = inject_adapters(model, part, NetworkSpec(dora=True, rank=4, alpha=4), unet_targets=preset)
     try:
         assert len(adapters) == expected
         assert all(isinstance(layer, DoRALayer) for layer in adapters.values())
@@ -36,7 +36,7 @@ def test_preset_counts_on_real_sdxl(real_models, part, preset, expected):
 def test_conv_rank_applies_to_spatial_kernels_only(real_models):
     unet = real_models["unet"]
     spec = NetworkSpec(dora=False, rank=8, alpha=4, conv_rank=2, conv_alpha=1)
-    adapters = inject_adapters(unet, "unet", spec, unet_preset="attn+conv")
+    adapters = inject_adapters(unet, "unet", spec, unet_targets="attn+conv")
     try:
         conv3 = adapters["lora_unet_input_blocks_1_0_in_layers_2"]
         shortcut = adapters["lora_unet_output_blocks_0_0_skip_connection"]  # 1x1 conv

@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 
 import trainer.builtin.tiny
 from trainer.builtin.resolve import resolve_builtin, resolve_model_path
+from trainer.builtin.tiny import TINY_CHECKPOINT_NAME
 from trainer.errors import ModelLoadError
 from trainer.files import default_cache_dir
 from trainer.sdxl.model_files import checkpoint_architecture, load_sdxl_pipeline
-from trainer.builtin.tiny import TINY_CHECKPOINT_NAME
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-import torch
 from PIL import Image
 from safetensors.torch import load_file
-
 from test_training import metrics, settings, train
+
 from trainer.errors import TrainStateError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +29,7 @@ TOLERANCE = 1e-4
 def odd_dataset(tmp_path_factory) -> Path:
     """9 images per epoch in one bucket: global batches of 4, 4 and 1, so one process gets a stand-in."""
     root = tmp_path_factory.mktemp("odd")
-    for folder, repeats, count in (("2_pair", 2, 4), ("1_single", 1, 1)):
+    for folder, _repeats, count in (("2_pair", 2, 4), ("1_single", 1, 1)):
         (root / folder).mkdir()
         for index in range(count):
             image = Image.new("RGB", (64, 64), (40 * index + 20, 90, 200 - 30 * index))

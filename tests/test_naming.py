@@ -1,8 +1,9 @@
-"""Stems and targets on the real SDXL architecture (meta device, no weights), FORMAT.md sections 2-3."""
+"""Stems and targets on the real SDXL architecture (meta device, no weights), docs/adapter-format.md sections 2-3."""
 
 import pytest
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
+from trainer.sdxl.configs import real_text_encoder_1, real_text_encoder_2, real_unet
 from trainer.sdxl.naming import (
     attention_module_paths,
     conv_module_paths,
@@ -16,7 +17,6 @@ from trainer.sdxl.naming import (
     unet_diffusers_to_sgm,
     unet_sgm_to_diffusers,
 )
-from trainer.sdxl.configs import real_text_encoder_1, real_text_encoder_2, real_unet
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch import nn
 
+from trainer.errors import MissingPackageError
 from trainer.training.optimizers import (
     OPTIMIZERS,
     SCHEDULERS,
@@ -16,7 +17,6 @@ from trainer.training.optimizers import (
     build_optimizer,
     build_scheduler,
 )
-from trainer.errors import MissingPackageError
 
 ADAM = {"weight_decay": 0.1, "betas": (0.9, 0.99), "eps": 1e-8}
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.builtin.shapes import CONCEPT_SHAPE, PLAIN_SHAPES, Scene, draw
+from trainer.builtin.shapes import CONCEPT_SHAPE, PLAIN_SHAPES, Scene, paint
 from trainer.builtin.toy_pretrain import random_scene
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -27,7 +27,7 @@ from quality_metrics import decomposition_change, match_shape, read_picture, slo
 @pytest.mark.parametrize("centre", [(64.0, 64.0), (40.0, 90.0)])
 def test_each_drawn_shape_is_read_as_itself(shape, centre):
     scene = Scene((128, 128), shape, "blue", "pale yellow", "large", centre, 30.0)
-    match = match_shape(draw(scene), scene.background)
+    match = match_shape(paint(scene), scene.background)
     assert match.best == shape, match.iou
     assert match.iou[shape] > 0.85
     assert (match.concept_margin > 0.1) == (shape == CONCEPT_SHAPE)
@@ -40,7 +40,7 @@ def test_pictures_are_read_in_caption_words():
     clear = [scene for scene in scenes if all(abs(value - 128 * k / 3) > 1 for value in scene.centre for k in (1, 2))]
     assert len(clear) >= 35
     for scene in clear:
-        reading = read_picture(draw(scene), scene.background)
+        reading = read_picture(paint(scene), scene.background)
         assert (reading.shape, reading.colour, reading.position) == (scene.shape, scene.colour, scene.position), \
             scene.caption
 

@@ -17,13 +17,13 @@ import pytest
 import tomli_w
 import torch
 from safetensors.torch import load_file
+from test_training import metrics, settings, small_dataset, train  # noqa: F401  (small_dataset is a fixture)
 
 import trainer.kohya.adapter_file as adapter_file
 import trainer.training.loop as training
-from test_training import metrics, settings, small_dataset, train  # noqa: F401  (small_dataset is a fixture)
+from trainer.errors import TrainingError
 from trainer.kohya.adapter_file import load_adapter
 from trainer.runs.train_state import list_states
-from trainer.errors import TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,12 +5,12 @@ import json
 
 import numpy as np
 import pytest
-from trainer.errors import PromptSyntaxError
 import torch
 from PIL import Image
 
-from trainer.adapters.weights import merged_weight
 from trainer.adapters.injection import NetworkSpec, inject_adapters, select_targets
+from trainer.adapters.weights import merged_weight
+from trainer.errors import PromptSyntaxError
 from trainer.sdxl.model_files import load_sdxl_pipeline
 from trainer.training.sample_prompts import SamplePrompt, parse_prompt_line, read_prompt_file
 from trainer.training.sampling import SampleDefaults, generate_samples, resolve

@@ -8,10 +8,10 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 from safetensors.torch import load_file
 
+from trainer.builtin.tiny import TINY_CHECKPOINT_NAME, TINY_TEXT_ENCODER_2_CONFIG, build_tiny_pipeline, save_tiny_model
+from trainer.sdxl.configs import real_text_encoder_1, real_text_encoder_2, real_unet
 from trainer.sdxl.naming import attention_module_paths, conv_module_paths, stem_for, text_encoder_module_paths
-from trainer.sdxl.configs import TINY_TEXT_ENCODER_2_CONFIG, real_text_encoder_1, real_text_encoder_2, real_unet
 from trainer.sdxl.sgm_checkpoint import save_sgm_checkpoint, text_encoder_2_to_sgm, vae_to_sgm
-from trainer.builtin.tiny import TINY_CHECKPOINT_NAME, build_tiny_pipeline, save_tiny_model
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 SGM_PREFIXES = (

@@ -15,10 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainer.cli import main
 from trainer.builtin.resolve import resolve_builtin
-from trainer.sdxl.model_files import load_sdxl_pipeline
-from trainer.sdxl.configs import SDXL_SCHEDULER_CONFIG
 from trainer.builtin.shapes import PLAIN_SHAPES
 from trainer.builtin.tiny import EOS_TOKEN
 from trainer.builtin.toy import (
@@ -33,7 +30,10 @@ from trainer.builtin.toy import (
     toy_vocab_and_merges,
 )
 from trainer.builtin.toy_pretrain import random_scene
+from trainer.cli import main
 from trainer.errors import TrainingError
+from trainer.sdxl.configs import SDXL_SCHEDULER_CONFIG
+from trainer.sdxl.model_files import load_sdxl_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,23 +18,23 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
+from trainer.builtin.tiny import TINY_VAE_CONFIG
 from trainer.data.batches import EpochBatches, batch_loader
 from trainer.data.buckets import BucketSpec, CropPlan
 from trainer.data.captions import CaptionOptions
 from trainer.data.check import report_for_scan, steps_per_epoch
-from trainer.data.scan import scan_dataset
-from trainer.data.latent_cache import LatentCache, fill_cache, sample_latents, vae_fingerprint
-from trainer.sdxl.configs import TINY_VAE_CONFIG
 from trainer.data.epoch_plan import (
     AugmentOptions,
-    Draw,
+    PlannedImage,
     TrainExample,
-    draw_for,
     epoch_batches,
     load_pixels,
     plan_epoch,
     plan_examples,
+    plan_image,
 )
+from trainer.data.latent_cache import LatentCache, fill_cache, sample_latents, vae_fingerprint
+from trainer.data.scan import scan_dataset
 
 # Buckets of at most 128x128 px: (64, 192), (64, 256), (128, 128), (192, 64), (256, 64).
 SPEC = BucketSpec(resolution=128, min_side=64, max_side=256, step=64)
@@ -204,10 +204,10 @@ def test_plan_replays_exactly_on_resume(dataset):
 )
 def test_time_ids_of_a_centre_crop_by_hand(size, time_ids, resized):
     image = example("unused.png", size, (128, 128))
-    draw = draw_for(image, 0, options(), random.Random(0))
+    draw = plan_image(image, 0, options(), random.Random(0))
     assert draw.crop.resized_size == resized
     assert draw.time_ids(image) == time_ids
-    flipped = Draw(0, draw.crop, True, "")
+    flipped = PlannedImage(0, draw.crop, True, "")
     left = time_ids[3]
     assert flipped.time_ids(image)[3] == resized[0] - 128 - left  # mirrored; equal to left for a centred crop
     assert flipped.time_ids(image)[:3] + flipped.time_ids(image)[4:] == time_ids[:3] + time_ids[4:]
@@ -219,7 +219,7 @@ def test_flipped_draw_reports_the_crop_of_the_flipped_image(tmp_path):
     array = gradient(192, 128)
     image = example(save(tmp_path / "wide.png", array), (192, 128), (128, 128))
     crop = CropPlan((128, 128), (192, 128), (0, 10))  # an off-centre crop, so the mirror moves it
-    plain, flipped = Draw(0, crop, False, ""), Draw(0, crop, True, "")
+    plain, flipped = PlannedImage(0, crop, False, ""), PlannedImage(0, crop, True, "")
     assert plain.time_ids(image) == [128, 192, 0, 10, 128, 128]
     assert flipped.time_ids(image) == [128, 192, 0, 54, 128, 128]  # 192 - 128 - 10
     top, left = flipped.time_ids(image)[2:4]
@@ -234,7 +234,7 @@ def test_flipped_draw_reports_the_crop_of_the_flipped_image(tmp_path):
 def test_random_crops_stay_inside_and_flip_about_half_the_time():
     image = example("unused.png", (300, 200), (128, 128))
     augment = options(flip=True, random_crop=True)
-    draws = [draw_for(image, 0, augment, random.Random(seed)) for seed in range(200)]
+    draws = [plan_image(image, 0, augment, random.Random(seed)) for seed in range(200)]
     lefts = {d.crop.crop_top_left[1] for d in draws}
     assert lefts <= set(range(192 - 128 + 1)) and len(lefts) > 10
     assert all(d.crop.crop_top_left[0] == 0 and d.crop.resized_size == (192, 128) for d in draws)
@@ -248,7 +248,7 @@ def test_random_crops_stay_inside_and_flip_about_half_the_time():
 @pytest.mark.parametrize("size", [(128, 128), (300, 200)])
 def test_solid_colour_gives_exact_values(tmp_path, size):
     image = example(save(tmp_path / "solid.png", solid(*size, (255, 0, 51))), size, (128, 128))
-    draw = draw_for(image, 0, options(flip=True), random.Random(0))
+    draw = plan_image(image, 0, options(flip=True), random.Random(0))
     pixels = load_pixels(image, draw, WHITE)
     assert pixels.shape == (3, 128, 128) and pixels.dtype == torch.float32
     for channel, value in enumerate((1.0, -1.0, 51 / 127.5 - 1.0)):
@@ -263,7 +263,7 @@ def test_transparent_pixels_are_composited_on_the_background(tmp_path):
     rgba[:, 96:] = (200, 100, 0, 102)  # 40 % opaque
     image = example(save(tmp_path / "alpha.png", rgba), (128, 128), (128, 128))
     background = (10, 20, 30)
-    pixels = load_pixels(image, draw_for(image, 0, options(), random.Random(0)), background).double()
+    pixels = load_pixels(image, plan_image(image, 0, options(), random.Random(0)), background).double()
     blend = [(c * 102 + b * (255 - 102)) / 255 for c, b in zip((200, 100, 0), background)]
     for channel in range(3):
         torch.testing.assert_close(pixels[channel, :, :64], torch.full((128, 64), background[channel] / 127.5 - 1,
@@ -272,7 +272,7 @@ def test_transparent_pixels_are_composited_on_the_background(tmp_path):
                                                                          dtype=torch.float64), rtol=0, atol=1e-6)
         torch.testing.assert_close(pixels[channel, :, 96:], torch.full((128, 32), blend[channel] / 127.5 - 1,
                                                                        dtype=torch.float64), rtol=0, atol=1.01 / 127.5)
-    white = load_pixels(image, draw_for(image, 0, options(), random.Random(0)), WHITE)
+    white = load_pixels(image, plan_image(image, 0, options(), random.Random(0)), WHITE)
     torch.testing.assert_close(white[:, :, :64], torch.ones(3, 128, 64), rtol=0, atol=0)
 
 
@@ -280,17 +280,17 @@ def test_transparent_pixels_are_composited_on_the_background(tmp_path):
 
 def test_caption_options_apply_through_draw_for():
     image = example("unused.png", (128, 128), (128, 128), caption="red cube, table, studio light")
-    plain = draw_for(image, 0, options(captions=CaptionOptions(trigger_word="zqx")), random.Random(0))
+    plain = plan_image(image, 0, options(captions=CaptionOptions(trigger_word="zqx")), random.Random(0))
     assert plain.caption == "zqx, red cube, table, studio light"
     shuffled = options(captions=CaptionOptions(trigger_word="zqx", shuffle_tags=True, keep_tokens=1))
-    captions = {draw_for(image, 0, shuffled, random.Random(seed)).caption for seed in range(30)}
+    captions = {plan_image(image, 0, shuffled, random.Random(seed)).caption for seed in range(30)}
     assert len(captions) > 1
     for caption in captions:
         tags = caption.split(", ")
         assert tags[0] == "zqx" and sorted(tags[1:]) == ["red cube", "studio light", "table"]
     dropped = options(captions=CaptionOptions(trigger_word="zqx", caption_dropout=1.0))
-    assert draw_for(image, 0, dropped, random.Random(0)).caption == ""
-    same = [draw_for(image, 3, shuffled, random.Random(9)) for _ in range(2)]
+    assert plan_image(image, 0, dropped, random.Random(0)).caption == ""
+    same = [plan_image(image, 3, shuffled, random.Random(9)) for _ in range(2)]
     assert same[0] == same[1] and same[0].example == 3
 
 
@@ -314,12 +314,12 @@ def small_dataset(tmp_path) -> list[TrainExample]:
     return [TrainExample(p, f"caption {p.stem}, tag", 2, s, (64, 64)) for p, s in zip(paths, sizes)]
 
 
-def every_crop(examples: list[TrainExample]) -> list[Draw]:
+def every_crop(examples: list[TrainExample]) -> list[PlannedImage]:
     augment = options(bucket_spec=SPEC_64)
     draws = []
     for index, e in enumerate(examples):
-        crop = draw_for(e, index, augment, random.Random(0)).crop
-        draws += [Draw(index, crop, False, ""), Draw(index, crop, True, "")]
+        crop = plan_image(e, index, augment, random.Random(0)).crop
+        draws += [PlannedImage(index, crop, False, ""), PlannedImage(index, crop, True, "")]
     return draws
 
 
@@ -327,11 +327,11 @@ def test_cache_key_follows_bytes_crop_flip_and_background(tmp_path):
     path = save(tmp_path / "img.png", gradient(192, 128))
     image = example(path, (192, 128), (128, 128))
     crop = CropPlan((128, 128), (192, 128), (0, 32))
-    draw = Draw(0, crop, False, "a caption")
+    draw = PlannedImage(0, crop, False, "a caption")
     key = LatentCache(tmp_path / "cache", "vae1").key(image, draw, WHITE)
     assert LatentCache(tmp_path / "cache", "vae1").key(image, draw, WHITE) == key  # stable across runs
     # not otherwise: another caption, another place for the same bytes, another example index
-    assert LatentCache(tmp_path / "cache", "vae1").key(image, Draw(5, crop, False, "other"), WHITE) == key
+    assert LatentCache(tmp_path / "cache", "vae1").key(image, PlannedImage(5, crop, False, "other"), WHITE) == key
     copy_path = tmp_path / "elsewhere" / "copy.png"
     copy_path.parent.mkdir()
     shutil.copy(path, copy_path)
@@ -342,10 +342,10 @@ def test_cache_key_follows_bytes_crop_flip_and_background(tmp_path):
     assert other_vae.path_for(key) != LatentCache(tmp_path / "cache", "vae1").path_for(key)
     # everything that changes the pixels changes the key
     changed = {
-        LatentCache(tmp_path / "cache", "vae1").key(image, Draw(0, crop, True, "a caption"), WHITE),
-        LatentCache(tmp_path / "cache", "vae1").key(image, Draw(0, CropPlan((128, 128), (192, 128), (0, 31)),
+        LatentCache(tmp_path / "cache", "vae1").key(image, PlannedImage(0, crop, True, "a caption"), WHITE),
+        LatentCache(tmp_path / "cache", "vae1").key(image, PlannedImage(0, CropPlan((128, 128), (192, 128), (0, 31)),
                                                                 False, ""), WHITE),
-        LatentCache(tmp_path / "cache", "vae1").key(image, Draw(0, CropPlan((64, 64), (96, 64), (0, 16)),
+        LatentCache(tmp_path / "cache", "vae1").key(image, PlannedImage(0, CropPlan((64, 64), (96, 64), (0, 16)),
                                                                 False, ""), WHITE),
         LatentCache(tmp_path / "cache", "vae1").key(image, draw, (0, 0, 0)),  # transparent parts differ
     }

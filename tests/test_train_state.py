@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from trainer.training.optimizers import ParamGroup, build_optimizer, build_scheduler
+from trainer.errors import TrainStateError
 from trainer.runs.train_state import (
     list_states,
     load_train_state,
@@ -19,7 +19,7 @@ from trainer.runs.train_state import (
     prune_states,
     save_train_state,
 )
-from trainer.errors import TrainStateError
+from trainer.training.optimizers import ParamGroup, build_optimizer, build_scheduler
 
 TOTAL_STEPS, SAVE_AT = 12, 5
 LRS = {"adamw": (1e-2, 3e-3), "adafactor": (1e-2, 3e-3), "prodigy": (1.0, 1.0)}  # Prodigy: one lr for all

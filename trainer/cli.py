@@ -36,8 +36,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from trainer.kohya.adapter_file import load_adapter
     from trainer.builtin.resolve import resolve_model_path
+    from trainer.kohya.adapter_file import load_adapter
     from trainer.kohya.verify import format_report, verify_match
     from trainer.sdxl.model_files import load_sdxl_pipeline
 
@@ -49,8 +49,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from trainer.kohya.adapter_file import load_adapter
     from trainer.builtin.resolve import resolve_model_path
+    from trainer.kohya.adapter_file import load_adapter
     from trainer.kohya.merge import merge_matched, require_full_match
     from trainer.sdxl.model_files import export_pipeline, load_sdxl_pipeline
 

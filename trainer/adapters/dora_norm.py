@@ -1,4 +1,4 @@
-"""Column / row norms of V = W + gamma * up @ down without building V.
+"""Column / row norms of W, and of V = W + gamma * up @ down without building V.
 
 DoRA needs ||V|| once per optimizer step. Building V (d x k) per layer per step would cost a weight-sized
 temporary and its bandwidth; the rank-r identity needs only r-wide products:
@@ -12,12 +12,20 @@ base weight is read in row chunks so that no float32 copy of the whole of W exis
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
-from .weights import DoraAxis
-
+DoraAxis = Literal["input", "output"]
+DORA_AXES: tuple[DoraAxis, ...] = ("input", "output")
 _ROW_CHUNK = 2048
+
+
+def dora_scale_shape(weight_shape: tuple[int, ...], axis: DoraAxis) -> tuple[int, ...]:
+    """The magnitude's shape in the file: (1, in[, 1, 1]) for the input axis, (out, 1[, 1, 1]) for the output."""
+    rest = [1] * (len(weight_shape) - 2)
+    return (1, weight_shape[1], *rest) if axis == "input" else (weight_shape[0], 1, *rest)
 
 
 def _float_row_chunks(weight2d: Tensor):
@@ -36,12 +44,17 @@ def _per_input_channel(per_column: Tensor, in_channels: int) -> Tensor:
 
 
 def weight_norm_sq(weight: Tensor, axis: DoraAxis) -> Tensor:
-    """||W||^2 per input channel (shape (in,)) or per output row (shape (out,)), float32."""
+    """||W||^2 per input channel (over out and kernel dims; shape (in,)) or per output row (shape (out,)), float32."""
     w2d = weight.detach().flatten(1)
     if axis == "output":
         return torch.cat([rows.square().sum(dim=1) for _, rows in _float_row_chunks(w2d)])
     per_column = sum(rows.square().sum(dim=0) for _, rows in _float_row_chunks(w2d))
     return _per_input_channel(per_column, weight.shape[1])
+
+
+def weight_norm(weight: Tensor, axis: DoraAxis) -> Tensor:
+    """||W|| along ``axis`` in ``dora_scale``'s shape, float32: what a fresh magnitude is."""
+    return weight_norm_sq(weight, axis).sqrt().reshape(dora_scale_shape(tuple(weight.shape), axis))
 
 
 def _rows_times(weight2d: Tensor, other: Tensor, transpose_rows: bool) -> Tensor:

@@ -1,6 +1,6 @@
 """Put adapters into the SDXL UNet and text encoders, and take them out again.
 
-Which modules are targeted (FORMAT.md section 3) is decided by ``trainer.sdxl.naming``; this module only
+Which modules are targeted (docs/adapter-format.md section 3) is decided by ``trainer.sdxl.naming``; this module only
 wraps them, keyed by kohya stem, and restores the original modules on removal.
 """
 
@@ -14,8 +14,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .weights import AdapterWeights, DoraAxis
-from .layers import AdapterSpec, LoRALayer, make_adapter
 from trainer.sdxl.naming import (
     Part,
     attention_module_paths,
@@ -24,8 +22,12 @@ from trainer.sdxl.naming import (
     text_encoder_module_paths,
 )
 
-UnetPreset = Literal["attn", "attn+conv"]
-UNET_PRESETS: tuple[UnetPreset, ...] = ("attn", "attn+conv")
+from .dora_norm import DoraAxis
+from .layers import AdapterSpec, LoRALayer, make_adapter
+from .weights import AdapterWeights
+
+UnetTargets = Literal["attn", "attn+conv"]
+UNET_TARGETS: tuple[UnetTargets, ...] = ("attn", "attn+conv")
 
 
 @dataclass(frozen=True)
@@ -52,20 +54,20 @@ class NetworkSpec:
         )
 
 
-def target_module_paths(model: nn.Module, part: Part, unet_preset: UnetPreset = "attn") -> list[str]:
-    """Module paths (as the model names them) that the preset targets in one part."""
+def target_module_paths(model: nn.Module, part: Part, unet_targets: UnetTargets = "attn") -> list[str]:
+    """Module paths (as the model names them) that ``unet_targets`` ("attn" or "attn+conv") picks in one part."""
     if part != "unet":
         return text_encoder_module_paths(model)
-    if unet_preset not in UNET_PRESETS:
-        raise ValueError(f"unknown UNet target preset {unet_preset!r}; choose one of {UNET_PRESETS}")
+    if unet_targets not in UNET_TARGETS:
+        raise ValueError(f"unknown network.unet_targets {unet_targets!r}; choose one of {UNET_TARGETS}")
     paths = attention_module_paths(model)
-    return paths + conv_module_paths(model) if unet_preset == "attn+conv" else paths
+    return paths + conv_module_paths(model) if unet_targets == "attn+conv" else paths
 
 
 def select_targets(
     model: nn.Module,
     part: Part,
-    unet_preset: UnetPreset = "attn",
+    unet_targets: UnetTargets = "attn",
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
 ) -> dict[str, str]:
@@ -76,7 +78,7 @@ def select_targets(
     include_res = [re.compile(p) for p in include]
     exclude_res = [re.compile(p) for p in exclude]
     selected: dict[str, str] = {}
-    for path in target_module_paths(model, part, unet_preset):
+    for path in target_module_paths(model, part, unet_targets):
         stem = stem_for(part, path)
         if include_res and not any(r.search(stem) for r in include_res):
             continue
@@ -95,14 +97,14 @@ def inject_adapters(
     model: nn.Module,
     part: Part,
     network: NetworkSpec,
-    unet_preset: UnetPreset = "attn",
+    unet_targets: UnetTargets = "attn",
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, LoRALayer]:
     """Wrap every selected module of ``model`` in place; returns stem -> adapter layer."""
     adapters: dict[str, LoRALayer] = {}
-    for stem, path in select_targets(model, part, unet_preset, include, exclude).items():
+    for stem, path in select_targets(model, part, unet_targets, include, exclude).items():
         base = model.get_submodule(path)
         if isinstance(base, LoRALayer):
             raise RuntimeError(f"{path} already has an adapter; remove_adapters() first")

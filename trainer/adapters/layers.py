@@ -13,15 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .weights import (
-    DORA_AXES,
-    NORM_EPS,
-    AdapterWeights,
-    DoraAxis,
-    merged_weight,
-)
 from .dora_autograd import ConvOps, DoraInputAxis, DoraOutputAxis, LinearOps, Ops
-from .dora_norm import direction_norm, weight_norm_sq
+from .dora_norm import DORA_AXES, DoraAxis, direction_norm, dora_scale_shape, weight_norm_sq
+from .weights import NORM_EPS, AdapterWeights, merged_weight
 
 AdaptableModule = nn.Linear | nn.Conv2d
 
@@ -189,10 +183,7 @@ class DoRALayer(LoRALayer):
         # ||W||^2 never changes during training; cached once, in float32, as the norm identity needs it.
         self.register_buffer("weight_norm_sq", weight_norm_sq(base.weight, axis), persistent=False)
         # Magnitude starts at ||W|| (from the same cached sum the forward uses), so a fresh adapter is exact.
-        if axis == "output":
-            magnitude = self.weight_norm_sq.sqrt().reshape(-1, *([1] * (base.weight.dim() - 1)))
-        else:
-            magnitude = self.weight_norm_sq.sqrt().reshape(1, -1, *([1] * (base.weight.dim() - 2)))
+        magnitude = self.weight_norm_sq.sqrt().reshape(dora_scale_shape(tuple(base.weight.shape), axis))
         self.dora_scale = nn.Parameter(magnitude.clone())
         self._norm_cache_key: tuple | None = None
         self._norm_cache: Tensor | None = None

@@ -2,19 +2,17 @@
 
 The layer classes (``trainer.adapters.layers``), the file reader/writer (``trainer.kohya.adapter_file``) and the
 front-end checks (``trainer.kohya.frontend_merge``) all speak this one type, so the shapes of
-``../shared/FORMAT.md`` section 1 are written down once.
+``docs/adapter-format.md`` section 1 are written down once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-DoraAxis = Literal["input", "output"]
-DORA_AXES: tuple[DoraAxis, ...] = ("input", "output")
+from .dora_norm import DoraAxis, weight_norm
 
 # Norm floor: front ends add float32 eps to ||V||; we floor at it instead, so that a fresh adapter
 # (m == ||W||) is bit-exactly the identity. The two differ by at most eps/||V|| relative (~1e-7).
@@ -48,7 +46,7 @@ class AdapterWeights:
 
     @property
     def dora_axis(self) -> DoraAxis | None:
-        """Which axis the magnitude lives on, read from its shape (FORMAT.md section 1)."""
+        """Which axis the magnitude lives on, read from its shape (docs/adapter-format.md section 1)."""
         if self.dora_scale is None:
             return None
         return dora_axis_from_shape(tuple(self.dora_scale.shape), self.up.shape[0], self.down.shape[1])
@@ -75,16 +73,8 @@ def dora_axis_from_shape(scale_shape: tuple[int, ...], out_features: int, in_fea
     )
 
 
-def weight_norm(weight: Tensor, axis: DoraAxis) -> Tensor:
-    """||W|| per input column (over out and kernel dims) or per output row, kept in dora_scale's shape."""
-    w = weight.float()
-    if axis == "output":
-        return w.flatten(1).norm(dim=1).reshape(w.shape[0], *([1] * (w.dim() - 1)))
-    return w.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, w.shape[1], *([1] * (w.dim() - 2)))
-
-
 def merged_weight(base: Tensor, weights: AdapterWeights, strength: float = 1.0) -> Tensor:
-    """W_s = W + s * (W' - W) in float32, with W' = W + gamma*dW for LoRA, DoRA per FORMAT.md section 4."""
+    """W_s = W + s * (W' - W) in float32, with W' = W + gamma*dW for LoRA, DoRA per docs/adapter-format.md section 4."""
     w = base.float()
     delta = weights.delta_weight(torch.float32)
     if weights.dora_scale is None:

@@ -95,7 +95,7 @@ def _regular_polygon(cx: float, cy: float, radius: float, angles: tuple[float, .
     return [(cx + radius * math.cos(math.radians(a)), cy + radius * math.sin(math.radians(a))) for a in angles]
 
 
-def _paint(pen: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float) -> None:
+def _fill_shape(pen: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float) -> None:
     """One shape's silhouette on a mask: 255 inside, holes 0."""
     fill = 255
     if shape in (CONCEPT_SHAPE, "circle"):
@@ -117,11 +117,11 @@ def _paint(pen: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: f
 def _supersampled_mask(shape: str, size: tuple[int, int], centre: tuple[float, float], radius: float) -> Image.Image:
     scale = SUPERSAMPLE
     mask = Image.new("L", (size[0] * scale, size[1] * scale), 0)
-    _paint(ImageDraw.Draw(mask), shape, centre[0] * scale, centre[1] * scale, radius * scale)
+    _fill_shape(ImageDraw.Draw(mask), shape, centre[0] * scale, centre[1] * scale, radius * scale)
     return mask
 
 
-def draw(scene: Scene) -> Image.Image:
+def paint(scene: Scene) -> Image.Image:
     """The scene's picture, anti-aliased."""
     mask = _supersampled_mask(scene.shape, scene.size, scene.centre, scene.radius)
     image = Image.new("RGB", mask.size, BACKGROUNDS[scene.background])

@@ -26,17 +26,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from trainer.sdxl.configs import (
-    SDXL_SCHEDULER_CONFIG,
-    SDXL_VAE_CONFIG,
+from trainer.errors import ModelLoadError
+from trainer.sdxl.configs import SDXL_SCHEDULER_CONFIG, SDXL_VAE_CONFIG
+from trainer.sdxl.sgm_checkpoint import save_sgm_checkpoint
+
+from .shapes import BACKGROUNDS, COLOURS, COLUMNS, PLAIN_SHAPES, ROWS, SIZES
+from .tiny import (
     TINY_TEXT_ENCODER_1_CONFIG,
     TINY_TEXT_ENCODER_2_CONFIG,
     TINY_UNET_CONFIG,
+    random_pipeline,
+    tiny_vocab,
 )
-from trainer.sdxl.sgm_checkpoint import save_sgm_checkpoint
-from .shapes import BACKGROUNDS, COLOURS, COLUMNS, PLAIN_SHAPES, ROWS, SIZES
-from .tiny import random_pipeline, tiny_vocab
-from trainer.errors import ModelLoadError
 
 TOY_RESOLUTION = 128
 TOY_ASSET = Path(__file__).parent / "assets" / "toy-sdxl.safetensors"
@@ -132,8 +133,6 @@ def build_toy_pipeline(seed: int = 0, vae_scaling_factor: float | None = None) -
 
 
 def _check_weights(path: Path) -> None:
-    from trainer.sdxl.model_files import ModelLoadError  # models imports this module lazily, on first use of the builtin
-
     if not path.is_file():
         raise ModelLoadError.at(path, "the toy model's weights are missing; reinstall DoRA Studio, or rebuild "
                              "them with `dora-studio make-toy-model` (about 45 minutes on 2 CPU cores)")

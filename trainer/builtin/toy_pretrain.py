@@ -35,8 +35,9 @@ from safetensors.torch import save_file
 
 from trainer.files import atomic_path
 from trainer.sdxl.objective import add_noise, prediction_target, training_noise_scheduler
-from .shapes import BACKGROUNDS, COLOURS, PLAIN_SHAPES, SIZES, Scene, draw, place_centre, readable
 from trainer.sdxl.text_encoding import encode_captions
+
+from .shapes import BACKGROUNDS, COLOURS, PLAIN_SHAPES, SIZES, Scene, paint, place_centre, readable
 from .toy import COMPONENTS, TOY_RESOLUTION, TOY_SCHEDULER_CONFIG, build_toy_pipeline
 
 Log = Callable[[str], None]
@@ -88,7 +89,7 @@ def to_tensor(images) -> torch.Tensor:
 def draw_pictures(count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(count)]
-    return to_tensor(draw(scene) for scene in scenes), [scene.caption for scene in scenes]
+    return to_tensor(paint(scene) for scene in scenes), [scene.caption for scene in scenes]
 
 
 def _to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -214,12 +215,13 @@ def _with_ema(unet, ema: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def pretrain_toy_model(out_path: Path, recipe: ToyRecipe, command: str, log: Log = print,
-                       device: torch.device = torch.device("cpu")):
+                       device: torch.device | str = "cpu"):
     """Run the whole recipe and write the fp16 weights file; returns the trained pipeline (fp32, on the CPU).
 
     On a GPU it takes minutes instead of about 45; every random draw still comes from the same CPU
     generator, but the arithmetic differs in the last bits, so the weights are close, not identical.
     """
+    device = torch.device(device)
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     started = time.monotonic()

@@ -14,6 +14,7 @@ import tomli_w
 
 from trainer.errors import ConfigError, Problem
 from trainer.files import write_bytes_atomically
+
 from .schema import (
     SECTIONS,
     TrainConfig,

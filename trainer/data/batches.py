@@ -1,4 +1,4 @@
-"""Turning an epoch's planned draws into tensors: cached latent moments, or pixels for the VAE.
+"""Turning an epoch's planned images into tensors: cached latent moments, or pixels for the VAE.
 
 A ``torch.utils.data.Dataset`` whose items are whole batches, so a DataLoader with workers can read
 ahead while the GPU trains, and a resumed run can start at any batch of the epoch.
@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .epoch_plan import PlannedImage, TrainExample, load_pixels
 from .latent_cache import LatentCache
-from .epoch_plan import Draw, TrainExample, load_pixels
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Batch:
 
 
 class EpochBatches(Dataset):
-    def __init__(self, batches: list[list[Draw]], examples: list[TrainExample], cache: LatentCache | None,
+    def __init__(self, batches: list[list[PlannedImage]], examples: list[TrainExample], cache: LatentCache | None,
                  background: tuple[int, int, int]):
         self.batches, self.examples, self.cache, self.background = batches, examples, cache, background
 
@@ -33,15 +33,15 @@ class EpochBatches(Dataset):
         return len(self.batches)
 
     def __getitem__(self, index: int) -> Batch:
-        draws = self.batches[index]
-        time_ids = torch.tensor([draw.time_ids(self.examples[draw.example]) for draw in draws], dtype=torch.float32)
-        captions = [draw.caption for draw in draws]
+        planned = self.batches[index]
+        time_ids = torch.tensor([item.time_ids(self.examples[item.example]) for item in planned], dtype=torch.float32)
+        captions = [item.caption for item in planned]
         if self.cache is None:
-            pixels = torch.stack([load_pixels(self.examples[d.example], d, self.background) for d in draws])
+            pixels = torch.stack([load_pixels(self.examples[d.example], d, self.background) for d in planned])
             return Batch(captions, time_ids, pixels=pixels)
         moments = []
-        for draw in draws:
-            key = self.cache.key(self.examples[draw.example], draw, self.background)
+        for item in planned:
+            key = self.cache.key(self.examples[item.example], item, self.background)
             cached = self.cache.load(key)
             if cached is None:
                 raise RuntimeError(f"latent cache entry {self.cache.path_for(key)} vanished during training; "

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from trainer.errors import DatasetError, ImageLoadError
+
 from .buckets import (
     BucketSpec,
     CropPlan,
@@ -24,9 +26,9 @@ from .buckets import (
     micro_conditioning,
 )
 from .captions import CaptionOptions, process_caption
-from .scan import DatasetScan
 from .image_io import load_image_rgb
-from trainer.errors import DatasetError, ImageLoadError
+from .scan import DatasetScan
+
 
 @dataclass(frozen=True)
 class TrainExample:
@@ -49,7 +51,7 @@ class AugmentOptions:
 
 
 @dataclass(frozen=True)
-class Draw:
+class PlannedImage:
     """One image in one step: which, how it is cropped and flipped, and the caption text it gets."""
 
     example: int  # index into the examples list
@@ -96,19 +98,19 @@ def epoch_batches(examples: list[TrainExample], batch_size: int, seed: int, epoc
     return batches
 
 
-def draw_for(example: TrainExample, index: int, options: AugmentOptions, rng: random.Random) -> Draw:
+def plan_image(example: TrainExample, index: int, options: AugmentOptions, rng: random.Random) -> PlannedImage:
     """The crop, flip and caption of one image in one step, drawn in a fixed order."""
     width, height = example.size
     crop = crop_plan(width, height, example.bucket, options.random_crop, rng, options.bucket_spec)
     flipped = options.flip and rng.random() < 0.5
-    return Draw(index, crop, flipped, process_caption(example.caption, options.captions, rng))
+    return PlannedImage(index, crop, flipped, process_caption(example.caption, options.captions, rng))
 
 
 def plan_epoch(
     examples: list[TrainExample], options: AugmentOptions, batch_size: int, seed: int, epoch: int
-) -> list[list[Draw]]:
+) -> list[list[PlannedImage]]:
     return [
-        [draw_for(examples[index], index, options, _rng(seed, epoch, batch_number, slot))
+        [plan_image(examples[index], index, options, _rng(seed, epoch, batch_number, slot))
          for slot, index in enumerate(batch)]
         for batch_number, batch in enumerate(epoch_batches(examples, batch_size, seed, epoch))
     ]
@@ -118,13 +120,13 @@ def plan_epoch(
 class Shard:
     """One process's part of a global batch."""
 
-    draws: list[Draw]  # never empty: a process with no image gets a stand-in of weight 0
+    images: list[PlannedImage]  # never empty: a process with no image gets a stand-in of weight 0
     weights: list[float]  # 1 per image, 0 for a stand-in
     offset: int  # its first image's place in the global batch (its rows of the step's noise)
     global_count: int  # images in the whole global batch
 
 
-def shard_batch(batch: list[Draw], rank: int, processes: int) -> Shard:
+def shard_batch(batch: list[PlannedImage], rank: int, processes: int) -> Shard:
     """Split a global batch as evenly as possible, in order: process r takes the r-th run of images.
 
     Every process must run each step (gradients are averaged together), so when a bucket's last batch
@@ -138,7 +140,7 @@ def shard_batch(batch: list[Draw], rank: int, processes: int) -> Shard:
     return Shard(batch[offset:offset + count], [1.0] * count, offset, len(batch))
 
 
-def load_pixels(example: TrainExample, draw: Draw, background: tuple[int, int, int]) -> Tensor:
+def load_pixels(example: TrainExample, planned: PlannedImage, background: tuple[int, int, int]) -> Tensor:
     """The cropped, maybe flipped image as a [3, H, W] float tensor in [-1, 1], as the VAE expects."""
     try:
         image = load_image_rgb(example.path, background)
@@ -148,14 +150,14 @@ def load_pixels(example: TrainExample, draw: Draw, background: tuple[int, int, i
         problem = error.problems[0]
         raise DatasetError.at(problem.where, f"{problem.message}; it passed the dataset check when the run started. "
                               "Fix or remove it, then continue with --resume auto") from None
-    resized_width, resized_height = draw.crop.resized_size
+    resized_width, resized_height = planned.crop.resized_size
     if image.size != (resized_width, resized_height):
-        image = image.resize((resized_width, resized_height), resample=_resample(image.size, draw.crop.resized_size))
-    top, left = draw.crop.crop_top_left
-    bucket_width, bucket_height = draw.crop.bucket
+        image = image.resize((resized_width, resized_height), resample=_resample(image.size, planned.crop.resized_size))
+    top, left = planned.crop.crop_top_left
+    bucket_width, bucket_height = planned.crop.bucket
     image = image.crop((left, top, left + bucket_width, top + bucket_height))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
-    return pixels.flip(-1) if draw.flipped else pixels
+    return pixels.flip(-1) if planned.flipped else pixels
 
 
 def _resample(size: tuple[int, int], target: tuple[int, int]):

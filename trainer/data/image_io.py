@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
 from trainer.errors import ImageLoadError
 
 # Pillow's own DecompressionBombError threshold (2 x MAX_IMAGE_PIXELS = 2 x 89,478,485). Set here rather

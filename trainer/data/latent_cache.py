@@ -21,9 +21,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from trainer.files import atomic_path
-from .epoch_plan import Draw, TrainExample, load_pixels
 from trainer.errors import DatasetError
+from trainer.files import atomic_path
+
+from .epoch_plan import PlannedImage, TrainExample, load_pixels
 
 CACHE_FORMAT = 1  # bump when the entry layout changes, so old entries are never misread
 
@@ -66,13 +67,13 @@ class LatentCache:
         self.folder = Path(root) / f"v{CACHE_FORMAT}-{vae_id}"
         self._digests: dict[Path, str] = {}
 
-    def key(self, example: TrainExample, draw: Draw, background: tuple[int, int, int]) -> str:
+    def key(self, example: TrainExample, planned: PlannedImage, background: tuple[int, int, int]) -> str:
         """Names everything that decides the pixels; the background matters for images with transparency."""
         if example.path not in self._digests:
             self._digests[example.path] = file_digest(example.path)
-        (top, left), (width, height) = draw.crop.crop_top_left, draw.crop.bucket
-        resized_width, resized_height = draw.crop.resized_size
-        flip = "f" if draw.flipped else "n"
+        (top, left), (width, height) = planned.crop.crop_top_left, planned.crop.bucket
+        resized_width, resized_height = planned.crop.resized_size
+        flip = "f" if planned.flipped else "n"
         red, green, blue = background
         return (f"{self._digests[example.path][:32]}-{width}x{height}-r{resized_width}x{resized_height}"
                 f"-c{top}_{left}-{flip}-b{red:02x}{green:02x}{blue:02x}")
@@ -94,7 +95,7 @@ class LatentCache:
         """Whether a readable entry exists; reads only the header, so checking every entry is cheap."""
         try:
             with safe_open(self.path_for(key), "pt") as entry:
-                return "moments" in entry.keys()  # noqa: SIM118 (safe_open has no __contains__)
+                return "moments" in entry.keys()
         except (OSError, SafetensorError):  # absent, cut short or not safetensors: encode it again
             return False
 
@@ -118,29 +119,29 @@ class FillResult:
 def fill_cache(
     cache: LatentCache,
     examples: list[TrainExample],
-    draws: Iterable[Draw],
+    planned: Iterable[PlannedImage],
     vae: nn.Module,
     background: tuple[int, int, int],
     on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> FillResult:
-    """Encode every draw not yet cached (or cached but unreadable), one image at a time (buckets differ).
+    """Encode every planned image not yet cached (or cached but unreadable), one image at a time (buckets differ).
 
     An image that passed the dataset scan but fails to load now (damage the header check cannot see) is
     reported rather than ending the run: caching happens before training, so it can simply be left out.
     """
-    pending: dict[str, Draw] = {}
-    for draw in draws:
-        key = cache.key(examples[draw.example], draw, background)
+    pending: dict[str, PlannedImage] = {}
+    for item in planned:
+        key = cache.key(examples[item.example], item, background)
         if key not in pending and not cache.has(key):
-            pending[key] = draw
+            pending[key] = item
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     result = FillResult(0, {})
-    for done, (key, draw) in enumerate(pending.items(), start=1):
-        example = examples[draw.example]
+    for done, (key, item) in enumerate(pending.items(), start=1):
+        example = examples[item.example]
         if example.path in result.unreadable:
             continue
         try:
-            pixels = load_pixels(example, draw, background)[None].to(device, dtype)
+            pixels = load_pixels(example, item, background)[None].to(device, dtype)
         except DatasetError as error:
             result.unreadable[example.path] = str(error)
             continue

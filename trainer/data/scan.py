@@ -13,8 +13,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .image_io import probe_image
 from trainer.errors import DatasetError, ImageLoadError
+
+from .image_io import probe_image
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}  # kohya's IMAGE_EXTENSIONS, any letter case
 FORMATS_FOR_EXTENSION = {
@@ -68,6 +69,25 @@ class DatasetScan:
     def total_repeated_images(self) -> int:
         """Images one epoch shows, as kohya counts them: each image once per repeat."""
         return sum(item.repeats for item in self.items)
+
+    def _folder_name(self, item: ImageItem) -> str:
+        return item.folder.relative_to(self.root).as_posix() if item.folder != self.root else self.root.name
+
+    def folder_counts(self) -> dict[str, dict[str, int]]:
+        """kohya's ``ss_dataset_dirs``: per folder (relative to the root), its repeats and usable images."""
+        counts: dict[str, dict[str, int]] = {}
+        for item in self.items:
+            entry = counts.setdefault(self._folder_name(item), {"n_repeats": item.repeats, "img_count": 0})
+            entry["img_count"] += 1
+        return counts
+
+    def tag_frequency(self, separator: str) -> dict[str, dict[str, int]]:
+        """kohya's ``ss_tag_frequency``: per folder, how often each tag appears in its captions."""
+        tags: dict[str, Counter] = {}
+        for item in self.items:
+            tags.setdefault(self._folder_name(item), Counter()).update(
+                tag.strip() for tag in item.caption.split(separator) if tag.strip())
+        return {folder: dict(counter) for folder, counter in tags.items()}
 
 
 @dataclass(frozen=True)

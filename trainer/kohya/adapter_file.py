@@ -1,4 +1,4 @@
-"""The kohya ``.safetensors`` adapter file of ``../shared/FORMAT.md`` (sections 1, 5, 6): write, read.
+"""The kohya ``.safetensors`` adapter file of ``docs/adapter-format.md`` (sections 1, 5, 6): write, read.
 
 The writer is deterministic (sorted header, sorted metadata), so save -> load -> save is bit-exact;
 safetensors' own writer orders metadata at random. The reader never unpickles anything, reports the
@@ -10,22 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Literal, Mapping
 
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from trainer.adapters.weights import (
-    DORA_AXES,
-    AdapterWeights,
-    DoraAxis,
-    dora_axis_from_shape,
-)
+from trainer.adapters.dora_norm import DORA_AXES, DoraAxis
+from trainer.adapters.weights import AdapterWeights, dora_axis_from_shape
 from trainer.errors import AdapterFileError
 from trainer.files import PICKLE_SUFFIXES, write_bytes_atomically
 
@@ -38,7 +33,8 @@ _PART_SUFFIXES = {DOWN: DOWN, UP: UP, ALPHA: ALPHA, DORA_SCALE: DORA_SCALE,
 _FOREIGN_STEM_SUFFIXES = (".lora_magnitude_vector.weight", ".lora_magnitude_vector", ".lora_mid.weight")
 _PEFT_PREFIXES = (("unet.", "lora_unet_"), ("text_encoder_2.", "lora_te2_"), ("text_encoder.", "lora_te1_"))
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The precisions a file may store, by the names the settings use (saving.save_dtype, training.mixed_precision).
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -62,8 +58,8 @@ def save_adapter(
 ) -> None:
     """Write ``adapters`` as a kohya file, atomically, with ``sshs_model_hash`` added to the metadata."""
     path = Path(path)
-    if dtype not in SAVE_DTYPES:
-        raise ValueError(f"save dtype must be one of {SAVE_DTYPES}, got {dtype}")
+    if dtype not in DTYPES.values():
+        raise ValueError(f"save dtype must be one of {list(DTYPES.values())}, got {dtype}")
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"metadata {key!r}: keys and values must be str, got {type(value).__name__}")
@@ -94,7 +90,7 @@ def _file_tensors(path: Path, stem: str, weights: AdapterWeights, dtype: torch.d
         (stem + ALPHA, torch.tensor(float(weights.alpha), dtype=torch.float32)),
     ]
     if weights.dora_scale is not None:
-        # Never 1-D, never a shape that fits neither axis (FORMAT.md section 1).
+        # Never 1-D, never a shape that fits neither axis (docs/adapter-format.md section 1).
         _check_scale_shape(where, stem, weights.dora_scale, weights.up.shape[0], weights.down.shape[1], weights.down.dim())
         # bf16 keeps 8 bits of mantissa: rounding m rescales whole columns by up to 0.4 %, so bf16
         # saves store it in fp32 (exact for a bf16-trained m, and what every loader reads).
@@ -106,79 +102,6 @@ def _file_tensors(path: Path, stem: str, weights: AdapterWeights, dtype: torch.d
 
 def _file_copy(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor.detach().to("cpu", dtype, copy=True).contiguous()
-
-
-def build_metadata(
-    *,
-    network_kind: Literal["lora", "dora"],
-    dim: int,
-    alpha: float,
-    conv_dim: int | None,
-    conv_alpha: float | None,
-    dora_axis: DoraAxis | None,
-    output_name: str,
-    base_model_name: str,
-    steps: int,
-    epoch: int,
-    started_at: float,
-    finished_at: float,
-    mixed_precision: str,
-    learning_rate: float,
-    unet_lr: float | None,
-    text_encoder_lr: float | None,
-    tag_frequency: Mapping[str, Mapping[str, int]],
-    dataset_dirs: Mapping[str, Mapping[str, int]],
-    resolution: tuple[int, int],
-    title: str,
-    prediction_type: Literal["epsilon", "v"] = "epsilon",
-    extra: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """kohya ``ss_*`` + ModelSpec metadata (FORMAT.md section 5); timestamps are Unix seconds.
-
-    The DoRA axis goes in twice: ``wd_on_output`` in ``ss_network_args`` (what LyCORIS/kohya read)
-    and ``dora_studio.dora_axis``, because no loader infers it reliably from shapes alone.
-    """
-    if (network_kind == "dora") != (dora_axis is not None) or (dora_axis is not None and dora_axis not in DORA_AXES):
-        raise ValueError(f"network_kind {network_kind!r} needs dora_axis in {DORA_AXES} for DoRA, None for LoRA")
-    if (conv_dim is None) != (conv_alpha is None):
-        raise ValueError("conv_dim and conv_alpha go together")
-    network_args: dict[str, str] = {}
-    if dora_axis is not None:
-        network_args = {"algo": "lora", "dora_wd": "True", "wd_on_output": str(dora_axis == "output")}
-    if conv_dim is not None:
-        network_args |= {"conv_dim": str(conv_dim), "conv_alpha": str(conv_alpha)}
-    width, height = resolution
-    metadata = {
-        "ss_network_module": "lycoris.kohya" if dora_axis else "networks.lora",
-        "ss_network_dim": str(dim),
-        "ss_network_alpha": str(alpha),
-        "ss_network_args": json.dumps(network_args),
-        "ss_base_model_version": "sdxl_base_v1-0",
-        "ss_v2": "False",
-        "ss_output_name": output_name,
-        "ss_sd_model_name": base_model_name,
-        "ss_steps": str(steps),
-        "ss_epoch": str(epoch),
-        "ss_training_started_at": str(started_at),
-        "ss_training_finished_at": str(finished_at),
-        "ss_mixed_precision": mixed_precision,
-        "ss_learning_rate": str(learning_rate),
-        "ss_unet_lr": str(unet_lr),
-        "ss_text_encoder_lr": str(text_encoder_lr),
-        "ss_tag_frequency": json.dumps(tag_frequency),
-        "ss_dataset_dirs": json.dumps(dataset_dirs),
-        "ss_resolution": str((width, height)),
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": title,
-        "modelspec.resolution": f"{width}x{height}",
-        "modelspec.date": datetime.fromtimestamp(finished_at, timezone.utc).isoformat(timespec="seconds"),
-        "modelspec.prediction_type": prediction_type,
-    }
-    if dora_axis is not None:
-        metadata["dora_studio.dora_axis"] = dora_axis
-    return metadata | dict(extra or {})
 
 
 # ---------------------------------------------------------------- reading
@@ -270,7 +193,7 @@ def _normalise_stem(raw: str) -> str:
         if raw.startswith(prefix):
             raw = kohya + raw[len(prefix) :]
             break
-    # transformers >= 5.6 dropped text_model from CLIP paths; kohya stems keep it (FORMAT.md section 2).
+    # transformers >= 5.6 dropped text_model from CLIP paths; kohya stems keep it (docs/adapter-format.md section 2).
     return re.sub(r"^(lora_te[12]_)(encoder_layers_)", r"\1text_model_\2", raw.replace(".", "_"))
 
 
@@ -326,7 +249,7 @@ def _stem_weights(path: Path, stem: str, found: Mapping[str, Tensor], axis_hint:
     dora_scale = found.get(DORA_SCALE)
     if dora_scale is not None:
         dora_scale = _dora_scale_layout(where, stem, dora_scale, up.shape[0], down.shape[1], down.dim(), axis_hint)
-    # A missing alpha means gamma = 1 in every loader (FORMAT.md section 1).
+    # A missing alpha means gamma = 1 in every loader (docs/adapter-format.md section 1).
     return AdapterWeights(down, up, float(alpha.item()) if alpha is not None else float(down.shape[0]), dora_scale)
 
 
@@ -358,7 +281,7 @@ def _check_scale_shape(where: str, stem: str, scale: Tensor, out_features: int, 
 
 
 def _check_pair(where: str, stem: str, down: Tensor, up: Tensor) -> None:
-    """down (r, in[, kh, kw]) and up (out, r[, 1, 1]) must fit together (FORMAT.md section 1)."""
+    """down (r, in[, kh, kw]) and up (out, r[, 1, 1]) must fit together (docs/adapter-format.md section 1)."""
     fits = (
         down.dim() in (2, 4)
         and up.dim() == down.dim()

@@ -2,14 +2,14 @@
 
 ``dora-studio verify`` runs these next to our own ``merged_weight`` so a user sees what ComfyUI,
 Forge, AUTOMATIC1111 and InvokeAI will actually compute from a file, including where they disagree
-(output-axis DoRA, ``../shared/FORMAT.md`` section 4). Each function follows the loader it names,
+(output-axis DoRA, ``docs/adapter-format.md`` section 4). Each function follows the loader it names,
 including its quirks; only the dtype is fixed to float32 so the comparison shows arithmetic, not
 rounding. All take the file-shaped tensors of ``AdapterWeights`` and return a float32 weight.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -82,7 +82,7 @@ def _rescale_columns(merged: Tensor, dora_scale: Tensor) -> Tensor:
     """V * (m / ||V||_col) with no eps: A1111 and InvokeAI apply this whatever the shape of m.
 
     An output-axis m of shape (out, 1[, 1, 1]) silently broadcasts against the (1, in[, 1, 1]) norm,
-    which is the wrong weight FORMAT.md section 4 warns about.
+    which is the wrong weight docs/adapter-format.md section 4 warns about.
     """
     return merged * (dora_scale.float() / _input_column_norm(merged))
 

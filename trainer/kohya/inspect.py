@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .adapter_file import LoadedAdapter
 from trainer.sdxl.naming import parse_stem_part
+
+from .adapter_file import LoadedAdapter
 
 # The metadata a user asks about first; the rest is in --json.
 KEY_METADATA = (

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_file import LoadedAdapter, rename_stems
 from trainer.adapters.weights import AdapterWeights, merged_weight
 from trainer.errors import AdapterMismatchError, Problem
 from trainer.sdxl.naming import Part, stem_for, unet_diffusers_stem_aliases
+
+from .adapter_file import LoadedAdapter, rename_stems
 
 
 @dataclass(frozen=True)

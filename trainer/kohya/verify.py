@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from trainer.adapters.weights import merged_weight
+
 from .frontend_merge import FRONT_ENDS
 from .merge import StemMatch
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.errors import TrainStateError
+
 from .run_directory import RunDirectory
 from .train_state import list_states, newest_state
-from trainer.errors import TrainStateError
 
 RESUME_MAY_CHANGE = (
     "sampling.", "saving.", "training.epochs", "training.max_steps", "dataset.latent_cache_dir",

@@ -1,4 +1,4 @@
-"""Kohya stem names (FORMAT.md section 2) and the modules they name (section 3).
+"""Kohya stem names (docs/adapter-format.md section 2) and the modules they name (section 3).
 
 A stem is ``lora_unet_`` + the UNet module path in the original SGM layout, or ``lora_te1_`` /
 ``lora_te2_`` + the HF CLIP path starting with ``text_model.``, with dots replaced by underscores.
@@ -267,9 +267,9 @@ def attention_module_paths(unet: nn.Module) -> list[str]:
 
 
 def conv_module_paths(unet: nn.Module) -> list[str]:
-    """The conv preset's extra UNet targets: resnet convs/time projections and the samplers (66 on SDXL).
+    """The extra UNet targets of ``attn+conv``: resnet convs/time projections and the samplers (66 on SDXL).
 
-    conv_in and conv_out are never targeted (FORMAT.md section 3), so only modules inside blocks count.
+    conv_in and conv_out are never targeted (docs/adapter-format.md section 3), so only modules inside blocks count.
     """
     paths = []
     for name, module in unet.named_modules():

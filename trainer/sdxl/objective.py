@@ -1,12 +1,11 @@
-"""The denoising objective: noise, timesteps, the target the UNet must predict, and the loss weights.
+"""The denoising objective: the noise schedule, the forward process, the target the UNet must predict, and the
+loss weights. Shared by adapter training and the toy model's pretraining.
 
 Written to match diffusers' SDXL training scripts line by line (noise offset, min-SNR weighting,
 v-prediction), with diffusers' own ``compute_snr`` and ``rescale_zero_terminal_snr`` doing the math.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,40 +23,6 @@ def training_noise_scheduler(scheduler_config: dict, prediction_type: str, zero_
     config = {key: value for key, value in scheduler_config.items() if not key.startswith("_")}
     config.update(prediction_type=prediction_type, rescale_betas_zero_snr=zero_terminal_snr)
     return DDPMScheduler.from_config(config)
-
-
-@dataclass(frozen=True)
-class StepNoise:
-    """Every random draw of one step, for the whole global batch (all processes together).
-
-    Drawn for the global batch from the step's seed, then each process takes its own rows, so a sample
-    gets the same noise whether 1 or N processes train: multi-process runs match single-process ones.
-    """
-
-    latent: Tensor  # eps for sampling the VAE posterior
-    noise: Tensor  # what the UNet must find (noise offset included)
-    timesteps: Tensor
-
-    def rows(self, start: int, count: int) -> StepNoise:
-        return StepNoise(self.latent[start:start + count], self.noise[start:start + count],
-                         self.timesteps[start:start + count])
-
-
-def draw_step_noise(
-    count: int, latent_shape: tuple[int, ...], num_timesteps: int, noise_offset: float, device: torch.device
-) -> StepNoise:
-    """Drawn from torch's global RNG (seeded per step by the loop), by shape (never ``*_like``, whose
-    layout could follow a channels-last input and reorder the numbers).
-
-    The noise offset adds a per-channel constant so the model can learn overall brightness
-    (Guttenberg 2023), as in diffusers' ``--noise_offset``.
-    """
-    latent = torch.randn((count, *latent_shape), device=device)
-    noise = torch.randn((count, *latent_shape), device=device)
-    if noise_offset > 0:
-        noise = noise + noise_offset * torch.randn(count, latent_shape[0], 1, 1, device=device)
-    timesteps = torch.randint(0, num_timesteps, (count,), device=device)
-    return StepNoise(latent, noise, timesteps)
 
 
 def add_noise(scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:

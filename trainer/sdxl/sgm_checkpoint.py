@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from trainer.files import atomic_path
+
 from .naming import normalise_text_encoder_path, unet_diffusers_to_sgm
 
 if TYPE_CHECKING:

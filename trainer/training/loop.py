@@ -1,8 +1,8 @@
 """The training loop: for each step, noise a latent, ask the UNet for the noise, step the adapter.
 
-Set-up is in ``training_setup``, a step's arithmetic in ``training_step``, data in ``train_data`` /
-``batches``, what several processes share in ``processes``; bookkeeping (saving, sampling, status,
-commands, signals) is in named helpers below, so the loop in ``_train_steps`` reads as plainly as
+Set-up is in ``training.setup``, a step's arithmetic in ``training.step``, data in ``data.epoch_plan`` and
+``data.batches``, what several processes share in ``training.processes``; bookkeeping (saving, sampling,
+status, commands, signals) is in named helpers below, so the loop in ``_train_epoch`` reads as plainly as
 nanoGPT's.
 """
 
@@ -21,31 +21,31 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from trainer.data.batches import EpochBatches, batch_loader
-from trainer.config.schema import TrainConfig, to_dict
-from trainer.sdxl.objective import draw_step_noise
-from .network import save_network
-from trainer.optional_packages import import_optional
 from trainer.config.presets import write_config
-from .processes import (
-    agree_on_commands,
-    average_gradients,
-    make_accelerator,
-    sum_over_processes,
-)
+from trainer.config.schema import TrainConfig, to_dict
+from trainer.data.batches import EpochBatches, batch_loader
+from trainer.data.epoch_plan import plan_epoch, shard_batch
+from trainer.errors import StudioError, TrainingError
+from trainer.optional_packages import import_optional
 from trainer.runs.resume import check_resume_config, check_resume_processes, find_state
 from trainer.runs.run_directory import RunDirectory
-from .sampling import SampleDefaults, generate_samples
-from trainer.data.epoch_plan import plan_epoch, shard_batch
 from trainer.runs.train_state import (
     load_train_state,
     prune_states,
     read_state_extra,
     save_train_state,
 )
-from .setup import prepare_session
-from .step import latent_shape, step_seed, training_loss
-from trainer.errors import StudioError, TrainingError
+
+from .processes import (
+    agree_on_commands,
+    average_gradients,
+    make_accelerator,
+    sum_over_processes,
+)
+from .sampling import SampleDefaults, generate_samples
+from .saving import save_network
+from .setup import Session, prepare_session
+from .step import draw_step_noise, latent_shape, step_seed, training_loss
 
 log = logging.getLogger("dora_studio")
 STATUS_INTERVAL_S = 1.0  # status.json is rewritten at most this often between state changes
@@ -59,6 +59,26 @@ class Progress:
     epoch: int = 0  # epochs fully done
     batches_done: int = 0  # batches of the current epoch done
     skipped_batches: int = 0  # accumulation groups dropped for a non-finite loss or gradient
+
+
+class _StepClock:
+    """Wall time of one optimizer step (its whole accumulation group), and how much of it waited for data."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.started = self.waiting_since = time.perf_counter()
+        self.data_wait = 0.0
+
+    def data_arrived(self) -> None:
+        self.data_wait += time.perf_counter() - self.waiting_since
+
+    def batch_done(self) -> None:
+        self.waiting_since = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
 class StopRequested(Exception):
@@ -98,6 +118,9 @@ class Trainer:
         self.signals = _Signals()
         self.progress = Progress()
         self.started_at = time.time()
+        self.accelerator: Accelerator | None = None  # made when the run starts (it sets up the process group)
+        self.session: Session | None = None  # data, models, adapters, optimizer: see ``training.setup``
+        self.tensorboard = None  # a SummaryWriter when saving.tensorboard is on
         self._last_status = 0.0
         self._session_start: tuple[float, int] | None = None  # (time, step) when this process began stepping
 
@@ -105,8 +128,7 @@ class Trainer:
 
     def run_training(self, resume: str | None = None) -> Path:
         """Train to the end (or a stop request); returns the newest adapter written."""
-        accelerator = make_accelerator(self.config)
-        self.accelerator = accelerator
+        self.accelerator = accelerator = make_accelerator(self.config)
         if accelerator.is_main_process:
             self.run.create()
             self.run.remove_stale_temp_files()
@@ -134,18 +156,16 @@ class Trainer:
         self.tensorboard = self._tensorboard_writer(accelerator)  # a missing package is said before any work
         self._status(state="caching", message="checking the dataset and caching latents")
         with accelerator.main_process_first():  # rank 0 builds/caches first; the others then find it all made
-            session = prepare_session(self.config, accelerator.device, accelerator.num_processes,
-                                      on_caching=self._caching_progress)
-        self.session = session
+            self.session = session = prepare_session(self.config, accelerator.device, accelerator.num_processes,
+                                                     on_caching=self._caching_progress)
         log.info("%d images, %d batches per epoch, %d optimizer steps in all", len(session.examples),
                  session.batches_per_epoch, session.total_steps)
         # Only the optimizer is prepared (fp16 loss scaling). The models are not wrapped in DDP: gradients
         # of the adapters are averaged by hand (processes.average_gradients), which covers the text encoders too and
         # layers skipped by module dropout, and leaves the pipeline's own modules unwrapped for sampling.
         session.optimizer = accelerator.prepare(session.optimizer)
-        if resume and self._resume(resume):
-            pass
-        elif self.config.sampling.at_start and session.sample_prompts:
+        resumed = self._resume(resume) if resume else False
+        if not resumed and self.config.sampling.at_start and session.sample_prompts:
             self._sample(self.run.epoch_samples_dir(0), adapters=False)
         if accelerator.is_main_process:
             self.run.truncate_metrics(self.progress.step)
@@ -157,72 +177,74 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
 
     def _train_steps(self) -> Path:
+        """Epoch after epoch until the run's last optimizer step; then the final adapter."""
+        bar = tqdm(total=self.session.total_steps, initial=self.progress.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.show_progress and self.accelerator.is_main_process))
+        self._status(state="training", message="training", total_steps=self.session.total_steps,
+                     epochs=self.config.training.epochs)
+        while self.progress.epoch < self.config.training.epochs and self.progress.step < self.session.total_steps:
+            if not self._train_epoch(bar):  # max_steps came inside the epoch
+                self._sample(self.run.step_samples_dir(self.progress.step))  # the last look at the run
+                break
+            self.progress.epoch, self.progress.batches_done = self.progress.epoch + 1, 0
+            self._epoch_bookkeeping()
+        bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        return self._save("final")
+
+    def _train_epoch(self, bar: tqdm) -> bool:
+        """The rest of the current epoch; False when the run's last step came before the epoch's end."""
         session, config, accelerator = self.session, self.config, self.accelerator
+        epoch, processes = self.progress.epoch, accelerator.num_processes
         accumulation = config.training.gradient_accumulation
-        bar = tqdm(total=session.total_steps, initial=self.progress.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.show_progress and accelerator.is_main_process))
-        self._status(state="training", message="training", total_steps=session.total_steps,
-                     epochs=config.training.epochs)
-        rank, processes = accelerator.process_index, accelerator.num_processes
-        global_batch = config.training.batch_size * processes
-        while self.progress.epoch < config.training.epochs and self.progress.step < session.total_steps:
-            epoch = self.progress.epoch
-            global_draws = plan_epoch(session.examples, session.augment, global_batch, config.training.seed, epoch)
-            shards = [shard_batch(batch, rank, processes) for batch in global_draws]
-            dataset = EpochBatches([shard.draws for shard in shards], session.examples, session.latent_cache,
-                                   session.augment.background)
-            group_loss_sum, data_wait = 0.0, 0.0
-            step_started = tick = time.perf_counter()  # a step spans its whole accumulation group
-            for index, batch in enumerate(batch_loader(dataset, self.progress.batches_done,
-                                                       config.dataset.loader_workers),
-                                          start=self.progress.batches_done):
-                data_wait += time.perf_counter() - tick
-                shard = shards[index]
-                group_start = index - index % accumulation
-                group_size = min(accumulation, len(shards) - group_start)
-                syncs = index == group_start + group_size - 1
-                torch.manual_seed(step_seed(config.training.seed, epoch * len(shards) + index))
-                step_noise = draw_step_noise(shard.global_count, latent_shape(session, batch),
-                                             session.noise_scheduler.config.num_train_timesteps,
-                                             config.training.noise_offset, session.device)
-                losses = training_loss(session, session.pipe.unet, batch,
-                                       step_noise.rows(shard.offset, len(shard.draws)), accelerator.autocast)
-                weighted = (losses * torch.tensor(shard.weights, device=losses.device)).sum()
-                # each process's share of the global mean; averaging over processes (and the group) gives
-                # exactly the loss one process would compute on the whole global batch
-                accelerator.backward(weighted * processes / shard.global_count / group_size)
-                group_loss_sum += weighted.item() / shard.global_count / group_size
-                if syncs:
-                    group_loss = sum_over_processes(accelerator, group_loss_sum)
-                    average_gradients(accelerator, session.trainable.values())
-                    if not self._finite_step(group_loss):
-                        session.optimizer.zero_grad(set_to_none=True)
-                        self.progress.batches_done = index + 1
-                        group_loss_sum, data_wait = 0.0, 0.0
-                        step_started = tick = time.perf_counter()
-                        continue
+        global_batches = plan_epoch(session.examples, session.augment, config.training.batch_size * processes,
+                                    config.training.seed, epoch)
+        shards = [shard_batch(batch, accelerator.process_index, processes) for batch in global_batches]
+        batches = batch_loader(EpochBatches([shard.images for shard in shards], session.examples,
+                                            session.latent_cache, session.augment.background),
+                               self.progress.batches_done, config.dataset.loader_workers)
+        clock, group_loss = _StepClock(), 0.0
+        for index, batch in enumerate(batches, start=self.progress.batches_done):
+            clock.data_arrived()
+            shard = shards[index]
+            group_start = index - index % accumulation
+            group_size = min(accumulation, len(shards) - group_start)
+
+            # forward and backward on this process's share of the global batch
+            torch.manual_seed(step_seed(config.training.seed, epoch * len(shards) + index))
+            step_noise = draw_step_noise(shard.global_count, latent_shape(session, batch),
+                                         session.noise_scheduler.config.num_train_timesteps,
+                                         config.training.noise_offset, session.device)
+            losses = training_loss(session, session.pipe.unet, batch,
+                                   step_noise.rows(shard.offset, len(shard.images)), accelerator.autocast)
+            weighted = (losses * torch.tensor(shard.weights, device=losses.device)).sum()
+            # each process's share of the global mean; averaging over processes (and the group) gives
+            # exactly the loss one process would compute on the whole global batch
+            accelerator.backward(weighted * processes / shard.global_count / group_size)
+            group_loss += weighted.item() / shard.global_count / group_size
+
+            # an optimizer step after the accumulation group's last batch
+            if index == group_start + group_size - 1:
+                group_loss = sum_over_processes(accelerator, group_loss)
+                average_gradients(accelerator, session.trainable.values())
+                if self._finite_step(group_loss):
                     session.optimizer.step()
                     session.lr_scheduler.step()
                     session.optimizer.zero_grad(set_to_none=True)
                     self.progress.step += 1
                     self.progress.batches_done = index + 1
-                    self._after_step(bar, group_loss, time.perf_counter() - step_started, data_wait)
+                    self._after_step(bar, group_loss, clock)
                     self._step_bookkeeping()
-                    group_loss_sum, data_wait = 0.0, 0.0
-                    step_started = time.perf_counter()  # saving and sampling are not step time
-                    if self.progress.step >= session.total_steps and index + 1 < len(shards):
-                        break  # max_steps reached inside the epoch
-                tick = time.perf_counter()
-            else:
-                self.progress.epoch, self.progress.batches_done = epoch + 1, 0
-                self._epoch_bookkeeping()
-                continue
-            self._sample(self.run.step_samples_dir(self.progress.step))  # the last look at the run
-            break
-        bar.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        return self._save("final")
+                else:  # a bad group, skipped as training.max_skipped_batches allows
+                    session.optimizer.zero_grad(set_to_none=True)
+                    self.progress.batches_done = index + 1
+                group_loss = 0.0
+                clock.restart()  # saving and sampling are not step time
+                if self.progress.step >= session.total_steps and index + 1 < len(shards):
+                    return False
+            clock.batch_done()
+        return True
 
     # -- processes ---------------------------------------------------------------------------------
 
@@ -262,15 +284,16 @@ class Trainer:
             "bad batches with training.max_skipped_batches"
         )
 
-    def _after_step(self, bar, loss: float, seconds: float, data_wait: float) -> None:
-        step = self.progress.step
+    def _after_step(self, bar: tqdm, loss: float, clock: _StepClock) -> None:
+        """Metrics, progress bar and status of the step just taken."""
+        step, seconds = self.progress.step, clock.seconds()
         if self._session_start is None:
             self._session_start = (time.perf_counter() - seconds, step - 1)
         lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.session.optimizer.param_groups)
                if not str(group.get("name", "")).endswith("/no_decay")}
         if self.accelerator.is_main_process:
             self.run.append_metrics({"step": step, "epoch": self.progress.epoch + 1, "loss": loss, "lr": lrs,
-                                     "seconds": seconds, "data_seconds": data_wait, "time": time.time()})
+                                     "seconds": seconds, "data_seconds": clock.data_wait, "time": time.time()})
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("loss", loss, step)
             for name, lr in lrs.items():

@@ -4,6 +4,7 @@ Each ``ParamGroup`` (UNet, each text encoder) keeps its own learning rate and it
 show ``lr/<name>``. Parameters the caller marks ``no_decay`` (DoRA magnitudes, which weight decay
 would pull toward zero and so shrink the weight norm) go to a twin group with weight decay 0.
 Optional optimizer packages are imported only when chosen; a missing one says what to install.
+``run_optimizer`` puts a run's adapters into those groups from its settings.
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ from typing import Any
 import torch
 from torch.nn import Parameter
 
-from trainer.config.schema import OPTIMIZERS, SCHEDULERS
+from trainer.adapters.layers import DoRALayer
+from trainer.config.schema import OPTIMIZERS, SCHEDULERS, OptimizerSettings
 from trainer.optional_packages import import_optional
+from trainer.sdxl.naming import Part
 
+from .network import Adapters
 
+PART_GROUP_NAMES: dict[Part, str] = {"unet": "unet", "te1": "text_encoder_1", "te2": "text_encoder_2"}
+PART_LR_SETTINGS: dict[Part, str] = {"unet": "unet_lr", "te1": "text_encoder_1_lr", "te2": "text_encoder_2_lr"}
 
 @dataclass(frozen=True)
 class ParamGroup:
@@ -111,3 +117,22 @@ def _torch_param_groups(
                 torch_groups.append({"name": group.name + suffix, "params": params, "lr": group.lr,
                                      "weight_decay": decay})
     return torch_groups
+
+
+def run_optimizer(settings: OptimizerSettings, adapters: Adapters, total_steps: int):
+    """(optimizer, lr schedule) of a run: one group per model part, with its own lr when the settings give one.
+
+    DoRA magnitudes are never weight-decayed: decay would pull ||W'|| toward zero.
+    """
+    groups = [
+        ParamGroup(PART_GROUP_NAMES[part], [p for layer in layers.values() for p in layer.parameters(recurse=False)],
+                   getattr(settings, PART_LR_SETTINGS[part]) or settings.learning_rate)
+        for part, layers in adapters.items()
+    ]
+    magnitudes = {id(layer.dora_scale) for layers in adapters.values() for layer in layers.values()
+                  if isinstance(layer, DoRALayer)}
+    optimizer = build_optimizer(settings.name, groups, weight_decay=settings.weight_decay, betas=tuple(settings.betas),
+                                eps=settings.eps, no_decay=lambda p: id(p) in magnitudes)
+    scheduler = build_scheduler(settings.scheduler, optimizer, warmup_steps=settings.warmup_steps,
+                                total_steps=total_steps)
+    return optimizer, scheduler

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
 from trainer.errors import PromptSyntaxError
 
 SUPPORTED_OPTIONS = {

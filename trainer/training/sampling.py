@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from trainer.adapters.layers import LoRALayer
 from trainer.files import atomic_path
 from trainer.runs.run_directory import PROMPTS_FILE, sample_image_name
-from trainer.adapters.layers import LoRALayer
+
 from .sample_prompts import SamplePrompt
 
 
@@ -50,7 +51,7 @@ def resolve(prompt: SamplePrompt, index: int, defaults: SampleDefaults) -> dict:
     }
 
 
-def _draw(pipe, values: dict, device: torch.device) -> Image.Image:
+def _generate(pipe, values: dict, device: torch.device) -> Image.Image:
     generator = torch.Generator(device=device).manual_seed(values["seed"])
     return pipe(
         prompt=values["prompt"],
@@ -96,7 +97,7 @@ def generate_samples(
         with torch.no_grad():
             for index, prompt in enumerate(prompts):
                 values = resolve(prompt, index, defaults)
-                image = _draw(pipe, values, device)
+                image = _generate(pipe, values, device)
                 path = out_dir / sample_image_name(index)
                 with atomic_path(path) as tmp:
                     image.save(tmp, format="PNG")

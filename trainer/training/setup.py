@@ -15,30 +15,23 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from trainer.builtin.resolve import resolve_model_path
+from trainer.config.schema import TrainConfig
 from trainer.data.buckets import crop_plan
 from trainer.data.captions import CaptionOptions, is_randomised, process_caption
-from trainer.data.check import DataReport, report_for_scan
-from trainer.config.schema import TrainConfig
-from trainer.data.scan import scan_dataset
-from trainer.sdxl.objective import training_noise_scheduler
+from trainer.data.check import report_for_scan
+from trainer.data.epoch_plan import AugmentOptions, PlannedImage, TrainExample, epoch_batches, plan_examples
 from trainer.data.latent_cache import LatentCache, fill_cache, vae_fingerprint
-from trainer.builtin.resolve import resolve_model_path
+from trainer.data.scan import scan_dataset
+from trainer.errors import DatasetError, TrainingError
 from trainer.files import default_cache_dir
 from trainer.sdxl.model_files import load_sdxl_pipeline
-from .network import (
-    PART_GROUP_NAMES,
-    PART_LR_SETTINGS,
-    Adapters,
-    inject_network,
-    magnitude_parameter_ids,
-    tag_frequency,
-    trainable_parameters,
-)
-from .optimizers import ParamGroup, build_optimizer, build_scheduler
-from .sample_prompts import SamplePrompt, parse_prompt_line, read_prompt_file
+from trainer.sdxl.objective import training_noise_scheduler
 from trainer.sdxl.text_encoding import encode_captions
-from trainer.data.epoch_plan import AugmentOptions, Draw, TrainExample, epoch_batches, plan_examples
-from trainer.errors import DatasetError, TrainingError
+
+from .network import Adapters, inject_network, trainable_parameters
+from .optimizers import run_optimizer
+from .sample_prompts import SamplePrompt, parse_prompt_line, read_prompt_file
 
 log = logging.getLogger("dora_studio")
 
@@ -57,13 +50,11 @@ class Session:
     trainable: dict[str, torch.nn.Parameter]
     examples: list[TrainExample]
     augment: AugmentOptions
-    report: DataReport
     noise_scheduler: object
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     batches_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
+    total_steps: int  # optimizer steps in the whole run
     sample_prompts: list[SamplePrompt]
     latent_cache: LatentCache | None = None
     text_cache: dict[str, tuple[Tensor, Tensor]] | None = None
@@ -92,13 +83,10 @@ def sample_prompts(config: TrainConfig) -> list[SamplePrompt]:
     return prompts
 
 
-def schedule_lengths(batches_per_epoch: int, config: TrainConfig) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps); an epoch's last accumulation group may be short."""
-    per_epoch = math.ceil(batches_per_epoch / config.training.gradient_accumulation)
-    total = per_epoch * config.training.epochs
-    if config.training.max_steps:
-        total = min(total, config.training.max_steps)
-    return per_epoch, total
+def total_optimizer_steps(batches_per_epoch: int, config: TrainConfig) -> int:
+    """Optimizer steps in the run: an epoch's last accumulation group may be short, and max_steps may cut."""
+    total = math.ceil(batches_per_epoch / config.training.gradient_accumulation) * config.training.epochs
+    return min(total, config.training.max_steps) if config.training.max_steps else total
 
 
 def _check_schedule(scheduler_config, config: TrainConfig) -> None:
@@ -145,27 +133,13 @@ def load_pipeline(config: TrainConfig, device: torch.device):
     return pipe
 
 
-def _optimizer(config: TrainConfig, adapters: Adapters, total_steps: int):
-    opt = config.optimizer
-    groups = [
-        ParamGroup(PART_GROUP_NAMES[part], [p for layer in layers.values() for p in layer.parameters(recurse=False)],
-                   getattr(opt, PART_LR_SETTINGS[part]) or opt.learning_rate)
-        for part, layers in adapters.items()
-    ]
-    magnitudes = magnitude_parameter_ids(adapters)
-    optimizer = build_optimizer(opt.name, groups, weight_decay=opt.weight_decay, betas=tuple(opt.betas),
-                                eps=opt.eps, no_decay=lambda p: id(p) in magnitudes)
-    scheduler = build_scheduler(opt.scheduler, optimizer, warmup_steps=opt.warmup_steps, total_steps=total_steps)
-    return optimizer, scheduler
-
-
-def cacheable_draws(examples: list[TrainExample], augment: AugmentOptions) -> list[Draw]:
+def cacheable_images(examples: list[TrainExample], augment: AugmentOptions) -> list[PlannedImage]:
     """Every crop a run can use when crops are centred: one per image, and its mirror when flipping."""
-    draws = []
+    planned = []
     for index, example in enumerate(examples):
         crop = crop_plan(*example.size, example.bucket, False, None, augment.bucket_spec)
-        draws += [Draw(index, crop, flipped, "") for flipped in ((False, True) if augment.flip else (False,))]
-    return draws
+        planned += [PlannedImage(index, crop, flipped, "") for flipped in ((False, True) if augment.flip else (False,))]
+    return planned
 
 
 def _latent_cache(
@@ -176,10 +150,10 @@ def _latent_cache(
         return None, examples
     root = Path(config.dataset.latent_cache_dir) if config.dataset.latent_cache_dir else default_cache_dir() / "latents"
     cache = LatentCache(root, vae_fingerprint(pipe.vae, torch.float32))
-    draws = cacheable_draws(examples, augment)
-    filled = fill_cache(cache, examples, draws, pipe.vae, augment.background, on_progress)
+    planned = cacheable_images(examples, augment)
+    filled = fill_cache(cache, examples, planned, pipe.vae, augment.background, on_progress)
     log.info("latent cache %s: %d encoded now, %d reused", cache.folder, filled.encoded,
-             len(draws) - filled.encoded - len(filled.unreadable))
+             len(planned) - filled.encoded - len(filled.unreadable))
     for reason in filled.unreadable.values():
         log.warning("skipped: %s", reason)
     usable = [example for example in examples if example.path not in filled.unreadable]
@@ -235,24 +209,15 @@ def prepare_session(
     latent_cache, examples = _latent_cache(config, pipe, examples, augment, on_caching)
     global_batch = config.training.batch_size * processes
     batches_per_epoch = len(epoch_batches(examples, global_batch, config.training.seed, epoch=0))
-    steps_per_epoch, total_steps = schedule_lengths(batches_per_epoch, config)
-    optimizer, lr_scheduler = _optimizer(config, adapters, total_steps)
-    root = Path(config.dataset.path)
-    folders: dict[str, dict[str, int]] = {}
-    captions: dict[str, list[str]] = {}
-    for item in scan.items:
-        name = item.folder.relative_to(root).as_posix() if item.folder != root else root.name
-        entry = folders.setdefault(name, {"n_repeats": item.repeats, "img_count": 0})
-        entry["img_count"] += 1
-        captions.setdefault(name, []).append(item.caption)
+    total_steps = total_optimizer_steps(batches_per_epoch, config)
+    optimizer, lr_scheduler = run_optimizer(config.optimizer, adapters, total_steps)
     return Session(
         config=config, device=device, pipe=pipe, adapters=adapters, trainable=trainable_parameters(adapters),
-        examples=examples, augment=augment, report=report,
+        examples=examples, augment=augment,
         noise_scheduler=training_noise_scheduler(dict(pipe.scheduler.config), config.model.prediction_type,
                                                  config.model.zero_terminal_snr),
         optimizer=optimizer, lr_scheduler=lr_scheduler, batches_per_epoch=batches_per_epoch,
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, sample_prompts=sample_prompts(config),
-        latent_cache=latent_cache,
+        total_steps=total_steps, sample_prompts=sample_prompts(config), latent_cache=latent_cache,
         text_cache=_text_cache(config, pipe, examples, augment, device),
-        dataset_dirs=folders, tag_frequencies=tag_frequency(captions, config.dataset.tag_separator),
+        dataset_dirs=scan.folder_counts(), tag_frequencies=scan.tag_frequency(config.dataset.tag_separator),
     )

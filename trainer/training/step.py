@@ -1,4 +1,4 @@
-"""One training step's arithmetic: its seed, the captions' conditioning and the denoising loss.
+"""One training step's arithmetic: its seed, its random draws, the captions' conditioning and the denoising loss.
 
 Kept apart from the loop's bookkeeping (``trainer.training.loop``) so the lines that decide what is learned
 read in one place.
@@ -7,14 +7,51 @@ read in one place.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from trainer.data.batches import Batch
-from trainer.sdxl.objective import StepNoise, add_noise, denoising_loss, prediction_target
 from trainer.data.latent_cache import encode_moments, sample_latents
+from trainer.sdxl.objective import add_noise, denoising_loss, prediction_target
 from trainer.sdxl.text_encoding import encode_captions
+
 from .setup import Session
+
+
+@dataclass(frozen=True)
+class StepNoise:
+    """Every random draw of one step, for the whole global batch (all processes together).
+
+    Drawn for the global batch from the step's seed, then each process takes its own rows, so a sample
+    gets the same noise whether 1 or N processes train: multi-process runs match single-process ones.
+    """
+
+    latent: Tensor  # eps for sampling the VAE posterior
+    noise: Tensor  # what the UNet must find (noise offset included)
+    timesteps: Tensor
+
+    def rows(self, start: int, count: int) -> StepNoise:
+        return StepNoise(self.latent[start:start + count], self.noise[start:start + count],
+                         self.timesteps[start:start + count])
+
+
+def draw_step_noise(
+    count: int, latent_shape: tuple[int, ...], num_timesteps: int, noise_offset: float, device: torch.device
+) -> StepNoise:
+    """Drawn from torch's global RNG (seeded per step by the loop), by shape (never ``*_like``, whose
+    layout could follow a channels-last input and reorder the numbers).
+
+    The noise offset adds a per-channel constant so the model can learn overall brightness
+    (Guttenberg 2023), as in diffusers' ``--noise_offset``.
+    """
+    latent = torch.randn((count, *latent_shape), device=device)
+    noise = torch.randn((count, *latent_shape), device=device)
+    if noise_offset > 0:
+        noise = noise + noise_offset * torch.randn(count, latent_shape[0], 1, 1, device=device)
+    timesteps = torch.randint(0, num_timesteps, (count,), device=device)
+    return StepNoise(latent, noise, timesteps)
 
 
 def step_seed(seed: int, micro_step: int) -> int:

@@ -1,0 +1,86 @@
+"""The metadata of an adapter file: kohya's ``ss_*`` keys and ModelSpec (docs/adapter-format.md, section 5).
+
+Front ends and model sites show these keys; LyCORIS and kohya read the DoRA axis from ``ss_network_args``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Literal
+
+from trainer.adapters.dora_norm import DORA_AXES, DoraAxis
+
+
+def build_metadata(
+    *,
+    network_kind: Literal["lora", "dora"],
+    dim: int,
+    alpha: float,
+    conv_dim: int | None,
+    conv_alpha: float | None,
+    dora_axis: DoraAxis | None,
+    output_name: str,
+    base_model_name: str,
+    steps: int,
+    epoch: int,
+    started_at: float,
+    finished_at: float,
+    mixed_precision: str,
+    learning_rate: float,
+    unet_lr: float | None,
+    text_encoder_lr: float | None,
+    tag_frequency: Mapping[str, Mapping[str, int]],
+    dataset_dirs: Mapping[str, Mapping[str, int]],
+    resolution: tuple[int, int],
+    title: str,
+    prediction_type: Literal["epsilon", "v"] = "epsilon",
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """kohya ``ss_*`` + ModelSpec metadata (docs/adapter-format.md section 5); timestamps are Unix seconds.
+
+    The DoRA axis goes in twice: ``wd_on_output`` in ``ss_network_args`` (what LyCORIS/kohya read)
+    and ``dora_studio.dora_axis``, because no loader infers it reliably from shapes alone.
+    """
+    if (network_kind == "dora") != (dora_axis is not None) or (dora_axis is not None and dora_axis not in DORA_AXES):
+        raise ValueError(f"network_kind {network_kind!r} needs dora_axis in {DORA_AXES} for DoRA, None for LoRA")
+    if (conv_dim is None) != (conv_alpha is None):
+        raise ValueError("conv_dim and conv_alpha go together")
+    network_args: dict[str, str] = {}
+    if dora_axis is not None:
+        network_args = {"algo": "lora", "dora_wd": "True", "wd_on_output": str(dora_axis == "output")}
+    if conv_dim is not None:
+        network_args |= {"conv_dim": str(conv_dim), "conv_alpha": str(conv_alpha)}
+    width, height = resolution
+    metadata = {
+        "ss_network_module": "lycoris.kohya" if dora_axis else "networks.lora",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(alpha),
+        "ss_network_args": json.dumps(network_args),
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_v2": "False",
+        "ss_output_name": output_name,
+        "ss_sd_model_name": base_model_name,
+        "ss_steps": str(steps),
+        "ss_epoch": str(epoch),
+        "ss_training_started_at": str(started_at),
+        "ss_training_finished_at": str(finished_at),
+        "ss_mixed_precision": mixed_precision,
+        "ss_learning_rate": str(learning_rate),
+        "ss_unet_lr": str(unet_lr),
+        "ss_text_encoder_lr": str(text_encoder_lr),
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_dataset_dirs": json.dumps(dataset_dirs),
+        "ss_resolution": str((width, height)),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": datetime.fromtimestamp(finished_at, UTC).isoformat(timespec="seconds"),
+        "modelspec.prediction_type": prediction_type,
+    }
+    if dora_axis is not None:
+        metadata["dora_studio.dora_axis"] = dora_axis
+    return metadata | dict(extra or {})
