@@ -33,8 +33,10 @@ def _format(result: dict) -> str:
         return result["error"]
     verdict = "OK: every front end merges this file to our weights" if result["ok"] else "MISMATCH"
     lines = [verdict, f"{result['stems_checked']} stems checked, tolerance {result['tolerance']:g}"]
-    lines += [f"{r['front_end']:<14} strength {r['strength']:<4} max relative error {r['max_rel_error']:.2e}"
-              for r in result["results"]]
+    lines += [
+        f"{r['front_end']:<14} strength {r['strength']:<4} max relative error {r['max_rel_error']:.2e}"
+        for r in result["results"]
+    ]
     return "\n".join(lines)
 
 

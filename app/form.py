@@ -22,8 +22,13 @@ from trainer.config.schema import (
 from trainer.errors import ConfigError, Problem
 
 SECTION_TITLES = {
-    "model": "Model", "dataset": "Dataset", "network": "Network", "optimizer": "Optimizer",
-    "training": "Training", "sampling": "Sampling", "saving": "Saving",
+    "model": "Model",
+    "dataset": "Dataset",
+    "network": "Network",
+    "optimizer": "Optimizer",
+    "training": "Training",
+    "sampling": "Sampling",
+    "saving": "Saving",
 }
 FORM_KEYS: list[str] = [f"{section}.{spec.name}" for section, cls in SECTIONS.items() for spec in fields_of(cls)]
 
@@ -48,14 +53,19 @@ def _component(key: str, value: Any) -> gr.components.Component:
     if meta["choices"]:
         return gr.Dropdown(choices=list(meta["choices"]), value=value, label=label, info=info)
     if annotation is int:
-        return gr.Number(value=value, label=label, info=info, precision=0, minimum=meta["minimum"],
-                         maximum=meta["maximum"])
+        return gr.Number(
+            value=value, label=label, info=info, precision=0, minimum=meta["minimum"], maximum=meta["maximum"]
+        )
     if annotation in (float, float | None):
         return gr.Number(value=value, label=label, info=info + (" (blank: unset)" if value is None else ""))
     if _is_list(annotation):
         separator = "one per line" if get_args(annotation)[0] is str else "comma-separated"
-        return gr.Textbox(value=value, label=label, info=f"{info} ({separator})",  # value: form_values' text
-                          lines=3 if get_args(annotation)[0] is str else 1)
+        return gr.Textbox(
+            value=value,
+            label=label,
+            info=f"{info} ({separator})",  # value: form_values' text
+            lines=3 if get_args(annotation)[0] is str else 1,
+        )
     return gr.Textbox(value=value, label=label, info=info)
 
 

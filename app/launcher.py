@@ -42,8 +42,10 @@ def _refuse_if_busy(runs_dir: Path) -> None:
     running = active_run(runs_dir)
     if running is not None:
         progress = f" (step {running.step}/{running.total_steps})" if running.total_steps else ""
-        raise LaunchRefused(f"run {running.name} is still {running.state}{progress}; one run trains at a time: "
-                            "stop it first, or wait for it to finish")
+        raise LaunchRefused(
+            f"run {running.name} is still {running.state}{progress}; one run trains at a time: "
+            "stop it first, or wait for it to finish"
+        )
 
 
 def _spawn(run: RunDirectory, args: list[str]) -> int:
@@ -55,8 +57,12 @@ def _spawn(run: RunDirectory, args: list[str]) -> int:
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "trainer.cli", "train", *args, "--run-dir", str(run.root), "--no-progress"],
-            stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=run.root, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdin=subprocess.DEVNULL,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=run.root,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     finally:
         console.close()
@@ -86,8 +92,9 @@ def resume_run(runs_dir: Path, name: str) -> str:
         _refuse_if_busy(runs_dir)
         preset = run.preset_path
         if not preset.is_file() and not run.config_path.is_file():
-            raise LaunchRefused(f"run {name} has no settings to resume with (no {preset.name} or "
-                                f"{run.config_path.name})")
+            raise LaunchRefused(
+                f"run {name} has no settings to resume with (no {preset.name} or {run.config_path.name})"
+            )
         # with no saved state yet, --resume auto starts the run over in the same folder
         _spawn(run, ([str(preset)] if preset.is_file() else []) + ["--resume", "auto"])
     return name

@@ -99,23 +99,36 @@ def read_status(run_dir: Path) -> RunStatus:
     status = _read_json(RunDirectory(run_dir).status_path)
     if not isinstance(status, dict) or status.get("state") not in STATES:
         young = folder_mtime is not None and time.time() - folder_mtime < STARTING_GRACE_S
-        return RunStatus(run_dir.name, "starting" if young else "unknown", updated_at=folder_mtime,
-                         message="waiting for the trainer to start" if young else "no readable status.json")
+        return RunStatus(
+            run_dir.name,
+            "starting" if young else "unknown",
+            updated_at=folder_mtime,
+            message="waiting for the trainer to start" if young else "no readable status.json",
+        )
     pid = _number(status.get("pid"), int, None)
     run = RunStatus(
-        name=run_dir.name, state=status["state"], pid=pid, alive=pid_alive(pid),
-        step=_number(status.get("step"), int, 0), total_steps=_number(status.get("total_steps"), int, 0),
-        epoch=_number(status.get("epoch"), int, 0), epochs=_number(status.get("epochs"), int, 0),
-        eta_seconds=_number(status.get("eta_seconds"), float, None), loss=_number(status.get("loss"), float, None),
-        message=str(status.get("message") or ""), problems=_problems(status.get("problems")),
+        name=run_dir.name,
+        state=status["state"],
+        pid=pid,
+        alive=pid_alive(pid),
+        step=_number(status.get("step"), int, 0),
+        total_steps=_number(status.get("total_steps"), int, 0),
+        epoch=_number(status.get("epoch"), int, 0),
+        epochs=_number(status.get("epochs"), int, 0),
+        eta_seconds=_number(status.get("eta_seconds"), float, None),
+        loss=_number(status.get("loss"), float, None),
+        message=str(status.get("message") or ""),
+        problems=_problems(status.get("problems")),
         last_adapter=str(status.get("last_adapter") or ""),
         updated_at=_number(status.get("updated_at"), float, folder_mtime),
     )
     if run.state in ACTIVE_STATES and not run.alive:
         # Killed (OOM, SIGKILL, a closed terminal) before it could write "failed" or "stopped".
-        run.message = (f"the trainer (pid {pid}) is gone while {run.state} at step {run.step}, without saying why; "
-                       "see the log. Continue from its last saved state with the UI's Resume or "
-                       f"`dora-studio train --run-dir {shlex.quote(str(run_dir))} --resume auto`")
+        run.message = (
+            f"the trainer (pid {pid}) is gone while {run.state} at step {run.step}, without saying why; "
+            "see the log. Continue from its last saved state with the UI's Resume or "
+            f"`dora-studio train --run-dir {shlex.quote(str(run_dir))} --resume auto`"
+        )
         run.state, run.eta_seconds = "died", None
     return run
 
@@ -266,12 +279,12 @@ def signature(run_dir: Path) -> tuple:
     """
     run = RunDirectory(Path(run_dir))
     status, metrics = _stat(run.status_path), _stat(run.metrics_path)
-    sample_files = sum(not path.name.startswith(".") for folder, _ in _sample_dirs(run.root)
-                       for path in _listdir(folder))
+    sample_files = sum(
+        not path.name.startswith(".") for folder, _ in _sample_dirs(run.root) for path in _listdir(folder)
+    )
     adapters = tuple((p.name, *(_stat(p) or ())) for p in read_adapters(run.root))
     logs = tuple(_stat(p) for p in (run.log_path, run.console_log_path))
-    return (status and status[0], metrics and metrics[1], sample_files, adapters, logs,
-            read_status(run.root).state)
+    return (status and status[0], metrics and metrics[1], sample_files, adapters, logs, read_status(run.root).state)
 
 
 def format_eta(seconds: float | None) -> str:

@@ -5,5 +5,6 @@ keep the page light)."""
 import gradio as gr
 
 THEME = gr.themes.Base(
-    font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"],
+    font=["ui-sans-serif", "system-ui", "sans-serif"],
+    font_mono=["ui-monospace", "monospace"],
 )

@@ -56,8 +56,9 @@ def _preset_choices() -> list[str]:
 
 def _error_box(problems: list[Problem]) -> str:
     """One bullet per problem, its setting or file first."""
-    return "**Please fix:**\n" + "\n".join(f"- `{p.where}`: {p.message}" if p.where else f"- {p.message}"
-                                            for p in problems)
+    return "**Please fix:**\n" + "\n".join(
+        f"- `{p.where}`: {p.message}" if p.where else f"- {p.message}" for p in problems
+    )
 
 
 class Studio:
@@ -88,8 +89,12 @@ class Studio:
         settings, _ = settings_from_form(list(values))
         try:
             config = from_dict({"dataset": settings["dataset"], "training": settings["training"]}, where="form")
-            report = check_dataset(Path(config.dataset.path), config.dataset.caption_extension,
-                                   config.dataset.bucket_spec(), config.training.batch_size)
+            report = check_dataset(
+                Path(config.dataset.path),
+                config.dataset.caption_extension,
+                config.dataset.bucket_spec(),
+                config.training.batch_size,
+            )
         except StudioError as error:  # ConfigError and DatasetError both say what to fix
             return _error_box(error.problems), ""
         return "Dataset checked.", format_report(report)
@@ -150,8 +155,15 @@ class Studio:
         outputs = 7
         if not name:
             # The adapter dropdown gets None, not "": "" is no choice, so its change event would fail.
-            return ["No run yet: configure one and press Start.", None, [], gr.Dropdown(choices=[]), "",
-                    gr.Dropdown(choices=[], value=None), gr.skip()]
+            return [
+                "No run yet: configure one and press Start.",
+                None,
+                [],
+                gr.Dropdown(choices=[]),
+                "",
+                gr.Dropdown(choices=[], value=None),
+                gr.skip(),
+            ]
         try:
             run_dir = self._run(name).root
         except StudioError as error:
@@ -165,8 +177,15 @@ class Studio:
         gallery = [(str(s.path), f"{s.epoch_label} · {s.index}: {s.prompt}") for s in samples]
         prompts = sorted({(s.index, s.prompt) for s in samples})
         choices = [(f"{index}: {prompt[:60]}", str(index)) for index, prompt in prompts]
-        return [self._status_markdown(name), plot, gallery, gr.Dropdown(choices=choices),
-                log_tail(run_dir), gr.Dropdown(choices=self._adapter_choices(run_dir)), current]
+        return [
+            self._status_markdown(name),
+            plot,
+            gallery,
+            gr.Dropdown(choices=choices),
+            log_tail(run_dir),
+            gr.Dropdown(choices=self._adapter_choices(run_dir)),
+            current,
+        ]
 
     def compare(self, name: str | None, prompt_index: str | None):
         if not name or prompt_index is None:
@@ -183,8 +202,11 @@ class Studio:
             send_command(self.runs_dir, name, command)
         except StudioError as error:
             return str(error)
-        return {"stop": "Stopping after this step (the adapter and state are saved first).",
-                "save": "Saving after this step.", "sample": "Sampling after this step."}[command]
+        return {
+            "stop": "Stopping after this step (the adapter and state are saved first).",
+            "save": "Saving after this step.",
+            "sample": "Sampling after this step.",
+        }[command]
 
     def resume(self, name: str | None) -> str:
         if not name:
@@ -214,8 +236,11 @@ class Studio:
         if found is None:
             return "", gr.DownloadButton(visible=False), ""
         run, path = found
-        return (adapter_summary(path), gr.DownloadButton(value=str(path), visible=True),
-                verify_adapter(run, path, now=False))
+        return (
+            adapter_summary(path),
+            gr.DownloadButton(value=str(path), visible=True),
+            verify_adapter(run, path, now=False),
+        )
 
     def verify(self, name: str | None, adapter: str | None) -> str:
         found = self._adapter(name, adapter)
@@ -312,8 +337,9 @@ def build(runs_dir: Path) -> gr.Blocks:
     return demo
 
 
-def launch(runs_dir: Path, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
-           block: bool = True) -> gr.Blocks:
+def launch(
+    runs_dir: Path, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None, block: bool = True
+) -> gr.Blocks:
     """Serve the studio. Run files are served in place from the runs folder (static path: no copies into
     Gradio's cache) and nothing else on disk is reachable; no share link, analytics or run history."""
     runs_dir = Path(runs_dir).resolve()
@@ -321,15 +347,28 @@ def launch(runs_dir: Path, host: str = "127.0.0.1", port: int = 7860, auth: tupl
     gr.set_static_paths([runs_dir])
     demo = build(runs_dir)
     demo.launch(
-        server_name=host, server_port=port, auth=auth, share=False, show_error=True, ssr_mode=False,
-        prevent_thread_lock=not block, theme=THEME, footer_links=[], run_history=False, enable_monitoring=False,
-        max_file_size="1mb", quiet=True,
+        server_name=host,
+        server_port=port,
+        auth=auth,
+        share=False,
+        show_error=True,
+        ssr_mode=False,
+        prevent_thread_lock=not block,
+        theme=THEME,
+        footer_links=[],
+        run_history=False,
+        enable_monitoring=False,
+        max_file_size="1mb",
+        quiet=True,
     )
     return demo
 
 
 def serve(runs_dir: Path, host: str, port: int, auth: tuple[str, str] | None) -> None:
     """``dora-studio ui``: print where to look, then serve until interrupted."""
-    print(f"DoRA Studio on http://{host}:{port} (runs in {Path(runs_dir).resolve()}); Ctrl-C to quit. "
-          "Training runs in its own process and goes on if the UI stops.", flush=True)
+    print(
+        f"DoRA Studio on http://{host}:{port} (runs in {Path(runs_dir).resolve()}); Ctrl-C to quit. "
+        "Training runs in its own process and goes on if the UI stops.",
+        flush=True,
+    )
     launch(runs_dir, host, port, auth, block=True)

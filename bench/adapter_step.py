@@ -36,8 +36,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 METHODS = ("none", "lora", "dora", "dora-output", "peft-lora", "peft-dora", "lycoris-dora")
-BLOCK_CASES = {"w640_t1024": (640, 1024), "w640_t4096": (640, 4096),
-               "w1280_t1024": (1280, 1024), "w1280_t4096": (1280, 4096)}
+BLOCK_CASES = {
+    "w640_t1024": (640, 1024),
+    "w640_t4096": (640, 4096),
+    "w1280_t1024": (1280, 1024),
+    "w1280_t4096": (1280, 4096),
+}
 CASES = (*BLOCK_CASES, "tiny_unet")
 QUICK_CASES, QUICK_METHODS = ("w640_t1024", "tiny_unet"), ("lora", "dora", "peft-dora")
 RANK, ALPHA, WARMUP_STEPS, MB = 16, 16.0, 2, 2**20
@@ -67,9 +71,16 @@ class BlockStack(nn.Module):
         self.norm = nn.GroupNorm(32, dim, eps=1e-6)
         self.proj_in = nn.Linear(dim, dim)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(dim, num_attention_heads=dim // 64, attention_head_dim=64, cross_attention_dim=2048,
-                                  activation_fn="geglu", only_cross_attention=False, upcast_attention=False,
-                                  norm_type="layer_norm")
+            BasicTransformerBlock(
+                dim,
+                num_attention_heads=dim // 64,
+                attention_head_dim=64,
+                cross_attention_dim=2048,
+                activation_fn="geglu",
+                only_cross_attention=False,
+                upcast_attention=False,
+                norm_type="layer_norm",
+            )
             for _ in range(blocks)
         )
         self.proj_out = nn.Linear(dim, dim)
@@ -102,8 +113,10 @@ def build_workload(case: str, device: torch.device, blocks: int, latent_size: in
     latents = torch.randn(1, cfg.in_channels, latent_size, latent_size, device=device)
     noise, context = torch.randn_like(latents), torch.randn(1, 77, cfg.cross_attention_dim, device=device)
     text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    added = {"text_embeds": torch.randn(1, text_dim, device=device),
-             "time_ids": torch.tensor([[pixels, pixels, 0.0, 0.0, pixels, pixels]], device=device)}
+    added = {
+        "text_embeds": torch.randn(1, text_dim, device=device),
+        "time_ids": torch.tensor([[pixels, pixels, 0.0, 0.0, pixels, pixels]], device=device),
+    }
     timestep = torch.tensor([500], device=device)
 
     def loss(gain: torch.Tensor | None) -> torch.Tensor:
@@ -135,18 +148,31 @@ def apply_method(method: str, work: Workload, device: torch.device) -> tuple[lis
     elif method in ("peft-lora", "peft-dora"):
         from peft import LoraConfig, inject_adapter_in_model
 
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=work.targets,
-                                           use_dora=method == "peft-dora"), model)
+        inject_adapter_in_model(
+            LoraConfig(
+                r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=work.targets, use_dora=method == "peft-dora"
+            ),
+            model,
+        )
     elif method == "lycoris-dora":
         from lycoris import LycorisNetwork
 
         # Only the named Linears: no class targets; fnmatch of a name without wildcards is plain equality.
-        LycorisNetwork.apply_preset({"enable_conv": False, "target_module": [], "target_name": work.targets,
-                                     "use_fnmatch": True, "module_algo_map": {}, "name_algo_map": {},
-                                     "exclude_name": []})
+        LycorisNetwork.apply_preset(
+            {
+                "enable_conv": False,
+                "target_module": [],
+                "target_name": work.targets,
+                "use_fnmatch": True,
+                "module_algo_map": {},
+                "name_algo_map": {},
+                "exclude_name": [],
+            }
+        )
         # weight_decompose=True is create_lycoris(dora_wd=True); its DoRA axis defaults to the output one.
-        network = LycorisNetwork(model, multiplier=1.0, lora_dim=rank, alpha=ALPHA, network_module="lora",
-                                 weight_decompose=True)
+        network = LycorisNetwork(
+            model, multiplier=1.0, lora_dim=rank, alpha=ALPHA, network_module="lora", weight_decompose=True
+        )
         if len(network.loras) != len(work.targets):
             raise RuntimeError(f"LyCORIS wrapped {len(network.loras)} modules, expected {len(work.targets)}")
         network.apply_to()
@@ -185,14 +211,19 @@ def saved_activation_bytes(work: Workload, gain: torch.Tensor | None, exclude: s
 
 def optimizer_state_bytes(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
     """Trainable parameters + their gradients + AdamW's moments (after at least one step)."""
-    return sum(p.numel() * p.element_size() * (1 + (p.grad is not None))
-               + sum(s.numel() * s.element_size() for s in optimizer.state[p].values() if torch.is_tensor(s))
-               for p in params)
+    return sum(
+        p.numel() * p.element_size() * (1 + (p.grad is not None))
+        + sum(s.numel() * s.element_size() for s in optimizer.state[p].values() if torch.is_tensor(s))
+        for p in params
+    )
 
 
 def _proc_status_kb(key: str) -> int:
-    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith(key + ":"))
+    return next(
+        int(line.split()[1])
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith(key + ":")
+    )
 
 
 def _cpu_busy_s() -> float:
@@ -249,19 +280,33 @@ def run_child(method: str, case: str, args: argparse.Namespace) -> dict:
         times.append(wall * 1e3)
         others.append(max(0.0, (_cpu_busy_s() - busy_before - (time.process_time() - own_before)) / wall))
     clean = [t for t, o in zip(times, others) if o < CLEAN_BELOW] or times
-    rss_peak_kb = (_proc_status_kb("VmHWM") - rss_before_kb if rss_how.startswith("VmHWM")
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before)
+    rss_peak_kb = (
+        _proc_status_kb("VmHWM") - rss_before_kb
+        if rss_how.startswith("VmHWM")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before
+    )
     total = sum(p.numel() for p in params)
     lowrank = sum(p.numel() for p in params if p.dim() == 2 and min(p.shape) > 1)  # a magnitude has a dim of 1
     result = {
-        "method": method, "case": case, "device": str(device), "threads": THREADS, "reps": args.reps,
-        "blocks": args.blocks if case in BLOCK_CASES else None, "rank": work.rank, "adapted_layers": len(work.targets),
-        "trainable_params": total, "lowrank_params": lowrank,
+        "method": method,
+        "case": case,
+        "device": str(device),
+        "threads": THREADS,
+        "reps": args.reps,
+        "blocks": args.blocks if case in BLOCK_CASES else None,
+        "rank": work.rank,
+        "adapted_layers": len(work.targets),
+        "trainable_params": total,
+        "lowrank_params": lowrank,
         "magnitude_params": 0 if gain is not None else total - lowrank,
-        "ms_median": statistics.median(clean), "ms_min": min(clean), "ms_max": max(clean),
-        "steps_timed": len(times), "steps_clean": sum(o < CLEAN_BELOW for o in others),
+        "ms_median": statistics.median(clean),
+        "ms_min": min(clean),
+        "ms_max": max(clean),
+        "steps_timed": len(times),
+        "steps_clean": sum(o < CLEAN_BELOW for o in others),
         "other_cores_busy": round(statistics.median(others), 2),
-        "rss_peak_increase_mb": rss_peak_kb / 1024, "rss_method": rss_how,
+        "rss_peak_increase_mb": rss_peak_kb / 1024,
+        "rss_method": rss_how,
     }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -269,8 +314,9 @@ def run_child(method: str, case: str, args: argparse.Namespace) -> dict:
         train_step(work, gain, optimizer)
         sync()
         result["peak_step_mb"] = (torch.cuda.max_memory_allocated(device) - before) / MB
-    exclude = {t.untyped_storage().data_ptr() for m in (work.model, *work.keep_alive)
-               for t in (*m.parameters(), *m.buffers())} | {p.untyped_storage().data_ptr() for p in params}
+    exclude = {
+        t.untyped_storage().data_ptr() for m in (work.model, *work.keep_alive) for t in (*m.parameters(), *m.buffers())
+    } | {p.untyped_storage().data_ptr() for p in params}
     activations = saved_activation_bytes(work, gain, exclude)
     result["activations_mb"] = activations / MB
     result["train_state_mb"] = (activations + optimizer_state_bytes(params, optimizer)) / MB
@@ -304,20 +350,28 @@ def print_table(case: str, rows: list[dict]) -> None:
     first, mem = rows[0], _memory_key(rows)
     lora = next((r for r in rows if r["method"] == "lora"), None)
     blocks = f"{first['blocks']} block(s), " if first["blocks"] else ""
-    print(f"\n== {case}: {blocks}{first['adapted_layers']} adapted Linears, rank {first['rank']}, fp32, "
-          f"{first['device']}, {first['threads']} threads, median of {first['reps']} clean steps; mem = {mem}")
-    print(f"{'method':<13}{'trainable':>10}{'lowrank':>10}{'magn.':>7}{'ms median':>11}{'(min-max)':>15}"
-          f"{'x lora':>8}{'mem MB':>9}{'x lora':>8}{'activ MB':>10}{'RSS+ MB':>9}{'busy':>6}")
+    print(
+        f"\n== {case}: {blocks}{first['adapted_layers']} adapted Linears, rank {first['rank']}, fp32, "
+        f"{first['device']}, {first['threads']} threads, median of {first['reps']} clean steps; mem = {mem}"
+    )
+    print(
+        f"{'method':<13}{'trainable':>10}{'lowrank':>10}{'magn.':>7}{'ms median':>11}{'(min-max)':>15}"
+        f"{'x lora':>8}{'mem MB':>9}{'x lora':>8}{'activ MB':>10}{'RSS+ MB':>9}{'busy':>6}"
+    )
     for r in rows:
         t_ratio, m_ratio = _ratio(r, lora, "ms_median"), _ratio(r, lora, mem)
         spread = f"({r['ms_min']:.0f}-{r['ms_max']:.0f})"
-        print(f"{r['method']:<13}{r['trainable_params']:>10}{r['lowrank_params']:>10}{r['magnitude_params']:>7}"
-              f"{r['ms_median']:>11.1f}{spread:>15}{str(t_ratio or '-'):>8}"
-              f"{r[mem]:>9.1f}{str(m_ratio or '-'):>8}{r['activations_mb']:>10.1f}"
-              f"{r['rss_peak_increase_mb']:>9.1f}{r['other_cores_busy']:>6.2f}")
-    print(f"(mem: activations saved for backward + trainable params, grads, AdamW state; RSS+ = peak RSS increase "
-          f"over the timed steps, via {first['rss_method']}; busy = median cores other processes used per timed step; "
-          f"steps with busy >= {CLEAN_BELOW} are set aside unless none is clean)")
+        print(
+            f"{r['method']:<13}{r['trainable_params']:>10}{r['lowrank_params']:>10}{r['magnitude_params']:>7}"
+            f"{r['ms_median']:>11.1f}{spread:>15}{str(t_ratio or '-'):>8}"
+            f"{r[mem]:>9.1f}{str(m_ratio or '-'):>8}{r['activations_mb']:>10.1f}"
+            f"{r['rss_peak_increase_mb']:>9.1f}{r['other_cores_busy']:>6.2f}"
+        )
+    print(
+        f"(mem: activations saved for backward + trainable params, grads, AdamW state; RSS+ = peak RSS increase "
+        f"over the timed steps, via {first['rss_method']}; busy = median cores other processes used per timed step; "
+        f"steps with busy >= {CLEAN_BELOW} are set aside unless none is clean)"
+    )
 
 
 def headline(results: list[dict]) -> dict:
@@ -329,14 +383,23 @@ def headline(results: list[dict]) -> dict:
     def vs(a: str, b: str, key: str = "ms_median", where: str | None = None) -> float | None:
         return _ratio(by.get((where or case, a)), by.get((where or case, b)), key)
 
-    return {"dora_vs_lora": vs("dora", "lora"), "dora_vs_lora_mem": vs("dora", "lora", mem),
-            "peft_dora_vs_dora": vs("peft-dora", "dora"), "lycoris_dora_vs_dora": vs("lycoris-dora", "dora"),
-            "dora_output_vs_lora": vs("dora-output", "lora"), "case": case,
-            "peft_dora_vs_dora_mem": vs("peft-dora", "dora", mem),
-            "lycoris_dora_vs_dora_mem": vs("lycoris-dora", "dora", mem), "peft_lora_vs_lora": vs("peft-lora", "lora"),
-            "none_vs_lora": vs("none", "lora"), "tiny_unet_dora_vs_lora": vs("dora", "lora", where="tiny_unet"),
-            "tiny_unet_peft_dora_vs_dora": vs("peft-dora", "dora", where="tiny_unet"),
-            "memory_metric": mem, "device": results[0]["device"] if results else None, "threads": THREADS}
+    return {
+        "dora_vs_lora": vs("dora", "lora"),
+        "dora_vs_lora_mem": vs("dora", "lora", mem),
+        "peft_dora_vs_dora": vs("peft-dora", "dora"),
+        "lycoris_dora_vs_dora": vs("lycoris-dora", "dora"),
+        "dora_output_vs_lora": vs("dora-output", "lora"),
+        "case": case,
+        "peft_dora_vs_dora_mem": vs("peft-dora", "dora", mem),
+        "lycoris_dora_vs_dora_mem": vs("lycoris-dora", "dora", mem),
+        "peft_lora_vs_lora": vs("peft-lora", "lora"),
+        "none_vs_lora": vs("none", "lora"),
+        "tiny_unet_dora_vs_lora": vs("dora", "lora", where="tiny_unet"),
+        "tiny_unet_peft_dora_vs_dora": vs("peft-dora", "dora", where="tiny_unet"),
+        "memory_metric": mem,
+        "device": results[0]["device"] if results else None,
+        "threads": THREADS,
+    }
 
 
 def adapter_code_digest() -> str:
@@ -356,15 +419,30 @@ def run_parent(args: argparse.Namespace) -> None:
         print("skipping lycoris-dora: the lycoris package is not importable (pip install 'dora-studio[bench]')")
         methods.remove("lycoris-dora")
     digest = adapter_code_digest()
-    print(f"torch {torch.__version__}, device {args.device}, torch.set_num_threads({THREADS}) in every child; "
-          f"up to {args.wait_idle:.0f} s wait for idle cores before each child; adapter code {digest}")
+    print(
+        f"torch {torch.__version__}, device {args.device}, torch.set_num_threads({THREADS}) in every child; "
+        f"up to {args.wait_idle:.0f} s wait for idle cores before each child; adapter code {digest}"
+    )
     results = []
     for case in cases:
         for method in methods:
             for attempt in range(1 + args.retries):  # a child that found too few quiet steps runs again
                 idle = wait_for_idle(args.wait_idle * (1 + attempt)) if args.wait_idle > 0 else None
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, case, "--reps", str(args.reps),
-                       "--device", args.device, "--blocks", str(args.blocks), "--latent-size", str(args.latent_size)]
+                cmd = [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--child",
+                    method,
+                    case,
+                    "--reps",
+                    str(args.reps),
+                    "--device",
+                    args.device,
+                    "--blocks",
+                    str(args.blocks),
+                    "--latent-size",
+                    str(args.latent_size),
+                ]
                 start = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -372,9 +450,12 @@ def run_parent(args: argparse.Namespace) -> None:
                     print(f"  {case} {method}: FAILED (rc {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
                     break
                 run = json.loads(lines[-1])
-                print(f"  {case} {method}: {run['ms_median']:.1f} ms; {run['steps_clean']} of {run['steps_timed']} "
-                      f"steps clean; others busy {run['other_cores_busy']} cores (before: "
-                      f"{idle if idle is None else round(idle, 2)}; {time.perf_counter() - start:.1f} s)", flush=True)
+                print(
+                    f"  {case} {method}: {run['ms_median']:.1f} ms; {run['steps_clean']} of {run['steps_timed']} "
+                    f"steps clean; others busy {run['other_cores_busy']} cores (before: "
+                    f"{idle if idle is None else round(idle, 2)}; {time.perf_counter() - start:.1f} s)",
+                    flush=True,
+                )
                 if run["steps_clean"] >= args.reps or attempt == args.retries:
                     results.append(run)
                     break
@@ -397,8 +478,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, help="timed steps per method and case (default 5; 3 with --quick)")
     parser.add_argument("--blocks", type=int, default=1, help="BasicTransformerBlocks per stack (same for all)")
     parser.add_argument("--latent-size", type=int, default=32, help="tiny UNet latent height = width")
-    parser.add_argument("--wait-idle", type=float, help="max s to wait for idle cores before each child "
-                        "(default 30; 0 with --quick)")
+    parser.add_argument(
+        "--wait-idle", type=float, help="max s to wait for idle cores before each child (default 30; 0 with --quick)"
+    )
     parser.add_argument("--retries", type=int, default=1, help="re-run a child that got fewer than reps quiet steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json-out", help="also write every measurement here")

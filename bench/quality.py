@@ -67,8 +67,9 @@ class Plan:
     sample_steps: int
 
 
-FULL = Plan(ranks=(2, 4, 8, 16), seeds=(0, 1, 2), steps=64, checkpoint_every=16, held_out=24, samples=12,
-            sample_steps=20)
+FULL = Plan(
+    ranks=(2, 4, 8, 16), seeds=(0, 1, 2), steps=64, checkpoint_every=16, held_out=24, samples=12, sample_steps=20
+)
 QUICK = Plan(ranks=(4,), seeds=(0,), steps=4, checkpoint_every=2, held_out=4, samples=2, sample_steps=4)
 
 
@@ -76,12 +77,24 @@ def train(variant: str, rank: int, seed: int, plan: Plan, work: Path) -> list[tu
     """One quick-start run; returns its saved adapters as (step, path), oldest first."""
     kind, axis = VARIANTS[variant]
     overrides = [
-        f"model.path={MODEL}", "model.prediction_type=v_prediction", "model.zero_terminal_snr=true",
-        f"network.kind={kind}", f"network.dora_axis={axis}", f"network.rank={rank}",
-        f"network.alpha={rank}", f"network.conv_rank={rank}", f"network.conv_alpha={rank}",
-        f"training.seed={seed}", f"training.max_steps={plan.steps}", "training.epochs=1000",
-        "sampling.at_start=false", "sampling.every_n_epochs=0", "saving.every_n_epochs=0",
-        f"saving.every_n_steps={plan.checkpoint_every}", "saving.save_state=false", "saving.save_dtype=fp32",
+        f"model.path={MODEL}",
+        "model.prediction_type=v_prediction",
+        "model.zero_terminal_snr=true",
+        f"network.kind={kind}",
+        f"network.dora_axis={axis}",
+        f"network.rank={rank}",
+        f"network.alpha={rank}",
+        f"network.conv_rank={rank}",
+        f"network.conv_alpha={rank}",
+        f"training.seed={seed}",
+        f"training.max_steps={plan.steps}",
+        "training.epochs=1000",
+        "sampling.at_start=false",
+        "sampling.every_n_epochs=0",
+        "saving.every_n_epochs=0",
+        f"saving.every_n_steps={plan.checkpoint_every}",
+        "saving.save_state=false",
+        "saving.save_dtype=fp32",
         f"dataset.latent_cache_dir={work / 'latents'}",
     ]
     run = RunDirectory(work / f"{variant}-r{rank}-s{seed}".replace(" ", "-"))
@@ -108,8 +121,11 @@ class Evaluator:
             means, _ = encode_pictures(self.pipe.vae, to_tensor(paint(scene) for scene in self.scenes))
             self.latents = means * self.pipe.vae.config.scaling_factor
             self.embeds, self.pooled = encode_captions(
-                (self.pipe.tokenizer, self.pipe.tokenizer_2), (self.pipe.text_encoder, self.pipe.text_encoder_2),
-                [scene.caption for scene in self.scenes], torch.device("cpu"))
+                (self.pipe.tokenizer, self.pipe.tokenizer_2),
+                (self.pipe.text_encoder, self.pipe.text_encoder_2),
+                [scene.caption for scene in self.scenes],
+                torch.device("cpu"),
+            )
         self.noise = torch.randn((len(EVAL_TIMESTEPS), *self.latents.shape), generator=torch.Generator().manual_seed(1))
 
     @torch.no_grad()
@@ -123,8 +139,9 @@ class Evaluator:
         for noise, timestep in zip(self.noise, EVAL_TIMESTEPS):
             timesteps = torch.full((len(self.latents),), timestep)
             noisy = add_noise(scheduler, self.latents, noise, timesteps)
-            prediction = self.pipe.unet(noisy, timesteps, self.embeds,
-                                        added_cond_kwargs={"text_embeds": self.pooled, "time_ids": time_ids}).sample
+            prediction = self.pipe.unet(
+                noisy, timesteps, self.embeds, added_cond_kwargs={"text_embeds": self.pooled, "time_ids": time_ids}
+            ).sample
             target = prediction_target(scheduler, self.latents, noise, timesteps)
             total += torch.nn.functional.mse_loss(prediction, target).item()
         return total / len(EVAL_TIMESTEPS)
@@ -133,8 +150,11 @@ class Evaluator:
     def concept_score(self) -> dict:
         scenes = self.scenes[: self.plan.samples]
         images = self.pipe(
-            prompt=[scene.caption for scene in scenes], num_inference_steps=self.plan.sample_steps,
-            guidance_scale=GUIDANCE, height=scenes[0].size[1], width=scenes[0].size[0],
+            prompt=[scene.caption for scene in scenes],
+            num_inference_steps=self.plan.sample_steps,
+            guidance_scale=GUIDANCE,
+            height=scenes[0].size[1],
+            width=scenes[0].size[0],
             generator=[torch.Generator().manual_seed(index) for index in range(len(scenes))],
         ).images
         matches = [match_shape(image, scene.background) for image, scene in zip(images, scenes)]
@@ -183,18 +203,27 @@ def _mean_spread(values: list[float], digits: int) -> str:
 
 def print_tables(results: dict, plan: Plan, base: dict) -> None:
     runs = results["runs"]
-    for title, key, digits in (("Held-out denoising loss (lower is better)", "loss", 4),
-                               ("Concept score: margin of samples, IoU with the zqx ring minus the best plain "
-                                "shape's (higher is better; above 0: more ring than anything the base model knows)",
-                                "concept_margin", 3),
-                               ("Samples read as a zqx ring (share)", "concept_wins", 2)):
-        print(f"\n{title}; mean ± std over seeds {list(plan.seeds)}, {plan.steps} steps; base model: "
-              f"{base[key]:.{digits}f}")
+    for title, key, digits in (
+        ("Held-out denoising loss (lower is better)", "loss", 4),
+        (
+            "Concept score: margin of samples, IoU with the zqx ring minus the best plain "
+            "shape's (higher is better; above 0: more ring than anything the base model knows)",
+            "concept_margin",
+            3,
+        ),
+        ("Samples read as a zqx ring (share)", "concept_wins", 2),
+    ):
+        print(
+            f"\n{title}; mean ± std over seeds {list(plan.seeds)}, {plan.steps} steps; base model: "
+            f"{base[key]:.{digits}f}"
+        )
         print("| rank | " + " | ".join(VARIANTS) + " |")
         print("|---:|" + "---:|" * len(VARIANTS))
         for rank in plan.ranks:
-            cells = [_mean_spread([run[key] for run in runs if run["variant"] == variant and run["rank"] == rank],
-                                  digits) for variant in VARIANTS]
+            cells = [
+                _mean_spread([run[key] for run in runs if run["variant"] == variant and run["rank"] == rank], digits)
+                for variant in VARIANTS
+            ]
             print(f"| {rank} | " + " | ".join(cells) + " |")
     print("\nWeight decomposition: slope of ΔM on ΔD (Pearson r) over all layers and checkpoints, per axis;")
     print("the paper: LoRA positive, full fine-tuning and DoRA negative")
@@ -227,8 +256,9 @@ def plot_decomposition(runs: list[dict], rank: int, path: Path) -> None:
                 direction, magnitude = zip(*points)
                 panel.scatter(direction, magnitude, s=6, label=f"step {step}")
             fit = run["decomposition"][axis]
-            panel.set_title(f"{variant}, r={rank}\n{axis} axis: slope {fit['slope']:.2f}, r {fit['r']:+.2f}",
-                            fontsize=9)
+            panel.set_title(
+                f"{variant}, r={rank}\n{axis} axis: slope {fit['slope']:.2f}, r {fit['r']:+.2f}", fontsize=9
+            )
             panel.set_xlabel("ΔD (1 − cosine)")
             panel.set_ylabel("ΔM")
             panel.legend(fontsize=7)
@@ -270,19 +300,32 @@ def main(argv: list[str] | None = None) -> None:
                         points = [point for _, step_points in steps for point in step_points]
                         slope, r = slope_and_correlation([p[0] for p in points], [p[1] for p in points])
                         decomposition[axis] = {"slope": slope, "r": r}
-                    runs.append({"variant": variant, "rank": rank, "seed": seed, **scores,
-                                 "decomposition": decomposition, "trajectory": trajectory})
-                    print(f"{variant:<17} rank {rank:>2} seed {seed}: loss {scores['loss']:.4f}  concept margin "
-                          f"{scores['concept_margin']:+.3f}  read as zqx {scores['concept_wins']:.2f}  "
-                          f"({time.monotonic() - started:.0f} s)", flush=True)
+                    runs.append(
+                        {
+                            "variant": variant,
+                            "rank": rank,
+                            "seed": seed,
+                            **scores,
+                            "decomposition": decomposition,
+                            "trajectory": trajectory,
+                        }
+                    )
+                    print(
+                        f"{variant:<17} rank {rank:>2} seed {seed}: loss {scores['loss']:.4f}  concept margin "
+                        f"{scores['concept_margin']:+.3f}  read as zqx {scores['concept_wins']:.2f}  "
+                        f"({time.monotonic() - started:.0f} s)",
+                        flush=True,
+                    )
     results = {"plan": plan.__dict__, "base": base, "runs": runs, "seconds": round(time.monotonic() - started)}
     plot_rank = 4 if 4 in plan.ranks else plan.ranks[0]
     plot_decomposition(runs, plot_rank, args.out / "quality-decomposition.png")
     print_tables(results, plan, base)
     summary = [{key: value for key, value in run.items() if key != "trajectory"} for run in runs]
     (args.out / "quality.json").write_text(json.dumps({**results, "runs": summary}, indent=1) + "\n")
-    print(f"\nwrote {args.out / 'quality.json'} and {args.out / 'quality-decomposition.png'} "
-          f"in {time.monotonic() - started:.0f} s")
+    print(
+        f"\nwrote {args.out / 'quality.json'} and {args.out / 'quality-decomposition.png'} "
+        f"in {time.monotonic() - started:.0f} s"
+    )
 
 
 if __name__ == "__main__":

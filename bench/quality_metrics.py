@@ -26,8 +26,9 @@ from trainer.builtin.shapes import BACKGROUNDS, COLOURS, CONCEPT_SHAPE, PLAIN_SH
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour that counts as drawn on
 CANDIDATES = (CONCEPT_SHAPE, *PLAIN_SHAPES)
 # Area of each silhouette per radius squared, so a silhouette can be sized to the drawing's area.
-_AREA_PER_RADIUS2 = {shape: np.count_nonzero(np.asarray(silhouette(shape, (400, 400), (200, 200), 100.0))) / 1e4
-                     for shape in CANDIDATES}
+_AREA_PER_RADIUS2 = {
+    shape: np.count_nonzero(np.asarray(silhouette(shape, (400, 400), (200, 200), 100.0))) / 1e4 for shape in CANDIDATES
+}
 
 
 @dataclass(frozen=True)

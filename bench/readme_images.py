@@ -29,8 +29,9 @@ TOY_PROMPTS = (
 SCALE = 2  # 128 px pictures shown at 256 px, nearest-neighbour, so the pixels stay honest
 
 
-def label_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str],
-               scale: int = SCALE) -> Image.Image:
+def label_grid(
+    rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], scale: int = SCALE
+) -> Image.Image:
     """Pictures in a grid, upscaled, with a label above each column and each row's label to its left."""
     font = ImageFont.load_default(size=14)
     side = rows[0][0].width * scale
@@ -65,9 +66,20 @@ def toy_samples(out: Path) -> None:
     pipe = load_sdxl_pipeline(resolve_builtin("builtin:toy-sdxl"))
     pipe.set_progress_bar_config(disable=True)
     seeds = (0, 1)
-    rows = [[pipe(prompt=prompt, num_inference_steps=20, guidance_scale=5.0, height=128, width=128,
-                  generator=torch.Generator().manual_seed(seed)).images[0] for seed in seeds]
-            for prompt in TOY_PROMPTS]
+    rows = [
+        [
+            pipe(
+                prompt=prompt,
+                num_inference_steps=20,
+                guidance_scale=5.0,
+                height=128,
+                width=128,
+                generator=torch.Generator().manual_seed(seed),
+            ).images[0]
+            for seed in seeds
+        ]
+        for prompt in TOY_PROMPTS
+    ]
     label_grid(rows, list(TOY_PROMPTS), [f"seed {seed}" for seed in seeds]).save(out)
 
 

@@ -36,15 +36,23 @@ def main(argv: list[str] | None = None) -> None:
     scenes = [random_scene(rng) for _ in range(args.count)]
     hits = {"shape": 0, "colour": 0, "position": 0, "all three": 0}
     for start in range(0, len(scenes), 8):
-        batch = scenes[start:start + 8]
+        batch = scenes[start : start + 8]
         prompts = [f"{args.prefix}, {scene.caption}" if args.prefix else scene.caption for scene in batch]
-        images = pipe(prompt=prompts, num_inference_steps=20, guidance_scale=5.0,
-                      height=128, width=128,
-                      generator=[torch.Generator().manual_seed(start + i) for i in range(len(batch))]).images
+        images = pipe(
+            prompt=prompts,
+            num_inference_steps=20,
+            guidance_scale=5.0,
+            height=128,
+            width=128,
+            generator=[torch.Generator().manual_seed(start + i) for i in range(len(batch))],
+        ).images
         for scene, image in zip(batch, images):
             reading = read_picture(image, scene.background, PLAIN_SHAPES)
-            right = {"shape": reading.shape == scene.shape, "colour": reading.colour == scene.colour,
-                     "position": reading.position == scene.position}
+            right = {
+                "shape": reading.shape == scene.shape,
+                "colour": reading.colour == scene.colour,
+                "position": reading.position == scene.position,
+            }
             right["all three"] = all(right.values())
             for key, ok in right.items():
                 hits[key] += ok

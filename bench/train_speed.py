@@ -24,16 +24,33 @@ CASES = {
     "no latent cache": ["dataset.cache_latents=false", "dataset.loader_workers=0"],
     "no latent cache, 2 workers": ["dataset.cache_latents=false", "dataset.loader_workers=2"],
 }
-COMMON = ["training.epochs=1", "sampling.every_n_epochs=0", "sampling.at_start=false", "saving.save_state=false",
-          "model.path=builtin:tiny-sdxl", "model.prediction_type=epsilon", "model.zero_terminal_snr=false",
-          "network.rank=4", "network.alpha=4", "network.unet_targets=attn"]
+COMMON = [
+    "training.epochs=1",
+    "sampling.every_n_epochs=0",
+    "sampling.at_start=false",
+    "saving.save_state=false",
+    "model.path=builtin:tiny-sdxl",
+    "model.prediction_type=epsilon",
+    "model.zero_terminal_snr=false",
+    "network.rank=4",
+    "network.alpha=4",
+    "network.unet_targets=attn",
+]
 WARMUP_STEPS = 3
 
 
 def run_case(overrides: list[str], work: Path) -> dict:
     run_dir = work / "run"
-    args = [sys.executable, "-m", "trainer.cli", "train", str(REPO / "presets/quickstart.toml"), "--no-progress",
-            "--run-dir", str(run_dir)]
+    args = [
+        sys.executable,
+        "-m",
+        "trainer.cli",
+        "train",
+        str(REPO / "presets/quickstart.toml"),
+        "--no-progress",
+        "--run-dir",
+        str(run_dir),
+    ]
     for override in [*COMMON, *overrides, f"dataset.latent_cache_dir={work / 'latents'}"]:
         args += ["--set", override]
     subprocess.run(args, cwd=REPO, check=True, capture_output=True)
@@ -51,8 +68,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as work:
             results[name] = run_case(overrides, Path(work))
         r = results[name]
-        print(f"{name:<28} {r['seconds_per_step']:.3f} s/step   data loading {100 * r['data_share']:.1f}% "
-              f"of step time ({r['steps']} steps)", flush=True)
+        print(
+            f"{name:<28} {r['seconds_per_step']:.3f} s/step   data loading {100 * r['data_share']:.1f}% "
+            f"of step time ({r['steps']} steps)",
+            flush=True,
+        )
     print(json.dumps(results))
 
 

@@ -44,8 +44,17 @@ class Drawing:
     scene: Scene
 
 
-def _plan_one(rng: random.Random, file_name: str, extension: str, size: tuple[int, int], shape: str,
-              colour: str, cell: tuple[int, int], size_word: str, backgrounds_used: Counter[str]) -> Drawing:
+def _plan_one(
+    rng: random.Random,
+    file_name: str,
+    extension: str,
+    size: tuple[int, int],
+    shape: str,
+    colour: str,
+    cell: tuple[int, int],
+    size_word: str,
+    backgrounds_used: Counter[str],
+) -> Drawing:
     usable = [name for name in BACKGROUNDS if readable(colour, name)]
     fewest = min(backgrounds_used[name] for name in usable)  # spread the backgrounds evenly
     background = rng.choice([name for name in usable if backgrounds_used[name] == fewest])
@@ -81,9 +90,17 @@ def plan(seed: int = SEED) -> dict[str, list[Drawing]]:
         size_words, shape_names = _spread(rng, sorted(SIZES), count), _spread(rng, shapes, count)
         backgrounds_used: Counter[str] = Counter()
         drawings[folder] = [
-            _plan_one(rng, f"{prefix}_{index:02d}", ".jpg" if folder == CONCEPT_FOLDER and index == JPEG_INDEX
-                      else ".png", sizes.get(index, (128, 128)), shape_names[index], colours[index],
-                      positions[index], size_words[index], backgrounds_used)
+            _plan_one(
+                rng,
+                f"{prefix}_{index:02d}",
+                ".jpg" if folder == CONCEPT_FOLDER and index == JPEG_INDEX else ".png",
+                sizes.get(index, (128, 128)),
+                shape_names[index],
+                colours[index],
+                positions[index],
+                size_words[index],
+                backgrounds_used,
+            )
             for index in range(count)
         ]
     return drawings
@@ -118,8 +135,13 @@ def write_dataset(out_dir: Path, seed: int = SEED) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", nargs="?", type=Path, default=Path(__file__).resolve().parent,
-                        help="folder to write 10_zqx/ and 1_shapes/ into (default: this script's folder)")
+    parser.add_argument(
+        "out_dir",
+        nargs="?",
+        type=Path,
+        default=Path(__file__).resolve().parent,
+        help="folder to write 10_zqx/ and 1_shapes/ into (default: this script's folder)",
+    )
     args = parser.parse_args(argv)
     written = write_dataset(args.out_dir)
     print(f"wrote {len(written)} files under {args.out_dir}")

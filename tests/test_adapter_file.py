@@ -180,15 +180,27 @@ def test_corrupt_files_raise_naming_the_file(tmp_path: Path) -> None:
     ("tensors", "match"),
     [
         ({"s.lora_down.weight": torch.full((2, 5), float("nan")), "s.lora_up.weight": torch.ones(6, 2)}, "'s'.*NaN"),
-        ({"s.lora_down.weight": torch.ones(2, 5), "s.lora_up.weight": torch.ones(6, 2),
-          "s.dora_scale": torch.tensor([[float("inf")] * 5])}, "'s'.*NaN or Inf"),
+        (
+            {
+                "s.lora_down.weight": torch.ones(2, 5),
+                "s.lora_up.weight": torch.ones(6, 2),
+                "s.dora_scale": torch.tensor([[float("inf")] * 5]),
+            },
+            "'s'.*NaN or Inf",
+        ),
         ({"s.lora_down.weight": torch.ones(2, 5)}, "'s'.*lora_up"),
         ({"s.lora_up.weight": torch.ones(6, 2)}, "'s'.*lora_down"),
         ({"s.lora_down.weight": torch.ones(2, 5), "s.lora_up.weight": torch.ones(6, 3)}, r"'s'.*\(2, 5\).*\(6, 3\)"),
         ({"s.hada_w1_a": torch.ones(2, 2)}, "no LoRA/DoRA layers.*hada_w1_a"),
         ({}, "no LoRA/DoRA layers"),
-        ({"s.lora_down.weight": torch.ones(2, 5), "s.lora_up.weight": torch.ones(6, 2),
-          "s.dora_scale": torch.ones(3, 1)}, r"s: dora_scale shape \(3, 1\)"),
+        (
+            {
+                "s.lora_down.weight": torch.ones(2, 5),
+                "s.lora_up.weight": torch.ones(6, 2),
+                "s.dora_scale": torch.ones(3, 1),
+            },
+            r"s: dora_scale shape \(3, 1\)",
+        ),
     ],
 )
 def test_bad_adapters_raise_naming_file_and_stem(tmp_path: Path, tensors: dict, match: str) -> None:
@@ -200,19 +212,33 @@ def test_bad_adapters_raise_naming_file_and_stem(tmp_path: Path, tensors: dict, 
 
 def test_unknown_keys_are_reported_by_name(tmp_path: Path) -> None:
     down, up = lora_pair()
-    path = write_raw(tmp_path / "mixed.safetensors", {
-        "lora_unet_a.lora_down.weight": down, "lora_unet_a.lora_up.weight": up,
-        "lora_unet_b.hada_w1_a": torch.ones(2, 2), "lora_unet_b.alpha": torch.tensor(1.0),
-        "lora_unet_c.diff": torch.ones(6, 5),
-        "lora_unet_d.lora_down.weight": down, "lora_unet_d.lora_up.weight": up, "lora_unet_d.bias": torch.ones(6),
-        "bundle_emb.token.string_to_param.*": torch.ones(1, 8),
-    })
+    path = write_raw(
+        tmp_path / "mixed.safetensors",
+        {
+            "lora_unet_a.lora_down.weight": down,
+            "lora_unet_a.lora_up.weight": up,
+            "lora_unet_b.hada_w1_a": torch.ones(2, 2),
+            "lora_unet_b.alpha": torch.tensor(1.0),
+            "lora_unet_c.diff": torch.ones(6, 5),
+            "lora_unet_d.lora_down.weight": down,
+            "lora_unet_d.lora_up.weight": up,
+            "lora_unet_d.bias": torch.ones(6),
+            "bundle_emb.token.string_to_param.*": torch.ones(1, 8),
+        },
+    )
     loaded = load_adapter(path)
     assert list(loaded.adapters) == ["lora_unet_a"]
-    assert loaded.unknown_keys == sorted([
-        "lora_unet_b.hada_w1_a", "lora_unet_b.alpha", "lora_unet_c.diff", "lora_unet_d.bias",
-        "lora_unet_d.lora_down.weight", "lora_unet_d.lora_up.weight", "bundle_emb.token.string_to_param.*",
-    ])  # a stem with a key we cannot merge (bias) is reported whole, not merged without it
+    assert loaded.unknown_keys == sorted(
+        [
+            "lora_unet_b.hada_w1_a",
+            "lora_unet_b.alpha",
+            "lora_unet_c.diff",
+            "lora_unet_d.bias",
+            "lora_unet_d.lora_down.weight",
+            "lora_unet_d.lora_up.weight",
+            "bundle_emb.token.string_to_param.*",
+        ]
+    )  # a stem with a key we cannot merge (bias) is reported whole, not merged without it
     assert loaded.dtypes["lora_unet_c.diff"] == "float32"
 
 
@@ -235,8 +261,11 @@ def test_missing_alpha_means_gamma_one(tmp_path: Path) -> None:
 )
 def test_one_d_dora_scale_gets_an_axis(tmp_path: Path, out_features: int, in_features: int, metadata, axis) -> None:
     down, up = lora_pair(out_features, in_features)
-    path = write_raw(tmp_path / "a.safetensors",
-                     {"s.lora_down.weight": down, "s.lora_up.weight": up, "s.dora_scale": torch.ones(5)}, metadata)
+    path = write_raw(
+        tmp_path / "a.safetensors",
+        {"s.lora_down.weight": down, "s.lora_up.weight": up, "s.dora_scale": torch.ones(5)},
+        metadata,
+    )
     weights = load_adapter(path).adapters["s"]
     assert weights.dora_axis == axis
     assert weights.dora_scale is not None and weights.dora_scale.dim() == 2
@@ -244,16 +273,19 @@ def test_one_d_dora_scale_gets_an_axis(tmp_path: Path, out_features: int, in_fea
 
 def test_peft_and_onetrainer_names_become_kohya_stems(tmp_path: Path) -> None:
     down, up = lora_pair()
-    path = write_raw(tmp_path / "peft.safetensors", {
-        "unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": down,
-        "unet.down_blocks.1.attentions.0.proj_in.lora_B.weight": up,
-        "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight": down,  # transformers >= 5.6 path
-        "text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight": up,
-        "text_encoder_2.text_model.encoder.layers.3.mlp.fc1.lora_A.weight": down,
-        "text_encoder_2.text_model.encoder.layers.3.mlp.fc1.lora_B.weight": up,
-        "lora_te1_text_model_encoder_layers_1_mlp_fc2.lora_down.weight": down,  # OneTrainer / kohya
-        "lora_te1_text_model_encoder_layers_1_mlp_fc2.lora_up.weight": up,
-    })
+    path = write_raw(
+        tmp_path / "peft.safetensors",
+        {
+            "unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": down,
+            "unet.down_blocks.1.attentions.0.proj_in.lora_B.weight": up,
+            "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight": down,  # transformers >= 5.6 path
+            "text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight": up,
+            "text_encoder_2.text_model.encoder.layers.3.mlp.fc1.lora_A.weight": down,
+            "text_encoder_2.text_model.encoder.layers.3.mlp.fc1.lora_B.weight": up,
+            "lora_te1_text_model_encoder_layers_1_mlp_fc2.lora_down.weight": down,  # OneTrainer / kohya
+            "lora_te1_text_model_encoder_layers_1_mlp_fc2.lora_up.weight": up,
+        },
+    )
     loaded = load_adapter(path)
     assert sorted(loaded.adapters) == [
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
@@ -261,20 +293,38 @@ def test_peft_and_onetrainer_names_become_kohya_stems(tmp_path: Path) -> None:
         "lora_te2_text_model_encoder_layers_3_mlp_fc1",
         "lora_unet_down_blocks_1_attentions_0_proj_in",
     ]
-    renamed = rename_stems(loaded, {"lora_unet_down_blocks_1_attentions_0_proj_in": "lora_unet_input_blocks_4_1_proj_in"})
+    renamed = rename_stems(
+        loaded, {"lora_unet_down_blocks_1_attentions_0_proj_in": "lora_unet_input_blocks_4_1_proj_in"}
+    )
     assert "lora_unet_input_blocks_4_1_proj_in" in renamed.adapters
     assert "lora_unet_input_blocks_4_1_proj_in.lora_down.weight" in renamed.dtypes
     assert "lora_te1_text_model_encoder_layers_1_mlp_fc2" in renamed.adapters
     with pytest.raises(AdapterFileError, match="both become"):
-        rename_stems(loaded, {"lora_unet_down_blocks_1_attentions_0_proj_in": "lora_te1_text_model_encoder_layers_1_mlp_fc2"})
+        rename_stems(
+            loaded, {"lora_unet_down_blocks_1_attentions_0_proj_in": "lora_te1_text_model_encoder_layers_1_mlp_fc2"}
+        )
 
 
 def test_build_metadata_records_the_dora_axis() -> None:
     common = dict(
-        dim=16, alpha=8.0, conv_dim=None, conv_alpha=None, output_name="out", base_model_name="sdxl.safetensors",
-        steps=100, epoch=2, started_at=1_700_000_000.0, finished_at=1_700_003_600.0, mixed_precision="bf16",
-        learning_rate=1e-4, unet_lr=1e-4, text_encoder_lr=None, tag_frequency={"dir": {"cat": 3}},
-        dataset_dirs={"dir": {"n_repeats": 1, "img_count": 3}}, resolution=(1024, 1024), title="T",
+        dim=16,
+        alpha=8.0,
+        conv_dim=None,
+        conv_alpha=None,
+        output_name="out",
+        base_model_name="sdxl.safetensors",
+        steps=100,
+        epoch=2,
+        started_at=1_700_000_000.0,
+        finished_at=1_700_003_600.0,
+        mixed_precision="bf16",
+        learning_rate=1e-4,
+        unet_lr=1e-4,
+        text_encoder_lr=None,
+        tag_frequency={"dir": {"cat": 3}},
+        dataset_dirs={"dir": {"n_repeats": 1, "img_count": 3}},
+        resolution=(1024, 1024),
+        title="T",
     )
     dora = build_metadata(network_kind="dora", dora_axis="output", extra={"ss_seed": "1"}, **common)
     assert all(isinstance(v, str) for v in dora.values())
@@ -292,8 +342,9 @@ def test_build_metadata_records_the_dora_axis() -> None:
 def test_lycoris_written_file(tmp_path: Path, wd_on_output: bool) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 24), nn.Conv2d(6, 8, 3, padding=1), nn.Conv2d(8, 8, 1))
-    network = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2.0, algo="lora", dora_wd=True,
-                             wd_on_output=wd_on_output)
+    network = create_lycoris(
+        model, 1.0, linear_dim=4, linear_alpha=2.0, algo="lora", dora_wd=True, wd_on_output=wd_on_output
+    )
     network.apply_to()
     with torch.no_grad():
         for module in network.loras:

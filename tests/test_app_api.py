@@ -91,8 +91,9 @@ def test_api_start_watch_refuse_second_and_stop(studio):
     runs_dir, url = studio
     client = Client(url, verbose=False)
     name = client.predict(LONG_RUN, api_name="/start_run")
-    status = wait_for(lambda: (s := client.predict(name, api_name="/run_status"))["step"] >= 2 and s, 120,
-                      "two training steps")
+    status = wait_for(
+        lambda: (s := client.predict(name, api_name="/run_status"))["step"] >= 2 and s, 120, "two training steps"
+    )
     assert status["state"] in ("training", "saving") and status["total_steps"] == 400 and status["alive"]
 
     with pytest.raises(Exception, match="one run trains at a time"):
@@ -185,9 +186,13 @@ def test_files_outside_the_runs_folder_are_refused(studio, tmp_path):
 
 
 def _ui_process(runs_dir: Path, port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "trainer.cli", "ui", "--runs-dir", str(runs_dir), "--port",
-                             str(port)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "ui", "--runs-dir", str(runs_dir), "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _client_when_up(port: int) -> Client:
@@ -196,6 +201,7 @@ def _client_when_up(port: int) -> Client:
             return Client(f"http://127.0.0.1:{port}", verbose=False)
         except Exception:
             return None
+
     return wait_for(connect, 90, "the UI to answer")
 
 

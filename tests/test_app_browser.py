@@ -34,14 +34,22 @@ from trainer.config.presets import load_config
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():
     pytest.skip("no /usr/bin/chromium (Debian package 'chromium'; .ci/run installs it)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="playwright-python is not installed (pip install -e '.[test]')")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright-python is not installed (pip install -e '.[test]')"
+)
 expect = sync_api.expect
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 MAX_STEPS = 12
 ADAPTER = "quickstart-dora.safetensors"
@@ -53,8 +61,13 @@ STEP_TIMEOUT_MS = 20_000  # one page change: a form drawn, a tab switched, a dro
 
 
 def _offline_env(cache_dir: Path) -> dict[str, str]:
-    return {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-            "DORA_STUDIO_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "DORA_STUDIO_CACHE": str(cache_dir),
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def _free_port() -> int:
@@ -129,7 +142,11 @@ def studio(tmp_path, studio_cache) -> Iterator[tuple[str, Path]]:
     with ui_log.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "trainer.cli", "ui", "--runs-dir", str(runs_dir), "--port", str(port)],
-            cwd=ROOT, env=_offline_env(studio_cache), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=_offline_env(studio_cache),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         _wait_until_serving(url, process, ui_log)
@@ -260,15 +277,17 @@ def _watch_the_run(page, runs_dir: Path, stages: Stages) -> str:
     stages.snap("run-started")
 
     # Polled every 2 s from the run folder: at least two steps, their loss points, the base-model samples.
-    expect(_status(page, run_name)).to_contain_text(re.compile(rf"step ([2-9]|1\d) / {MAX_STEPS}"),
-                                                   timeout=PROGRESS_S * 1000)
+    expect(_status(page, run_name)).to_contain_text(
+        re.compile(rf"step ([2-9]|1\d) / {MAX_STEPS}"), timeout=PROGRESS_S * 1000
+    )
     loss_line = page.locator(".vega-embed g.mark-line path").first
     expect(loss_line).to_have_attribute("d", re.compile(r"^M[^M]*L"), timeout=STEP_TIMEOUT_MS)  # 2+ points
     sample = page.locator("img[alt^='base model · 0: ']")
     expect(sample).to_be_attached(timeout=STEP_TIMEOUT_MS)
     sample.scroll_into_view_if_needed()
-    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=sample.element_handle(),
-                           timeout=STEP_TIMEOUT_MS)
+    page.wait_for_function(
+        "img => img.complete && img.naturalWidth > 0", arg=sample.element_handle(), timeout=STEP_TIMEOUT_MS
+    )
     stages.snap("run-progress")
     return run_name
 
@@ -316,8 +335,13 @@ def _export(page, run_dir: Path, tmp_path: Path, stages: Stages) -> None:
     assert saved.name == ADAPTER
     assert saved.read_bytes() == (run_dir / "adapters" / ADAPTER).read_bytes()
 
-    done = subprocess.run([sys.executable, "-m", "trainer.cli", "inspect", str(saved), "--json"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "inspect", str(saved), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["stems"] == 788

@@ -52,8 +52,9 @@ def write_samples(root: Path, folder: str, prompts: list[str] | None, mtime: flo
     for index in range(count):
         (out / f"{index:02d}.png").write_bytes(b"png")
     if prompts is not None:
-        (out / "prompts.json").write_text(json.dumps(
-            [{"file": f"{i:02d}.png", "prompt": p, "seed": i} for i, p in enumerate(prompts)]))
+        (out / "prompts.json").write_text(
+            json.dumps([{"file": f"{i:02d}.png", "prompt": p, "seed": i} for i, p in enumerate(prompts)])
+        )
     os.utime(out, (mtime, mtime))
 
 
@@ -77,11 +78,27 @@ def test_torn_status_json_is_treated_as_missing(tmp_path):
 
 
 def test_running_run_with_live_pid(tmp_path):
-    root = make_run(tmp_path, "live", state="training", step=120, total_steps=1000, epoch=2, epochs=10,
-                    eta_seconds=200.0, loss=0.0812, message="step 120/1000", pid=os.getpid())
+    root = make_run(
+        tmp_path,
+        "live",
+        state="training",
+        step=120,
+        total_steps=1000,
+        epoch=2,
+        epochs=10,
+        eta_seconds=200.0,
+        loss=0.0812,
+        message="step 120/1000",
+        pid=os.getpid(),
+    )
     status = read_status(root)
-    assert (status.state, status.alive, status.step, status.total_steps, status.epoch) == \
-        ("training", True, 120, 1000, 2)
+    assert (status.state, status.alive, status.step, status.total_steps, status.epoch) == (
+        "training",
+        True,
+        120,
+        1000,
+        2,
+    )
     assert status.loss == pytest.approx(0.0812) and status.eta_seconds == 200.0
     assert status.message == "step 120/1000"
 
@@ -95,8 +112,7 @@ def test_active_state_with_dead_pid_is_died_with_resume_hint(tmp_path):
 
 
 def test_finished_and_failed_runs_keep_their_state(tmp_path):
-    done = make_run(tmp_path, "done", state="done", step=10, last_adapter="adapters/x.safetensors",
-                    pid=dead_pid())
+    done = make_run(tmp_path, "done", state="done", step=10, last_adapter="adapters/x.safetensors", pid=dead_pid())
     assert read_status(done).state == "done" and read_status(done).last_adapter == "adapters/x.safetensors"
     failed = make_run(tmp_path, "failed", state="failed", message="CUDA out of memory", pid=dead_pid())
     assert (read_status(failed).state, read_status(failed).message) == ("failed", "CUDA out of memory")
@@ -130,6 +146,7 @@ def test_unreaped_child_is_not_alive():
 def test_pid_alive_true_on_permission_error(monkeypatch):
     def refuse(pid, sig):
         raise PermissionError
+
     monkeypatch.setattr(runs.os, "kill", refuse)
     monkeypatch.setattr(runs, "_zombie", lambda pid: False)
     assert pid_alive(1)
@@ -158,8 +175,15 @@ def test_samples_newest_first_with_labels_and_prompts(tmp_path):
     (root / "samples" / "notes").mkdir()
     samples = read_samples(root)
     assert [(s.epoch_label, s.index) for s in samples] == [
-        ("epoch 2", 0), ("epoch 2", 1), ("step 120", 0), ("step 120", 1),
-        ("epoch 1", 0), ("epoch 1", 1), ("base model", 0), ("base model", 1)]
+        ("epoch 2", 0),
+        ("epoch 2", 1),
+        ("step 120", 0),
+        ("step 120", 1),
+        ("epoch 1", 0),
+        ("epoch 1", 1),
+        ("base model", 0),
+        ("base model", 1),
+    ]
     assert [s.prompt for s in samples[:4]] == ["a cat", "a dog", "", ""]
     assert samples[0].path == root / "samples" / "epoch_002" / "00.png"
     dogs = samples_for_prompt(samples, 1)
@@ -179,12 +203,20 @@ def test_adapters_newest_first_without_temp_files(tmp_path):
     root = make_run(tmp_path, "a")
     adapters = root / "adapters"
     adapters.mkdir()
-    for age, name in ((30, "me-epoch001.safetensors"), (10, "me.safetensors"), (20, "me-epoch002.safetensors"),
-                      (0, ".me.safetensors.1a2b.tmp"), (0, ".hidden.safetensors")):
+    for age, name in (
+        (30, "me-epoch001.safetensors"),
+        (10, "me.safetensors"),
+        (20, "me-epoch002.safetensors"),
+        (0, ".me.safetensors.1a2b.tmp"),
+        (0, ".hidden.safetensors"),
+    ):
         (adapters / name).write_bytes(b"x")
         os.utime(adapters / name, (time.time() - age, time.time() - age))
-    assert [p.name for p in read_adapters(root)] == ["me.safetensors", "me-epoch002.safetensors",
-                                                     "me-epoch001.safetensors"]
+    assert [p.name for p in read_adapters(root)] == [
+        "me.safetensors",
+        "me-epoch002.safetensors",
+        "me-epoch001.safetensors",
+    ]
     assert read_adapters(tmp_path / "nothing") == []
 
 
@@ -234,6 +266,7 @@ def test_log_tail_reads_only_the_end_of_a_big_file(tmp_path, monkeypatch):
         real_read = handle.read
         handle.read = lambda *a: read_sizes.append(len(data := real_read(*a))) or data
         return handle
+
     monkeypatch.setattr(Path, "open", spying_open)
     tail = log_tail(root, lines=2)
     assert tail == "second to last\nthe end"
@@ -284,8 +317,28 @@ def test_valid_names(tmp_path, name):
     assert RunDirectory.named(tmp_path, name).root == tmp_path.resolve() / name
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "a/../b", "/etc", "x/y", "x\\y", ".hidden", "-rf", "has space",
-                                  "run\n", "caf\u00e9", "\uff41bc", "a\u200bb", "a" * 101, None, 5])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        ".",
+        "..",
+        "a/../b",
+        "/etc",
+        "x/y",
+        "x\\y",
+        ".hidden",
+        "-rf",
+        "has space",
+        "run\n",
+        "caf\u00e9",
+        "\uff41bc",
+        "a\u200bb",
+        "a" * 101,
+        None,
+        5,
+    ],
+)
 def test_invalid_names(tmp_path, name):
     with pytest.raises(RunNameError):
         validate_run_name(name)
@@ -331,8 +384,21 @@ def test_signature_notices_a_killed_trainer(tmp_path, monkeypatch):
     assert signature(root) != alive and signature(root)[-1] == "died"
 
 
-@pytest.mark.parametrize("seconds, text", [(None, ""), (float("nan"), ""), (-1, ""), (0, "0 s"), (45.4, "45 s"),
-                                           (200, "3 min 20 s"), (65, "1 min 05 s"), (3599.4, "59 min 59 s"),
-                                           (3900, "1 h 05 min"), (3599.6, "1 h 00 min"), (90000, "25 h 00 min")])
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (None, ""),
+        (float("nan"), ""),
+        (-1, ""),
+        (0, "0 s"),
+        (45.4, "45 s"),
+        (200, "3 min 20 s"),
+        (65, "1 min 05 s"),
+        (3599.4, "59 min 59 s"),
+        (3900, "1 h 05 min"),
+        (3599.6, "1 h 00 min"),
+        (90000, "25 h 00 min"),
+    ],
+)
 def test_format_eta(seconds, text):
     assert format_eta(seconds) == text

@@ -76,8 +76,11 @@ REFUSED = [  # dataset paths, models and presets (test_refused_*)
     BadInput("preset with a wrong type", "exit 2: key named, expected type said"),
 ]
 FAILS_ONLY_WHEN_LOADED = [  # test_image_broken_past_what_the_scan_checks
-    BadInput("truncated BMP (its header and size check out)", "check-data: clean; train: left out at caching "
-             "and named in the log, or (no latent cache) exit 2 naming the file, run failed, no traceback"),
+    BadInput(
+        "truncated BMP (its header and size check out)",
+        "check-data: clean; train: left out at caching "
+        "and named in the log, or (no latent cache) exit 2 naming the file, run failed, no traceback",
+    ),
 ]
 GALLERY = IN_ONE_DATASET + REFUSED + FAILS_ONLY_WHEN_LOADED
 
@@ -106,7 +109,7 @@ def _corrupt_jpeg(path: Path) -> None:
     """A valid JPEG header up to and including the start-of-scan segment, then random bytes."""
     data = _noise_jpeg_bytes()
     sos = data.index(b"\xff\xda")
-    header_end = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    header_end = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
     path.write_bytes(data[:header_end] + random.Random(0).randbytes(len(data) - header_end))
 
 
@@ -126,8 +129,13 @@ def _solid_png(path: Path, width: int, height: int, colour: tuple[int, int, int]
     compressor = zlib.compressobj(9)
     row = b"\x00" + bytes((width + 7) // 8)  # filter byte, then every pixel palette index 0
     pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 3, 0, 0, 0))
-                     + _png_chunk(b"PLTE", bytes(colour)) + _png_chunk(b"IDAT", pixels) + _png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 3, 0, 0, 0))
+        + _png_chunk(b"PLTE", bytes(colour))
+        + _png_chunk(b"IDAT", pixels)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _png_claiming_size(path: Path, width: int, height: int) -> None:
@@ -164,7 +172,7 @@ UPRIGHT_SIZE = (64, 192)  # the EXIF photo as a viewer shows it: exactly a bucke
 UPRIGHT_BUCKET = (64, 192)
 HUGE_SIDE = 12000
 BOMB_SIDE = 20000
-assert HUGE_SIDE ** 2 <= PIXEL_LIMIT < BOMB_SIDE ** 2
+assert HUGE_SIDE**2 <= PIXEL_LIMIT < BOMB_SIDE**2
 
 
 @dataclass
@@ -203,8 +211,19 @@ def make_gallery(base: Path) -> Gallery:
     _solid_png(good / "huge.png", HUGE_SIDE, HUGE_SIDE, (60, 120, 180))
     _png_claiming_size(good / "bomb.png", BOMB_SIDE, BOMB_SIDE)
     _quadrants((128, 128)).save(good / "lying.jpg", format="PNG")
-    for name in ("corrupt", "truncated", "zero", "cmyk", "sixteen", "palette", "rotated", "tiny", "huge", "bomb",
-                 "lying"):
+    for name in (
+        "corrupt",
+        "truncated",
+        "zero",
+        "cmyk",
+        "sixteen",
+        "palette",
+        "rotated",
+        "tiny",
+        "huge",
+        "bomb",
+        "lying",
+    ):
         _caption(good / f"{name}.png", CAPTION)  # same stem: the caption of .jpg files too
 
     _quadrants((128, 128)).save(good / "cp1252.png")
@@ -240,8 +259,21 @@ EXPECTED_PROBLEMS = {
     "1_good/loop": ("symlink_loop", False, "not followed"),
 }
 TRAINED = {  # folder -> images that train from it
-    "1_good": ["bom.png", "cmyk.jpg", "cp1252.png", "empty_caption.png", "good0.png", "good1.png", "good2.png",
-               "huge.png", "lying.jpg", "no_caption.png", "palette.png", "rotated.jpg", "sixteen.png"],
+    "1_good": [
+        "bom.png",
+        "cmyk.jpg",
+        "cp1252.png",
+        "empty_caption.png",
+        "good0.png",
+        "good1.png",
+        "good2.png",
+        "huge.png",
+        "lying.jpg",
+        "no_caption.png",
+        "palette.png",
+        "rotated.jpg",
+        "sixteen.png",
+    ],
     "abc_x": ["in_abc_x.png"],
     "x": ["in_x.png"],
 }
@@ -251,8 +283,14 @@ def settings(tiny_dir: Path, data_root: Path, cache: Path, resolution: int = 64)
     """A small, fast run: two optimizer steps on the tiny model, no samples, no resume states."""
     return {
         "model": {"path": str(tiny_dir)},
-        "dataset": {"path": str(data_root), "resolution": resolution, "min_bucket_side": 64,
-                    "max_bucket_side": 2 * resolution, "latent_cache_dir": str(cache), "loader_workers": 0},
+        "dataset": {
+            "path": str(data_root),
+            "resolution": resolution,
+            "min_bucket_side": 64,
+            "max_bucket_side": 2 * resolution,
+            "latent_cache_dir": str(cache),
+            "loader_workers": 0,
+        },
         "network": {"kind": "lora", "rank": 4, "alpha": 4.0},  # DoRA's own tests are elsewhere; LoRA is faster
         "optimizer": {"learning_rate": 1e-3},
         "training": {"epochs": 1, "max_steps": 2, "batch_size": 1, "mixed_precision": "no", "seed": 7},
@@ -337,8 +375,9 @@ def test_mixed_dataset_pixels_are_what_a_viewer_shows(gallery, tiny_dir, tmp_pat
     config = from_dict(settings(tiny_dir, gallery.root, tmp_path / "cache", resolution=128))  # non-square buckets
     augment = augment_options(config)
     examples = plan_examples(scan_dataset(gallery.root), augment.bucket_spec)
-    draws = {draw.example: draw for batch in plan_epoch(examples, augment, 1, config.training.seed, 0)
-             for draw in batch}
+    draws = {
+        draw.example: draw for batch in plan_epoch(examples, augment, 1, config.training.seed, 0) for draw in batch
+    }
 
     def pixels(name: str) -> np.ndarray:
         [index] = [i for i, example in enumerate(examples) if example.path.name == name]
@@ -381,11 +420,14 @@ def _pickle_checkpoint(path: Path, marker: Path) -> Path:
 
 
 def _sd15_single_file(path: Path) -> Path:
-    save_file({
-        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(8, 4),
-        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
-        "first_stage_model.encoder.conv_in.weight": torch.zeros(4, 3, 3, 3),
-    }, str(path))
+    save_file(
+        {
+            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(8, 4),
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+            "first_stage_model.encoder.conv_in.weight": torch.zeros(4, 3, 3, 3),
+        },
+        str(path),
+    )
     return path
 
 
@@ -421,8 +463,9 @@ def _refusal_case(case: str, tiny_dir: Path, clean_dataset: Path, tmp_path: Path
         data["training"]["max_step"] = 2
         return data, "training.max_step: unknown setting; did you mean training.max_steps?"
     if case == "preset with a wrong type":
-        return tomli_w.dumps(data).replace("rank = 4", 'rank = "eight"'), \
-            "network.rank: expected an integer, got 'eight'"
+        return tomli_w.dumps(data).replace(
+            "rank = 4", 'rank = "eight"'
+        ), "network.rank: expected an integer, got 'eight'"
     raise AssertionError(case)
 
 

@@ -46,10 +46,26 @@ def _write_trained_adapter(tiny_dir: Path, out: Path, axis: str) -> tuple[torch.
         inputs = unet_inputs(pipe, torch.Generator().manual_seed(1))
         adapted = pipe.unet(**inputs).sample
     metadata = build_metadata(
-        network_kind="dora", dim=4, alpha=2, conv_dim=2, conv_alpha=1, dora_axis=axis, output_name=out.stem,
-        base_model_name="tiny-sdxl", steps=0, epoch=0, started_at=0, finished_at=0, mixed_precision="no",
-        learning_rate=1e-4, unet_lr=1e-4, text_encoder_lr=1e-5, tag_frequency={}, dataset_dirs={},
-        resolution=(64, 64), title=out.stem,
+        network_kind="dora",
+        dim=4,
+        alpha=2,
+        conv_dim=2,
+        conv_alpha=1,
+        dora_axis=axis,
+        output_name=out.stem,
+        base_model_name="tiny-sdxl",
+        steps=0,
+        epoch=0,
+        started_at=0,
+        finished_at=0,
+        mixed_precision="no",
+        learning_rate=1e-4,
+        unet_lr=1e-4,
+        text_encoder_lr=1e-5,
+        tag_frequency={},
+        dataset_dirs={},
+        resolution=(64, 64),
+        title=out.stem,
     )
     save_adapter(out, adapter_weights(adapters), metadata, dtype=torch.float32)
     remove_adapters(pipe.unet)

@@ -47,7 +47,9 @@ def test_defaults_need_only_a_dataset():
     message = problems_of({})
     assert "dataset.path" in message
     assert len(message.strip().splitlines()) == 2  # the "settings:" heading and the one problem
-    assert TrainConfig().problems() == [Problem("dataset.path", "missing; set it to the folder of your training images")]
+    assert TrainConfig().problems() == [
+        Problem("dataset.path", "missing; set it to the folder of your training images")
+    ]
     assert from_dict(DATASET).dataset.path == "/data/images"
 
 
@@ -65,64 +67,85 @@ def test_every_setting_has_help_and_a_default_of_its_type():
     assert len(all_keys()) == len(set(all_keys()))
 
 
-@pytest.mark.parametrize(("section", "name", "value", "expected"), [
-    ("network", "kind", "loha", "'loha' is not one of dora, lora"),
-    ("network", "rank", 0, "0 is below the minimum 1"),
-    ("network", "rank", 2048, "2048 is above the maximum 1024"),
-    ("optimizer", "learning_rate", -1, "-1.0 is below the minimum 0.0"),
-    ("optimizer", "unet_lr", -1e-4, "-0.0001 is below the minimum 0.0"),
-    ("dataset", "caption_dropout", 1.5, "1.5 is above the maximum 1.0"),
-    ("training", "mixed_precision", "fp8", "'fp8' is not one of no, fp16, bf16"),
-])
+@pytest.mark.parametrize(
+    ("section", "name", "value", "expected"),
+    [
+        ("network", "kind", "loha", "'loha' is not one of dora, lora"),
+        ("network", "rank", 0, "0 is below the minimum 1"),
+        ("network", "rank", 2048, "2048 is above the maximum 1024"),
+        ("optimizer", "learning_rate", -1, "-1.0 is below the minimum 0.0"),
+        ("optimizer", "unet_lr", -1e-4, "-0.0001 is below the minimum 0.0"),
+        ("dataset", "caption_dropout", 1.5, "1.5 is above the maximum 1.0"),
+        ("training", "mixed_precision", "fp8", "'fp8' is not one of no, fp16, bf16"),
+    ],
+)
 def test_choices_and_bounds_are_enforced(section, name, value, expected):
     message = problems_of(with_dataset(**{section: {name: value}}))
     assert f"{section}.{name}: {expected}" in message
 
 
-@pytest.mark.parametrize(("section", "name", "value", "expected"), [
-    ("network", "rank", "8", "an integer"),
-    ("network", "rank", 8.5, "an integer"),
-    ("network", "rank", 8.0, "an integer"),
-    ("network", "rank", True, "an integer"),
-    ("network", "train_text_encoders", 1, "true or false"),
-    ("optimizer", "learning_rate", True, "a number"),
-    ("optimizer", "learning_rate", "1e-4", "a number"),
-    ("optimizer", "unet_lr", "fast", "a number"),
-    ("dataset", "trigger_word", ["zqx"], "text"),
-    ("dataset", "trigger_word", 123, "text"),
-    ("network", "include", "attn", "a list of text"),
-    ("network", "include", [1], "a list of text"),
-    ("optimizer", "betas", [0.9, "x"], "a list of number"),
-    ("network", "alpha", float("nan"), "a finite number"),
-    ("optimizer", "learning_rate", float("inf"), "a finite number"),
-])
+@pytest.mark.parametrize(
+    ("section", "name", "value", "expected"),
+    [
+        ("network", "rank", "8", "an integer"),
+        ("network", "rank", 8.5, "an integer"),
+        ("network", "rank", 8.0, "an integer"),
+        ("network", "rank", True, "an integer"),
+        ("network", "train_text_encoders", 1, "true or false"),
+        ("optimizer", "learning_rate", True, "a number"),
+        ("optimizer", "learning_rate", "1e-4", "a number"),
+        ("optimizer", "unet_lr", "fast", "a number"),
+        ("dataset", "trigger_word", ["zqx"], "text"),
+        ("dataset", "trigger_word", 123, "text"),
+        ("network", "include", "attn", "a list of text"),
+        ("network", "include", [1], "a list of text"),
+        ("optimizer", "betas", [0.9, "x"], "a list of number"),
+        ("network", "alpha", float("nan"), "a finite number"),
+        ("optimizer", "learning_rate", float("inf"), "a finite number"),
+    ],
+)
 def test_wrong_types_name_the_key_and_the_expected_type(section, name, value, expected):
     message = problems_of(with_dataset(**{section: {name: value}}))
     assert f"{section}.{name}: expected {expected}, got " in message
 
 
 def test_all_problems_are_reported_together():
-    message = problems_of({
-        "network": {"rank": "8", "kind": "loha", "rnak": 4},
-        "optimizer": {"learning_rate": -1},
-        "dataset": {"path": "/data", "caption_dropout": 1.5},
-        "trainig": {"epochs": 2},
-    })
-    for key in ("network.rank", "network.kind", "network.rnak", "optimizer.learning_rate",
-                "dataset.caption_dropout", "[trainig]"):
+    message = problems_of(
+        {
+            "network": {"rank": "8", "kind": "loha", "rnak": 4},
+            "optimizer": {"learning_rate": -1},
+            "dataset": {"path": "/data", "caption_dropout": 1.5},
+            "trainig": {"epochs": 2},
+        }
+    )
+    for key in (
+        "network.rank",
+        "network.kind",
+        "network.rnak",
+        "optimizer.learning_rate",
+        "dataset.caption_dropout",
+        "[trainig]",
+    ):
         assert key in message
     assert len(message.strip().splitlines()) == 1 + 6
 
 
 def test_cross_setting_rules():
-    message = problems_of(with_dataset(
-        dataset={"resolution": 4096, "max_bucket_side": 2048, "background_colour": "white"},
-        optimizer={"betas": [0.9, 1.5]},
-        saving={"output_name": "runs/a"},
-        network={"include": ["(unclosed"]},
-    ))
-    for key in ("dataset.resolution", "dataset.background_colour", "optimizer.betas", "saving.output_name",
-                "network.include"):
+    message = problems_of(
+        with_dataset(
+            dataset={"resolution": 4096, "max_bucket_side": 2048, "background_colour": "white"},
+            optimizer={"betas": [0.9, 1.5]},
+            saving={"output_name": "runs/a"},
+            network={"include": ["(unclosed"]},
+        )
+    )
+    for key in (
+        "dataset.resolution",
+        "dataset.background_colour",
+        "optimizer.betas",
+        "saving.output_name",
+        "network.include",
+    ):
         assert key in message
 
 
@@ -154,12 +177,14 @@ def test_optional_learning_rates():
 
 
 def test_config_round_trips_through_toml(tmp_path):
-    config = from_dict(with_dataset(
-        network={"kind": "lora", "rank": 8, "include": ["attn1", "to_q"]},
-        optimizer={"unet_lr": 1e-4, "betas": [0.8, 0.99]},
-        dataset={"trigger_word": "zqx", "caption_dropout": 0.1},
-        sampling={"prompts": ["a cat --n blurry"]},
-    ))
+    config = from_dict(
+        with_dataset(
+            network={"kind": "lora", "rank": 8, "include": ["attn1", "to_q"]},
+            optimizer={"unet_lr": 1e-4, "betas": [0.8, 0.99]},
+            dataset={"trigger_word": "zqx", "caption_dropout": 0.1},
+            sampling={"prompts": ["a cat --n blurry"]},
+        )
+    )
     assert from_dict(tomllib.loads(config_toml(config))) == config
     assert from_dict(to_dict(config)) == config
     write_config(config, tmp_path / "config.toml")
@@ -237,11 +262,12 @@ def test_utf8_bom_is_accepted(tmp_path):
 
 
 def test_relative_paths_follow_each_preset_file(tmp_path):
-    write(tmp_path / "shared" / "base.toml",
-          '[model]\npath = "models/base.safetensors"\n[dataset]\npath = "images"\nlatent_cache_dir = "/abs/cache"\n'
-          '[sampling]\nprompt_file = "prompts.txt"\n')
-    child = write(tmp_path / "mine" / "child.toml",
-                  'base = "../shared/base.toml"\n[dataset]\npath = "../data/cats"\n')
+    write(
+        tmp_path / "shared" / "base.toml",
+        '[model]\npath = "models/base.safetensors"\n[dataset]\npath = "images"\nlatent_cache_dir = "/abs/cache"\n'
+        '[sampling]\nprompt_file = "prompts.txt"\n',
+    )
+    child = write(tmp_path / "mine" / "child.toml", 'base = "../shared/base.toml"\n[dataset]\npath = "../data/cats"\n')
     data = read_preset(child)
     assert data["model"]["path"] == str(tmp_path / "shared" / "models" / "base.safetensors")
     assert data["sampling"]["prompt_file"] == str(tmp_path / "shared" / "prompts.txt")
@@ -250,8 +276,10 @@ def test_relative_paths_follow_each_preset_file(tmp_path):
 
 
 def test_builtin_absolute_and_empty_paths_are_untouched(tmp_path):
-    preset = write(tmp_path / "p.toml", '[model]\npath = "builtin:tiny-sdxl"\nconfig_dir = ""\n'
-                                        '[dataset]\npath = "/srv/data"\ntrigger_word = "x/y"\n')
+    preset = write(
+        tmp_path / "p.toml",
+        '[model]\npath = "builtin:tiny-sdxl"\nconfig_dir = ""\n[dataset]\npath = "/srv/data"\ntrigger_word = "x/y"\n',
+    )
     data = read_preset(preset)
     assert data["model"] == {"path": "builtin:tiny-sdxl", "config_dir": ""}
     assert data["dataset"] == {"path": "/srv/data", "trigger_word": "x/y"}
@@ -267,11 +295,20 @@ def test_preset_path_given_relative_to_cwd(tmp_path, monkeypatch):
 
 
 def test_overrides_parse_toml_values():
-    data = apply_overrides(DATASET, [
-        "network.rank=8", "optimizer.learning_rate=3e-4", "network.train_text_encoders=true",
-        "network.include=['attn1', 'to_k']", "network.kind=lora", "dataset.trigger_word=zqx star",
-        "optimizer.unet_lr = 1", "optimizer.betas=[0.8, 0.9]", 'saving.output_name="quoted"',
-    ])
+    data = apply_overrides(
+        DATASET,
+        [
+            "network.rank=8",
+            "optimizer.learning_rate=3e-4",
+            "network.train_text_encoders=true",
+            "network.include=['attn1', 'to_k']",
+            "network.kind=lora",
+            "dataset.trigger_word=zqx star",
+            "optimizer.unet_lr = 1",
+            "optimizer.betas=[0.8, 0.9]",
+            'saving.output_name="quoted"',
+        ],
+    )
     config = from_dict(data)
     assert config.network.rank == 8
     assert config.optimizer.learning_rate == 3e-4
@@ -286,8 +323,9 @@ def test_overrides_parse_toml_values():
 
 
 def test_text_settings_keep_number_looking_values():
-    config = from_dict(apply_overrides(DATASET, ["dataset.trigger_word=123", "saving.output_name=1e3",
-                                                 "dataset.tag_separator=true"]))
+    config = from_dict(
+        apply_overrides(DATASET, ["dataset.trigger_word=123", "saving.output_name=1e3", "dataset.tag_separator=true"])
+    )
     assert config.dataset.trigger_word == "123"
     assert config.saving.output_name == "1e3"
     assert config.dataset.tag_separator == "true"
@@ -360,13 +398,16 @@ def test_quickstart_points_at_the_example_dataset_and_toy_model():
 # --- caches -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("section", "name", "value", "disabled"), [
-    ("dataset", "random_crop", True, "dataset.cache_latents"),
-    ("network", "train_text_encoders", True, "dataset.cache_text_encoder_outputs"),
-    ("dataset", "shuffle_tags", True, "dataset.cache_text_encoder_outputs"),
-    ("dataset", "caption_dropout", 0.1, "dataset.cache_text_encoder_outputs"),
-    ("dataset", "tag_dropout", 0.1, "dataset.cache_text_encoder_outputs"),
-])
+@pytest.mark.parametrize(
+    ("section", "name", "value", "disabled"),
+    [
+        ("dataset", "random_crop", True, "dataset.cache_latents"),
+        ("network", "train_text_encoders", True, "dataset.cache_text_encoder_outputs"),
+        ("dataset", "shuffle_tags", True, "dataset.cache_text_encoder_outputs"),
+        ("dataset", "caption_dropout", 0.1, "dataset.cache_text_encoder_outputs"),
+        ("dataset", "tag_dropout", 0.1, "dataset.cache_text_encoder_outputs"),
+    ],
+)
 def test_cache_conflicts_name_the_option(section, name, value, disabled):
     config = from_dict(with_dataset(**{section: {name: value}}))
     notes = config.cache_conflicts()
@@ -376,8 +417,16 @@ def test_cache_conflicts_name_the_option(section, name, value, disabled):
 
 def test_no_cache_conflicts_by_default_or_with_caches_off():
     assert from_dict(DATASET).cache_conflicts() == []
-    config = from_dict(with_dataset(dataset={"random_crop": True, "shuffle_tags": True, "cache_latents": False,
-                                             "cache_text_encoder_outputs": False}))
+    config = from_dict(
+        with_dataset(
+            dataset={
+                "random_crop": True,
+                "shuffle_tags": True,
+                "cache_latents": False,
+                "cache_text_encoder_outputs": False,
+            }
+        )
+    )
     assert config.cache_conflicts() == []
 
 
@@ -420,8 +469,9 @@ def test_train_with_missing_preset(tmp_path, monkeypatch, capsys):
 def test_train_with_bad_set_creates_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
-    code = main(["train", str(REPO / "presets" / "quickstart.toml"), "--set", "network.rnak=4",
-                 "--run-dir", str(run_dir)])
+    code = main(
+        ["train", str(REPO / "presets" / "quickstart.toml"), "--set", "network.rnak=4", "--run-dir", str(run_dir)]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ")

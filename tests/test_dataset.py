@@ -82,8 +82,17 @@ def test_kohya_folders_repeats_extensions_and_symlinks(tmp_path):
     scan = scan_dataset(root)
 
     repeats = {name: item.repeats for name, item in _by_name(scan).items()}
-    assert repeats == {"a.png": 10, "b.JPG": 10, "c.png": 5, "e.Jpeg": 1, "f.WEBP": 1, "g.bmp": 1,
-                       "h.PnG": 1, "i.jpg": 1, "j.png": 1}
+    assert repeats == {
+        "a.png": 10,
+        "b.JPG": 10,
+        "c.png": 5,
+        "e.Jpeg": 1,
+        "f.WEBP": 1,
+        "g.bmp": 1,
+        "h.PnG": 1,
+        "i.jpg": 1,
+        "j.png": 1,
+    }
     assert scan.total_repeated_images == 10 + 10 + 5 + 6
     notes = {f.path.relative_to(root).as_posix(): (f.repeats, f.image_count, f.note) for f in scan.folders}
     assert notes["0_x"][:2] == (0, 1) and "skipped" in notes["0_x"][2]
@@ -118,8 +127,11 @@ def test_broken_files_are_reported_and_the_scan_goes_on(tmp_path):
     assert (_by_name(scan)["big.png"].width, _by_name(scan)["big.png"].height) == (12000, 12000)
     skipped = {p.path.name: p for p in scan.problems if p.skipped}
     assert {name: p.kind for name, p in skipped.items()} == {
-        "zero.jpg": "unreadable", "corrupt.jpg": "unreadable", "truncated.png": "unreadable",
-        "bomb.png": "too_large", "tiny.png": "too_small",
+        "zero.jpg": "unreadable",
+        "corrupt.jpg": "unreadable",
+        "truncated.png": "unreadable",
+        "bomb.png": "too_large",
+        "tiny.png": "too_small",
     }
     assert "empty (0 bytes)" in skipped["zero.jpg"].message
     assert "downscale it" in skipped["bomb.png"].message and "bomb.png" in skipped["bomb.png"].message
@@ -223,8 +235,9 @@ def test_palette_transparency_over_background(tmp_path):
     assert loaded.getpixel((0, 0)) == (0, 0, 255) and loaded.getpixel((3, 0)) == (0, 255, 0)
 
 
-@pytest.mark.parametrize("mode, transparent, opaque", [("RGBA", (255, 0, 0, 0), (0, 255, 0, 255)),
-                                                       ("LA", (200, 0), (90, 255))])
+@pytest.mark.parametrize(
+    "mode, transparent, opaque", [("RGBA", (255, 0, 0, 0), (0, 255, 0, 255)), ("LA", (200, 0), (90, 255))]
+)
 def test_alpha_composited_over_background(tmp_path, mode, transparent, opaque):
     path = tmp_path / f"{mode}.png"
     image = Image.new(mode, (4, 2), transparent)
@@ -305,8 +318,14 @@ def test_caption_dropout_gives_empty_caption_at_its_rate():
 
 def test_is_randomised_and_option_checks():
     assert not is_randomised(CaptionOptions(trigger_word="ohwx", keep_tokens=3))
-    assert all(is_randomised(o) for o in (CaptionOptions(shuffle_tags=True), CaptionOptions(tag_dropout=0.1),
-                                          CaptionOptions(caption_dropout=0.05)))
+    assert all(
+        is_randomised(o)
+        for o in (
+            CaptionOptions(shuffle_tags=True),
+            CaptionOptions(tag_dropout=0.1),
+            CaptionOptions(caption_dropout=0.05),
+        )
+    )
     with pytest.raises(ValueError):
         CaptionOptions(caption_dropout=1.5)
     with pytest.raises(ValueError):
@@ -370,10 +389,12 @@ def test_micro_conditioning_matches_diffusers():
     from diffusers import StableDiffusionXLPipeline
 
     # _get_add_time_ids only reads these two sizes off the UNet: enough to call the real method.
-    fake_pipe = SimpleNamespace(unet=SimpleNamespace(
-        config=SimpleNamespace(addition_time_embed_dim=1),
-        add_embedding=SimpleNamespace(linear_1=SimpleNamespace(in_features=6)),
-    ))
+    fake_pipe = SimpleNamespace(
+        unet=SimpleNamespace(
+            config=SimpleNamespace(addition_time_embed_dim=1),
+            add_embedding=SimpleNamespace(linear_1=SimpleNamespace(in_features=6)),
+        )
+    )
     original, crop, target = (1080, 1920), (0, 10), (768, 1344)
     theirs = StableDiffusionXLPipeline._get_add_time_ids(
         fake_pipe, original, crop, target, dtype=torch.float32, text_encoder_projection_dim=0

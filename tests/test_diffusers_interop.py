@@ -30,8 +30,10 @@ def test_diffusers_load_lora_weights_reads_our_file_exactly(tiny_dir, tmp_path):
         base = fresh.unet(**inputs).sample
     fresh.load_lora_weights(str(path))
     # Nothing dropped: every stem became a PEFT LoRA layer in the right model.
-    loaded = {name: sum(hasattr(m, "lora_A") for m in model.modules())
-              for name, model in (("unet", fresh.unet), ("te1", fresh.text_encoder), ("te2", fresh.text_encoder_2))}
+    loaded = {
+        name: sum(hasattr(m, "lora_A") for m in model.modules())
+        for name, model in (("unet", fresh.unet), ("te1", fresh.text_encoder), ("te2", fresh.text_encoder_2))
+    }
     assert loaded == {"unet": 722, "te1": 72, "te2": 192}
     with torch.no_grad():
         theirs = fresh.unet(**inputs).sample

@@ -20,8 +20,15 @@ from trainer.training.step import draw_step_noise
 
 def scaled_linear_alphas_cumprod(config: dict, zero_terminal_snr: bool = False) -> torch.Tensor:
     """SDXL's "scaled_linear" schedule by hand: betas evenly spaced in sqrt, then their running product."""
-    betas = torch.linspace(math.sqrt(config["beta_start"]), math.sqrt(config["beta_end"]),
-                           config["num_train_timesteps"], dtype=torch.float64) ** 2
+    betas = (
+        torch.linspace(
+            math.sqrt(config["beta_start"]),
+            math.sqrt(config["beta_end"]),
+            config["num_train_timesteps"],
+            dtype=torch.float64,
+        )
+        ** 2
+    )
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return torch.cumprod(1.0 - betas, dim=0)
@@ -38,8 +45,9 @@ def test_training_scheduler_keeps_the_models_betas(prediction_type):
     assert scheduler.config.prediction_type == prediction_type
     assert scheduler.config.num_train_timesteps == 1000
     torch.testing.assert_close(scheduler.alphas_cumprod, euler.alphas_cumprod, rtol=0, atol=0)
-    torch.testing.assert_close(scheduler.alphas_cumprod.double(), scaled_linear_alphas_cumprod(SDXL_SCHEDULER_CONFIG),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        scheduler.alphas_cumprod.double(), scaled_linear_alphas_cumprod(SDXL_SCHEDULER_CONFIG), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_training_scheduler_ignores_private_config_keys():
@@ -73,15 +81,18 @@ def test_add_noise_is_the_ddpm_forward_process(dtype):
     assert timesteps.dtype == torch.int64 and 0 <= timesteps.min() and timesteps.max() < 1000
     assert len(set(timesteps.tolist())) > 1  # one timestep per sample, not one for the batch
     alphas_cumprod = scaled_linear_alphas_cumprod(SDXL_SCHEDULER_CONFIG)
-    expected = (per_sample(alphas_cumprod.sqrt(), timesteps) * latents.double()
-                + per_sample((1 - alphas_cumprod).sqrt(), timesteps) * noise.double())
+    expected = (
+        per_sample(alphas_cumprod.sqrt(), timesteps) * latents.double()
+        + per_sample((1 - alphas_cumprod).sqrt(), timesteps) * noise.double()
+    )
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(noisy.double(), expected, rtol=tolerance, atol=tolerance)
 
 
 def _noise(scheduler, latents, noise_offset):
-    drawn = draw_step_noise(latents.shape[0], tuple(latents.shape[1:]), scheduler.config.num_train_timesteps,
-                            noise_offset, latents.device)
+    drawn = draw_step_noise(
+        latents.shape[0], tuple(latents.shape[1:]), scheduler.config.num_train_timesteps, noise_offset, latents.device
+    )
     return drawn.noise, drawn.timesteps
 
 
@@ -106,8 +117,10 @@ def test_noise_offset_adds_a_constant_per_sample_and_channel():
         noisy = add_noise(scheduler, latents, noise, timesteps)
         offsets[noise_offset] = noise
         alphas_cumprod = scheduler.alphas_cumprod
-        expected = (per_sample(alphas_cumprod.sqrt(), timesteps) * latents
-                    + per_sample((1 - alphas_cumprod).sqrt(), timesteps) * noise)
+        expected = (
+            per_sample(alphas_cumprod.sqrt(), timesteps) * latents
+            + per_sample((1 - alphas_cumprod).sqrt(), timesteps) * noise
+        )
         torch.testing.assert_close(noisy, expected)  # the offset noise is the noise that gets added
     for noise_offset in (0.1, 0.3):
         shift = offsets[noise_offset] - offsets[0.0]
@@ -116,8 +129,9 @@ def test_noise_offset_adds_a_constant_per_sample_and_channel():
         assert per_channel.flatten().unique().numel() == 12  # a different constant per (sample, channel)
         assert per_channel.abs().max() > 0
     # the constant is noise_offset times one standard normal draw per (sample, channel)
-    torch.testing.assert_close((offsets[0.3] - offsets[0.0]) / 0.3, (offsets[0.1] - offsets[0.0]) / 0.1,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        (offsets[0.3] - offsets[0.0]) / 0.3, (offsets[0.1] - offsets[0.0]) / 0.1, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_prediction_targets_by_hand():
@@ -128,14 +142,18 @@ def test_prediction_targets_by_hand():
     for zero_terminal_snr in (False, True):
         v_pred = training_noise_scheduler(SDXL_SCHEDULER_CONFIG, "v_prediction", zero_terminal_snr)
         alphas_cumprod = scaled_linear_alphas_cumprod(SDXL_SCHEDULER_CONFIG, zero_terminal_snr)
-        expected = (per_sample(alphas_cumprod.sqrt(), timesteps) * noise.double()
-                    - per_sample((1 - alphas_cumprod).sqrt(), timesteps) * latents.double())
-        torch.testing.assert_close(prediction_target(v_pred, latents, noise, timesteps).double(), expected,
-                                   rtol=1e-4, atol=1e-5)
+        expected = (
+            per_sample(alphas_cumprod.sqrt(), timesteps) * noise.double()
+            - per_sample((1 - alphas_cumprod).sqrt(), timesteps) * latents.double()
+        )
+        torch.testing.assert_close(
+            prediction_target(v_pred, latents, noise, timesteps).double(), expected, rtol=1e-4, atol=1e-5
+        )
     # with zero terminal SNR the last step is pure noise, where the velocity is minus the clean latents
     v_pred = training_noise_scheduler(SDXL_SCHEDULER_CONFIG, "v_prediction", zero_terminal_snr=True)
-    torch.testing.assert_close(prediction_target(v_pred, latents, noise, timesteps)[3], -latents[3],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        prediction_target(v_pred, latents, noise, timesteps)[3], -latents[3], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_unknown_prediction_type_is_refused():
@@ -208,6 +226,7 @@ def test_min_snr_gamma_loss_has_finite_gradients_at_the_last_step():
 
 # --- text encoding: the same conditioning as diffusers' StableDiffusionXLPipeline.encode_prompt ---------------
 
+
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_dir):
     from trainer.sdxl.model_files import load_sdxl_pipeline
@@ -227,10 +246,12 @@ def test_encode_captions_matches_the_pipeline(tiny_pipe):
     captions = ["zqx, a red cube on a table", "", LONG_CAPTION]
     assert len(pipe.tokenizer(LONG_CAPTION).input_ids) > pipe.tokenizer.model_max_length
     with torch.no_grad():
-        embeds, pooled = encode_captions((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
-                                         captions, torch.device("cpu"))
+        embeds, pooled = encode_captions(
+            (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), captions, torch.device("cpu")
+        )
         expected_embeds, _, expected_pooled, _ = pipe.encode_prompt(
-            captions, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False)
+            captions, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
     width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
     assert embeds.shape == (3, 77, width)
     assert pooled.shape == (3, pipe.text_encoder_2.config.projection_dim)
@@ -246,7 +267,8 @@ def test_encode_captions_truncates_to_77_tokens(tiny_pipe):
     with torch.no_grad():
         embeds, pooled = encode_captions(*encoders, [LONG_CAPTION, longer], torch.device("cpu"))
         expected_embeds, _, expected_pooled, _ = pipe.encode_prompt(
-            longer, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False)
+            longer, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
     torch.testing.assert_close(embeds[0], embeds[1], rtol=0, atol=1e-6)  # what lies past 77 tokens is dropped
     torch.testing.assert_close(pooled[0], pooled[1], rtol=0, atol=1e-6)
     torch.testing.assert_close(embeds[1:], expected_embeds, rtol=0, atol=1e-6)

@@ -55,7 +55,9 @@ def test_fresh_dora_is_exactly_identity(name, make_base, axis):
     generator = torch.Generator().manual_seed(1)
     x = _input_for(base, generator)
     layer = make_adapter(base, AdapterSpec(rank=4, alpha=8, dora=True, dora_axis=axis))
-    assert torch.equal(layer.dora_scale.reshape(-1) / layer.direction_norm().reshape(-1), torch.ones(layer.dora_scale.numel()))
+    assert torch.equal(
+        layer.dora_scale.reshape(-1) / layer.direction_norm().reshape(-1), torch.ones(layer.dora_scale.numel())
+    )
     if axis == "input":
         assert torch.equal(layer(x), base(x))
     else:  # same math; the bias is added after the scale instead of inside the kernel, so 1-ulp rounding

@@ -50,7 +50,8 @@ def test_script_redraws_the_committed_dataset(tmp_path):
             assert redrawn.read_text(encoding="utf-8") == committed.read_text(encoding="utf-8"), name
         elif name.endswith(".png"):
             assert _pixels(redrawn) == _pixels(committed), (
-                f"{name}: pixels differ; if Pillow changed, check the images and rerun {SCRIPT.name}")
+                f"{name}: pixels differ; if Pillow changed, check the images and rerun {SCRIPT.name}"
+            )
         else:
             (size, a), (redrawn_size, b) = _pixels(committed), _pixels(redrawn)
             assert redrawn_size == size, name
@@ -74,8 +75,7 @@ def test_scanner_reads_the_committed_dataset_cleanly():
 
     assert scan.problems == []  # not even a warning: this folder is the example of a good dataset
     assert scan.ignored_files == {".md": 1, ".py": 1}  # README.md and make_dataset.py, at the top
-    assert {f.path.name: (f.repeats, f.image_count) for f in scan.folders} == {
-        "10_zqx": (10, 12), "1_shapes": (1, 8)}
+    assert {f.path.name: (f.repeats, f.image_count) for f in scan.folders} == {"10_zqx": (10, 12), "1_shapes": (1, 8)}
     assert scan.total_repeated_images == 12 * 10 + 8
     assert all(item.caption for item in scan.items)
     for item in scan.items:
@@ -89,7 +89,8 @@ def test_captions_use_the_documented_vocabulary_and_name_visible_colours(script)
     caption_grammar = re.compile(
         rf"a (small|large) ({'|'.join(colours)}) (zqx|circle|square|triangle) "
         rf"on a ({'|'.join(backgrounds)}) background, "
-        r"(top left|top|top right|left|centre|right|bottom left|bottom|bottom right)")
+        r"(top left|top|top right|left|centre|right|bottom left|bottom|bottom right)"
+    )
     for name in _dataset_files(DATASET):
         if not name.endswith(".txt"):
             continue

@@ -15,9 +15,15 @@ def real_models():
     return {"unet": real_unet(), "te1": real_text_encoder_1(), "te2": real_text_encoder_2()}
 
 
-@pytest.mark.parametrize("part,preset,expected", [
-    ("unet", "attn", 722), ("unet", "attn+conv", 788), ("te1", "attn", 72), ("te2", "attn", 192),
-])
+@pytest.mark.parametrize(
+    "part,preset,expected",
+    [
+        ("unet", "attn", 722),
+        ("unet", "attn+conv", 788),
+        ("te1", "attn", 72),
+        ("te2", "attn", 192),
+    ],
+)
 def test_preset_counts_on_real_sdxl(real_models, part, preset, expected):
     model = real_models[part]
     before = dict(model.named_modules())

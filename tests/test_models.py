@@ -59,18 +59,22 @@ SD3_KEYS = [
 ]
 
 
-@pytest.mark.parametrize(("keys", "family"), [
-    (SD15_KEYS, "Stable Diffusion 1.x"),
-    (SD2_KEYS, "Stable Diffusion 2.x"),
-    (SDXL_KEYS, "SDXL"),
-    (list(reversed(SDXL_KEYS)), "SDXL"),
-    (SDXL_REFINER_KEYS, "the SDXL refiner (it has no CLIP-L text encoder; train on SDXL base)"),
-    (FLUX_KEYS, "Flux"),
-    (FLUX_COMFY_KEYS, "Flux"),
-    (SD3_KEYS, "Stable Diffusion 3"),
-    (["lm_head.weight", "transformer.h.0.attn.c_attn.weight"], "not a Stable Diffusion checkpoint we recognise"),
-    ([], "not a Stable Diffusion checkpoint we recognise"),
-], ids=["sd15", "sd2", "sdxl", "sdxl-reordered", "refiner", "flux", "flux-comfy", "sd3", "random", "empty"])
+@pytest.mark.parametrize(
+    ("keys", "family"),
+    [
+        (SD15_KEYS, "Stable Diffusion 1.x"),
+        (SD2_KEYS, "Stable Diffusion 2.x"),
+        (SDXL_KEYS, "SDXL"),
+        (list(reversed(SDXL_KEYS)), "SDXL"),
+        (SDXL_REFINER_KEYS, "the SDXL refiner (it has no CLIP-L text encoder; train on SDXL base)"),
+        (FLUX_KEYS, "Flux"),
+        (FLUX_COMFY_KEYS, "Flux"),
+        (SD3_KEYS, "Stable Diffusion 3"),
+        (["lm_head.weight", "transformer.h.0.attn.c_attn.weight"], "not a Stable Diffusion checkpoint we recognise"),
+        ([], "not a Stable Diffusion checkpoint we recognise"),
+    ],
+    ids=["sd15", "sd2", "sdxl", "sdxl-reordered", "refiner", "flux", "flux-comfy", "sd3", "random", "empty"],
+)
 def test_checkpoint_architecture(keys, family):
     assert checkpoint_architecture(keys) == family
     assert checkpoint_architecture(iter(keys)) == family  # a one-pass iterable, as safe_open's keys may be
@@ -89,13 +93,17 @@ def write_checkpoint(path: Path, keys: list[str]) -> Path:
 # --- refused single files -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("keys", "family"), [
-    (SD15_KEYS, "Stable Diffusion 1.x"),
-    (SD2_KEYS, "Stable Diffusion 2.x"),
-    (SDXL_REFINER_KEYS, "SDXL refiner"),
-    (FLUX_KEYS, "Flux"),
-    (SD3_KEYS, "Stable Diffusion 3"),
-], ids=["sd15", "sd2", "refiner", "flux", "sd3"])
+@pytest.mark.parametrize(
+    ("keys", "family"),
+    [
+        (SD15_KEYS, "Stable Diffusion 1.x"),
+        (SD2_KEYS, "Stable Diffusion 2.x"),
+        (SDXL_REFINER_KEYS, "SDXL refiner"),
+        (FLUX_KEYS, "Flux"),
+        (SD3_KEYS, "Stable Diffusion 3"),
+    ],
+    ids=["sd15", "sd2", "refiner", "flux", "sd3"],
+)
 def test_other_families_are_refused_by_name(tmp_path, keys, family):
     path = write_checkpoint(tmp_path / "model.safetensors", keys)
     with pytest.raises(ModelLoadError) as caught:

@@ -50,13 +50,21 @@ def _cli(preset: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
     for override in overrides:
         command += ["--set", override]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_dir, odd_dataset, tmp_path):
-    data = settings(tiny_dir, odd_dataset, tmp_path / "cache", training={"epochs": 2, "batch_size": 4},
-                    saving={"save_dtype": "fp32"}, sampling={"prompts": []}, dataset={"flip": True})
+    data = settings(
+        tiny_dir,
+        odd_dataset,
+        tmp_path / "cache",
+        training={"epochs": 2, "batch_size": 4},
+        saving={"save_dtype": "fp32"},
+        sampling={"prompts": []},
+        dataset={"flip": True},
+    )
     one = train(data, tmp_path / "one")
 
     two_dir = tmp_path / "two"
@@ -82,8 +90,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_dir, od
 
 def test_resume_refuses_another_number_of_processes(tiny_dir, odd_dataset, tmp_path):
 
-    data = settings(tiny_dir, odd_dataset, tmp_path / "cache", training={"epochs": 1, "batch_size": 2},
-                    sampling={"prompts": []})
+    data = settings(
+        tiny_dir, odd_dataset, tmp_path / "cache", training={"epochs": 1, "batch_size": 2}, sampling={"prompts": []}
+    )
     run_dir = tmp_path / "run"
     process = _cli(_preset(tmp_path, data), run_dir, "training.processes=2", "training.batch_size=1")
     _, stderr = process.communicate(timeout=600)
@@ -93,11 +102,17 @@ def test_resume_refuses_another_number_of_processes(tiny_dir, odd_dataset, tmp_p
 
 
 def test_a_killed_worker_fails_the_run_instead_of_hanging(tiny_dir, odd_dataset, tmp_path):
-    data = settings(tiny_dir, odd_dataset, tmp_path / "cache", training={"epochs": 200, "batch_size": 2},
-                    sampling={"prompts": []})
+    data = settings(
+        tiny_dir, odd_dataset, tmp_path / "cache", training={"epochs": 200, "batch_size": 2}, sampling={"prompts": []}
+    )
     run_dir = tmp_path / "run"
-    launcher = _cli(_preset(tmp_path, data), run_dir, "training.processes=2", "training.batch_size=1",
-                    "training.process_timeout_minutes=1")
+    launcher = _cli(
+        _preset(tmp_path, data),
+        run_dir,
+        "training.processes=2",
+        "training.batch_size=1",
+        "training.process_timeout_minutes=1",
+    )
     try:
         deadline = time.time() + 180
         while not (run_dir / "metrics.jsonl").exists() or len(metrics(run_dir)) < 2:
@@ -105,8 +120,12 @@ def test_a_killed_worker_fails_the_run_instead_of_hanging(tiny_dir, odd_dataset,
             time.sleep(0.2)
         main_pid = json.loads((run_dir / "status.json").read_text())["pid"]
         # torchrun starts its workers as `python -u -m trainer.cli train ...`; the other one is rank 1
-        workers = [int(pid) for pid in subprocess.run(["pgrep", "-f", "python -u -m trainer.cli train"],
-                                                      capture_output=True, text=True).stdout.split()]
+        workers = [
+            int(pid)
+            for pid in subprocess.run(
+                ["pgrep", "-f", "python -u -m trainer.cli train"], capture_output=True, text=True
+            ).stdout.split()
+        ]
         others = [pid for pid in workers if pid != main_pid and _parent(pid) == _parent(main_pid)]
         assert len(others) == 1, (workers, main_pid)
         started = time.time()

@@ -41,8 +41,9 @@ def test_pictures_are_read_in_caption_words():
     assert len(clear) >= 35
     for scene in clear:
         reading = read_picture(paint(scene), scene.background)
-        assert (reading.shape, reading.colour, reading.position) == (scene.shape, scene.colour, scene.position), \
+        assert (reading.shape, reading.colour, reading.position) == (scene.shape, scene.colour, scene.position), (
             scene.caption
+        )
 
 
 def test_a_blank_picture_draws_nothing():
@@ -75,8 +76,13 @@ def test_slope_and_correlation():
 
 def test_quality_bench_quick(tmp_path):
     env = {**os.environ, "DORA_STUDIO_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--quick", "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "quality.py"), "--quick", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert {run["variant"] for run in report["runs"]} == {"LoRA", "DoRA input axis", "DoRA output axis"}

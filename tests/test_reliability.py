@@ -33,7 +33,10 @@ def status(run_dir: Path) -> dict:
 
 
 def test_full_disk_fails_the_run_and_keeps_the_last_good_adapter_and_state(
-    tiny_dir, small_dataset, tmp_path, monkeypatch  # noqa: F811
+    tiny_dir,
+    small_dataset,
+    tmp_path,
+    monkeypatch,  # noqa: F811
 ):
     real_write = adapter_file.write_bytes_atomically
     calls = {"n": 0}
@@ -46,12 +49,12 @@ def test_full_disk_fails_the_run_and_keeps_the_last_good_adapter_and_state(
         def half_then_full():
             yield next(iter(chunks))
             raise OSError(errno.ENOSPC, "No space left on device")
+
         return real_write(path, half_then_full())
 
     monkeypatch.setattr(adapter_file, "write_bytes_atomically", fill_the_disk)
     run_dir = tmp_path / "run"
-    data = settings(tiny_dir, small_dataset, tmp_path / "cache", saving={"every_n_steps": 2},
-                    sampling={"prompts": []})
+    data = settings(tiny_dir, small_dataset, tmp_path / "cache", saving={"every_n_steps": 2}, sampling={"prompts": []})
     with pytest.raises(TrainingError, match="No space left on device.*free disk space") as failure:
         train(data, run_dir)
     assert "test-step000004.safetensors" in str(failure.value)  # the last good adapter, named
@@ -75,12 +78,14 @@ def _nan_at_call(monkeypatch, bad_call: int) -> None:
 
 
 def test_nan_loss_fails_with_the_usual_fixes_and_keeps_the_last_save(
-    tiny_dir, small_dataset, tmp_path, monkeypatch  # noqa: F811
+    tiny_dir,
+    small_dataset,
+    tmp_path,
+    monkeypatch,  # noqa: F811
 ):
     _nan_at_call(monkeypatch, bad_call=3)
     run_dir = tmp_path / "run"
-    data = settings(tiny_dir, small_dataset, tmp_path / "cache", saving={"every_n_steps": 1},
-                    sampling={"prompts": []})
+    data = settings(tiny_dir, small_dataset, tmp_path / "cache", saving={"every_n_steps": 1}, sampling={"prompts": []})
     with pytest.raises(TrainingError, match="loss became nan at step 3.*lower the learning rate"):
         train(data, run_dir)
     assert status(run_dir)["state"] == "failed"
@@ -100,6 +105,7 @@ def test_nan_gradient_is_caught_too(tiny_dir, small_dataset, tmp_path, monkeypat
         def poison(grad):
             state["steps"] += 1
             return grad * math.inf if state["steps"] == 2 else grad  # finite loss, infinite gradient
+
         first.register_hook(poison)
         return session
 
@@ -111,8 +117,9 @@ def test_nan_gradient_is_caught_too(tiny_dir, small_dataset, tmp_path, monkeypat
 
 def test_bad_batches_can_be_skipped_up_to_a_limit(tiny_dir, small_dataset, tmp_path, monkeypatch, caplog):  # noqa: F811
     _nan_at_call(monkeypatch, bad_call=3)
-    data = settings(tiny_dir, small_dataset, tmp_path / "cache", training={"max_skipped_batches": 1},
-                    sampling={"prompts": []})
+    data = settings(
+        tiny_dir, small_dataset, tmp_path / "cache", training={"max_skipped_batches": 1}, sampling={"prompts": []}
+    )
     with caplog.at_level(logging.WARNING, logger="dora_studio"):
         adapter = train(data, tmp_path / "run")
     assert "batch skipped (1 of 1 allowed)" in caplog.text
@@ -126,8 +133,9 @@ def test_bad_batches_can_be_skipped_up_to_a_limit(tiny_dir, small_dataset, tmp_p
 def _launch(preset: Path, run_dir: Path, resume: bool) -> subprocess.Popen:
     command = [sys.executable, "-m", "trainer.cli", "train", str(preset), "--run-dir", str(run_dir), "--no-progress"]
     command += ["--resume", "auto"] if resume else []
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
 
 
 def _kill_when(process: subprocess.Popen, run_dir: Path, condition, what: str) -> str:
@@ -150,9 +158,16 @@ def _kill_when(process: subprocess.Popen, run_dir: Path, condition, what: str) -
 
 
 def test_sigkill_anywhere_then_resume_auto_is_bit_identical(tiny_dir, small_dataset, tmp_path):  # noqa: F811
-    data = settings(tiny_dir, small_dataset, tmp_path / "cache", dataset={"flip": True},
-                    network={"rank_dropout": 0.1}, training={"epochs": 3},
-                    saving={"every_n_steps": 3, "every_n_epochs": 0}, sampling={"prompts": []})
+    data = settings(
+        tiny_dir,
+        small_dataset,
+        tmp_path / "cache",
+        dataset={"flip": True},
+        network={"rank_dropout": 0.1},
+        training={"epochs": 3},
+        saving={"every_n_steps": 3, "every_n_epochs": 0},
+        sampling={"prompts": []},
+    )
     preset = tmp_path / "preset.toml"
     preset.write_text(tomli_w.dumps(data))
     reference = train(data, tmp_path / "reference")

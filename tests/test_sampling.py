@@ -26,7 +26,12 @@ KOHYA_EXAMPLES = [  # from sd-scripts' docs (train_network README), verbatim
         ),
         SamplePrompt(
             "masterpiece, best quality, (1girl), in white shirts, upper body, looking at viewer, simple background",
-            "low quality, worst quality, bad anatomy,bad composition, poor, low effort", 768, 768, 28, 7.5, 1,
+            "low quality, worst quality, bad anatomy,bad composition, poor, low effort",
+            768,
+            768,
+            28,
+            7.5,
+            1,
         ),
     ),
     (
@@ -37,7 +42,12 @@ KOHYA_EXAMPLES = [  # from sd-scripts' docs (train_network README), verbatim
         ),
         SamplePrompt(
             "masterpiece, best quality, 1boy, in business suit, standing at street, looking back",
-            "(low quality, worst quality), bad anatomy,bad composition, poor, low effort", 576, 832, 40, 5.5, 2,
+            "(low quality, worst quality), bad anatomy,bad composition, poor, low effort",
+            576,
+            832,
+            40,
+            5.5,
+            2,
         ),
     ),
 ]
@@ -118,12 +128,21 @@ def test_prompt_file_errors_name_file_and_line(tmp_path):
 def test_resolve_fills_defaults_and_offsets_the_seed():
     defaults = SampleDefaults(width=64, height=64, steps=2, guidance_scale=5.0, seed=10)
     assert resolve(SamplePrompt("a"), 3, defaults) == {
-        "prompt": "a", "negative_prompt": "", "width": 64, "height": 64, "steps": 2, "guidance_scale": 5.0,
+        "prompt": "a",
+        "negative_prompt": "",
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "guidance_scale": 5.0,
         "seed": 13,
     }
     given = resolve(SamplePrompt("b", "c", 128, 96, 4, 0.0, 0), 3, defaults)
     assert (given["width"], given["height"], given["steps"], given["guidance_scale"], given["seed"]) == (
-        128, 96, 4, 0.0, 0
+        128,
+        96,
+        4,
+        0.0,
+        0,
     )
 
 
@@ -178,10 +197,26 @@ def test_writes_images_and_resolved_prompts(adapted, tmp_path):
     assert all(Image.open(p).size == (64, 64) for p in paths)
     records = json.loads((tmp_path / "e1" / "prompts.json").read_text(encoding="utf-8"))
     assert records == [
-        {"file": "00.png", "prompt": "a red cube", "negative_prompt": "blurry, dark", "width": 64, "height": 64,
-         "steps": 2, "guidance_scale": 7.0, "seed": 11},
-        {"file": "01.png", "prompt": "a blue sphere", "negative_prompt": "", "width": 64, "height": 64,
-         "steps": 2, "guidance_scale": 5.0, "seed": 4},
+        {
+            "file": "00.png",
+            "prompt": "a red cube",
+            "negative_prompt": "blurry, dark",
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+            "guidance_scale": 7.0,
+            "seed": 11,
+        },
+        {
+            "file": "01.png",
+            "prompt": "a blue sphere",
+            "negative_prompt": "",
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+            "guidance_scale": 5.0,
+            "seed": 4,
+        },
     ]
 
 

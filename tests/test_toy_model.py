@@ -75,13 +75,21 @@ def test_builtin_folder_holds_the_packaged_weights(toy_pipe):
 
 
 def _draw(pipe, prompts, seed=0):
-    return pipe(prompt=prompts, num_inference_steps=20, guidance_scale=5.0, height=128, width=128,
-                generator=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]).images
+    return pipe(
+        prompt=prompts,
+        num_inference_steps=20,
+        guidance_scale=5.0,
+        height=128,
+        width=128,
+        generator=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts))],
+    ).images
 
 
 def test_generation_is_deterministic(toy_pipe):
-    first, second = _draw(toy_pipe, ["a small blue square on a white background, top left"]), \
-        _draw(toy_pipe, ["a small blue square on a white background, top left"])
+    first, second = (
+        _draw(toy_pipe, ["a small blue square on a white background, top left"]),
+        _draw(toy_pipe, ["a small blue square on a white background, top left"]),
+    )
     assert np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
 
 
@@ -105,8 +113,10 @@ def test_the_toy_model_draws_shapes_on_plain_backgrounds_and_follows_colours(toy
         border = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]), axis=0)
         flat.append(float((np.linalg.norm(pixels - border, axis=-1) < 30).mean()))
     assert sum(0.4 < share < 0.98 for share in flat) >= 5, flat  # v2 gets 6; noise gets none
-    colours_right = sum(read_picture(image, scene.background, PLAIN_SHAPES).colour == scene.colour
-                        for scene, image in zip(scenes, images))
+    colours_right = sum(
+        read_picture(image, scene.background, PLAIN_SHAPES).colour == scene.colour
+        for scene, image in zip(scenes, images)
+    )
     assert colours_right >= 2
 
 
@@ -115,13 +125,16 @@ def test_training_epsilon_on_the_toy_model_is_refused_with_the_fix():
     from trainer.training.setup import _check_schedule
 
     preset = REPO / "presets" / "quickstart.toml"
-    right = load_config(preset, ["model.path=builtin:toy-sdxl", "model.prediction_type=v_prediction",
-                                 "model.zero_terminal_snr=true"])
+    right = load_config(
+        preset, ["model.path=builtin:toy-sdxl", "model.prediction_type=v_prediction", "model.zero_terminal_snr=true"]
+    )
     _check_schedule(TOY_SCHEDULER_CONFIG, right)  # trained as it was pretrained
-    wrong = load_config(preset, ["model.path=builtin:toy-sdxl", "model.prediction_type=epsilon",
-                                 "model.zero_terminal_snr=false"])
-    with pytest.raises(TrainingError, match='set model.prediction_type = "v_prediction" and '
-                                            'model.zero_terminal_snr = true'):
+    wrong = load_config(
+        preset, ["model.path=builtin:toy-sdxl", "model.prediction_type=epsilon", "model.zero_terminal_snr=false"]
+    )
+    with pytest.raises(
+        TrainingError, match='set model.prediction_type = "v_prediction" and model.zero_terminal_snr = true'
+    ):
         _check_schedule(TOY_SCHEDULER_CONFIG, wrong)
     _check_schedule(SDXL_SCHEDULER_CONFIG, wrong)  # SDXL base itself is epsilon
 

@@ -85,6 +85,7 @@ def options(**overrides) -> AugmentOptions:
 
 # --- the epoch's order -------------------------------------------------------------------------------------
 
+
 @contextmanager
 def other_global_rng_states():
     """Python's and torch's global RNGs moved elsewhere, and put back afterwards."""
@@ -98,8 +99,15 @@ def other_global_rng_states():
 
 def synthetic_examples() -> list[TrainExample]:
     """Three buckets, mixed repeats; epoch_batches never opens the files."""
-    layout = [((128, 128), 3), ((128, 128), 1), ((128, 128), 2), ((192, 64), 4), ((192, 64), 1),
-              ((64, 192), 2), ((128, 128), 1)]
+    layout = [
+        ((128, 128), 3),
+        ((128, 128), 1),
+        ((128, 128), 2),
+        ((192, 64), 4),
+        ((192, 64), 1),
+        ((64, 192), 2),
+        ((128, 128), 1),
+    ]
     return [example(f"img{i}.png", bucket, bucket, repeats=repeats) for i, (bucket, repeats) in enumerate(layout)]
 
 
@@ -138,8 +146,10 @@ def test_batches_are_shuffled_across_buckets_and_images_within_them():
     first_buckets = {examples[epoch_batches(examples, 2, 1, e)[0][0]].bucket for e in range(12)}
     assert len(first_buckets) > 1  # buckets are not served in a fixed order
     # with batches larger than any bucket, each batch is one whole bucket in its shuffled order
-    square_orders = {tuple(next(batch for batch in epoch_batches(examples, 50, 1, e)
-                                if examples[batch[0]].bucket == (128, 128))) for e in range(6)}
+    square_orders = {
+        tuple(next(batch for batch in epoch_batches(examples, 50, 1, e) if examples[batch[0]].bucket == (128, 128)))
+        for e in range(6)
+    }
     assert len(square_orders) > 1
 
 
@@ -172,8 +182,9 @@ def test_batch_count_matches_check_data(dataset, batch_size):
 
 def test_plan_replays_exactly_on_resume(dataset):
     examples = plan_examples(scan_dataset(dataset), SPEC)
-    augment = options(flip=True, random_crop=True,
-                      captions=CaptionOptions(trigger_word="zqx", shuffle_tags=True, tag_dropout=0.3))
+    augment = options(
+        flip=True, random_crop=True, captions=CaptionOptions(trigger_word="zqx", shuffle_tags=True, tag_dropout=0.3)
+    )
     uninterrupted = plan_epoch(examples, augment, 2, seed=5, epoch=1)
     with other_global_rng_states():  # as a resumed process would have
         resumed = plan_epoch(examples, augment, 2, seed=5, epoch=1)
@@ -188,6 +199,7 @@ def test_plan_replays_exactly_on_resume(dataset):
 
 
 # --- crops, flips and SDXL's size conditioning ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("size", "time_ids", "resized"),
@@ -223,12 +235,13 @@ def test_flipped_draw_reports_the_crop_of_the_flipped_image(tmp_path):
     assert plain.time_ids(image) == [128, 192, 0, 10, 128, 128]
     assert flipped.time_ids(image) == [128, 192, 0, 54, 128, 128]  # 192 - 128 - 10
     top, left = flipped.time_ids(image)[2:4]
-    flipped_first = np.ascontiguousarray(array[:, ::-1])[top:top + 128, left:left + 128]
+    flipped_first = np.ascontiguousarray(array[:, ::-1])[top : top + 128, left : left + 128]
     pixels = load_pixels(image, flipped, WHITE)
     torch.testing.assert_close(pixels.double(), expected_pixels(flipped_first), rtol=0, atol=1e-6)
     torch.testing.assert_close(pixels, load_pixels(image, plain, WHITE).flip(-1), rtol=0, atol=0)
-    torch.testing.assert_close(load_pixels(image, plain, WHITE).double(), expected_pixels(array[:, 10:138]),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        load_pixels(image, plain, WHITE).double(), expected_pixels(array[:, 10:138]), rtol=0, atol=1e-6
+    )
 
 
 def test_random_crops_stay_inside_and_flip_about_half_the_time():
@@ -245,6 +258,7 @@ def test_random_crops_stay_inside_and_flip_about_half_the_time():
 
 # --- pixels -------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("size", [(128, 128), (300, 200)])
 def test_solid_colour_gives_exact_values(tmp_path, size):
     image = example(save(tmp_path / "solid.png", solid(*size, (255, 0, 51))), size, (128, 128))
@@ -252,8 +266,9 @@ def test_solid_colour_gives_exact_values(tmp_path, size):
     pixels = load_pixels(image, draw, WHITE)
     assert pixels.shape == (3, 128, 128) and pixels.dtype == torch.float32
     for channel, value in enumerate((1.0, -1.0, 51 / 127.5 - 1.0)):
-        torch.testing.assert_close(pixels[channel].double(), torch.full((128, 128), value, dtype=torch.float64),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            pixels[channel].double(), torch.full((128, 128), value, dtype=torch.float64), rtol=0, atol=1e-6
+        )
 
 
 def test_transparent_pixels_are_composited_on_the_background(tmp_path):
@@ -266,17 +281,30 @@ def test_transparent_pixels_are_composited_on_the_background(tmp_path):
     pixels = load_pixels(image, plan_image(image, 0, options(), random.Random(0)), background).double()
     blend = [(c * 102 + b * (255 - 102)) / 255 for c, b in zip((200, 100, 0), background)]
     for channel in range(3):
-        torch.testing.assert_close(pixels[channel, :, :64], torch.full((128, 64), background[channel] / 127.5 - 1,
-                                                                       dtype=torch.float64), rtol=0, atol=1e-6)
-        torch.testing.assert_close(pixels[channel, :, 64:96], torch.full((128, 32), (200, 100, 0)[channel] / 127.5 - 1,
-                                                                         dtype=torch.float64), rtol=0, atol=1e-6)
-        torch.testing.assert_close(pixels[channel, :, 96:], torch.full((128, 32), blend[channel] / 127.5 - 1,
-                                                                       dtype=torch.float64), rtol=0, atol=1.01 / 127.5)
+        torch.testing.assert_close(
+            pixels[channel, :, :64],
+            torch.full((128, 64), background[channel] / 127.5 - 1, dtype=torch.float64),
+            rtol=0,
+            atol=1e-6,
+        )
+        torch.testing.assert_close(
+            pixels[channel, :, 64:96],
+            torch.full((128, 32), (200, 100, 0)[channel] / 127.5 - 1, dtype=torch.float64),
+            rtol=0,
+            atol=1e-6,
+        )
+        torch.testing.assert_close(
+            pixels[channel, :, 96:],
+            torch.full((128, 32), blend[channel] / 127.5 - 1, dtype=torch.float64),
+            rtol=0,
+            atol=1.01 / 127.5,
+        )
     white = load_pixels(image, plan_image(image, 0, options(), random.Random(0)), WHITE)
     torch.testing.assert_close(white[:, :, :64], torch.ones(3, 128, 64), rtol=0, atol=0)
 
 
 # --- captions -------------------------------------------------------------------------------------------------
+
 
 def test_caption_options_apply_through_draw_for():
     image = example("unused.png", (128, 128), (128, 128), caption="red cube, table, studio light")
@@ -296,6 +324,7 @@ def test_caption_options_apply_through_draw_for():
 
 # --- the latent cache -----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def vae() -> AutoencoderKL:
     with torch.random.fork_rng(devices=[]):
@@ -308,8 +337,11 @@ def small_dataset(tmp_path) -> list[TrainExample]:
     """Three images for the single 64x64 bucket; one wider (cropped off-centre by half a pixel), one transparent."""
     rgba = np.concatenate([gradient(64, 64), np.full((64, 64, 1), 255)], axis=-1)
     rgba[:32, :, 3] = 0
-    paths = [save(tmp_path / "a.png", gradient(64, 64)), save(tmp_path / "b.png", gradient(97, 64)),
-             save(tmp_path / "c.png", rgba)]
+    paths = [
+        save(tmp_path / "a.png", gradient(64, 64)),
+        save(tmp_path / "b.png", gradient(97, 64)),
+        save(tmp_path / "c.png", rgba),
+    ]
     sizes = [(64, 64), (97, 64), (64, 64)]  # 33 px spare: the mirrored crop starts at 17, not 16
     return [TrainExample(p, f"caption {p.stem}, tag", 2, s, (64, 64)) for p, s in zip(paths, sizes)]
 
@@ -343,10 +375,12 @@ def test_cache_key_follows_bytes_crop_flip_and_background(tmp_path):
     # everything that changes the pixels changes the key
     changed = {
         LatentCache(tmp_path / "cache", "vae1").key(image, PlannedImage(0, crop, True, "a caption"), WHITE),
-        LatentCache(tmp_path / "cache", "vae1").key(image, PlannedImage(0, CropPlan((128, 128), (192, 128), (0, 31)),
-                                                                False, ""), WHITE),
-        LatentCache(tmp_path / "cache", "vae1").key(image, PlannedImage(0, CropPlan((64, 64), (96, 64), (0, 16)),
-                                                                False, ""), WHITE),
+        LatentCache(tmp_path / "cache", "vae1").key(
+            image, PlannedImage(0, CropPlan((128, 128), (192, 128), (0, 31)), False, ""), WHITE
+        ),
+        LatentCache(tmp_path / "cache", "vae1").key(
+            image, PlannedImage(0, CropPlan((64, 64), (96, 64), (0, 16)), False, ""), WHITE
+        ),
         LatentCache(tmp_path / "cache", "vae1").key(image, draw, (0, 0, 0)),  # transparent parts differ
     }
     edited = gradient(192, 128)
@@ -404,8 +438,11 @@ def test_vae_fingerprint_ignores_where_the_vae_came_from(tmp_path, vae):
     first = AutoencoderKL.from_pretrained(tmp_path / "one")
     second = AutoencoderKL.from_pretrained(tmp_path / "two")
     assert first.config._name_or_path != second.config._name_or_path
-    assert vae_fingerprint(first, torch.float32) == vae_fingerprint(second, torch.float32) \
+    assert (
+        vae_fingerprint(first, torch.float32)
+        == vae_fingerprint(second, torch.float32)
         == vae_fingerprint(vae, torch.float32)
+    )
     assert vae_fingerprint(first, torch.float16) != vae_fingerprint(first, torch.float32)
     with torch.no_grad():
         next(iter(second.decoder.parameters())).view(-1)[0] += 1e-3  # a decoder weight counts too: it is the VAE
@@ -433,6 +470,7 @@ def test_sample_latents_is_the_posterior_sample():
 
 
 # --- batches --------------------------------------------------------------------------------------------------
+
 
 def assert_same_batch(a, b, fields=("pixels", "moments")):
     assert a.captions == b.captions
@@ -474,8 +512,7 @@ def test_missing_cache_entry_during_training_is_an_error(tmp_path, small_dataset
 
 def test_batch_loader_resumes_mid_epoch_and_workers_change_nothing(small_dataset):
     examples = small_dataset
-    augment = options(bucket_spec=SPEC_64, flip=True,
-                      captions=CaptionOptions(shuffle_tags=True, caption_dropout=0.2))
+    augment = options(bucket_spec=SPEC_64, flip=True, captions=CaptionOptions(shuffle_tags=True, caption_dropout=0.2))
     plan = plan_epoch(examples, augment, batch_size=1, seed=11, epoch=2)
     dataset = EpochBatches(plan, examples, None, WHITE)
     full = list(batch_loader(dataset, start=0, workers=0))

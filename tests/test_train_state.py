@@ -45,10 +45,13 @@ class TinyModel(nn.Module):
 def setup(optimizer_name: str, seed: int, hidden: int = 8):
     model = TinyModel(seed, hidden)
     unet_lr, te_lr = LRS[optimizer_name]
-    groups = [ParamGroup("unet", [*model.unet.parameters(), model.magnitude], unet_lr),
-              ParamGroup("text_encoder_1", list(model.text_encoder.parameters()), te_lr)]
-    optimizer = build_optimizer(optimizer_name, groups, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-8,
-                                no_decay=lambda p: p is model.magnitude)
+    groups = [
+        ParamGroup("unet", [*model.unet.parameters(), model.magnitude], unet_lr),
+        ParamGroup("text_encoder_1", list(model.text_encoder.parameters()), te_lr),
+    ]
+    optimizer = build_optimizer(
+        optimizer_name, groups, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-8, no_decay=lambda p: p is model.magnitude
+    )
     scheduler = build_scheduler("cosine", optimizer, warmup_steps=3, total_steps=TOTAL_STEPS)
     return model, optimizer, scheduler
 
@@ -88,13 +91,15 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, optimizer_nam
     first = setup(optimizer_name, seed=0)
     train(*first, range(SAVE_AT))
     progress = {"step": SAVE_AT, "epoch": 1, "config": {"optimizer": optimizer_name}}
-    state_dir = save_train_state(tmp_path, SAVE_AT, trainable=first[0].trainable(), optimizer=first[1],
-                                 lr_scheduler=first[2], progress=progress)
+    state_dir = save_train_state(
+        tmp_path, SAVE_AT, trainable=first[0].trainable(), optimizer=first[1], lr_scheduler=first[2], progress=progress
+    )
     assert state_dir == tmp_path / "step-00000005"
 
     resumed = setup(optimizer_name, seed=1)  # different start: the load must overwrite everything
-    loaded = load_train_state(state_dir, trainable=resumed[0].trainable(), optimizer=resumed[1],
-                              lr_scheduler=resumed[2])
+    loaded = load_train_state(
+        state_dir, trainable=resumed[0].trainable(), optimizer=resumed[1], lr_scheduler=resumed[2]
+    )
     assert loaded == {"progress": progress, "extra": None}
     assert_identical(resumed[1].state_dict(), first[1].state_dict())
     assert_identical(resumed[2].state_dict(), first[2].state_dict())
@@ -111,8 +116,9 @@ def save(root: Path, step: int, optimizer_name: str = "adamw", **kwargs) -> Path
     model, optimizer, scheduler = setup(optimizer_name, seed=0)
     train(model, optimizer, scheduler, range(2))
     kwargs.setdefault("progress", {"step": step})
-    return save_train_state(root, step, trainable=model.trainable(), optimizer=optimizer, lr_scheduler=scheduler,
-                            **kwargs)
+    return save_train_state(
+        root, step, trainable=model.trainable(), optimizer=optimizer, lr_scheduler=scheduler, **kwargs
+    )
 
 
 def test_files_are_safetensors_and_plain_json(tmp_path):
@@ -128,8 +134,16 @@ def test_files_are_safetensors_and_plain_json(tmp_path):
 
 
 def test_extra_keeps_tuples_tensor_dtypes_and_non_finite_floats(tmp_path):
-    extra = {"rng": torch.get_rng_state(), "bf16": torch.ones(2, dtype=torch.bfloat16), "n": torch.tensor(7),
-             "flag": torch.tensor(True), "pair": (1, 2.5), "inf": float("inf"), "nan": float("nan"), "none": None}
+    extra = {
+        "rng": torch.get_rng_state(),
+        "bf16": torch.ones(2, dtype=torch.bfloat16),
+        "n": torch.tensor(7),
+        "flag": torch.tensor(True),
+        "pair": (1, 2.5),
+        "inf": float("inf"),
+        "nan": float("nan"),
+        "none": None,
+    }
     state_dir = save(tmp_path, 3, extra=extra)
     model, optimizer, scheduler = setup("adamw", seed=0)
     loaded = load_train_state(state_dir, trainable=model.trainable(), optimizer=optimizer, lr_scheduler=scheduler)
@@ -157,8 +171,11 @@ def test_mismatched_states_name_the_problem(tmp_path):
 
     model, optimizer, scheduler = setup("adamw", seed=0)
     renamed = {("lora/" + k if k.startswith("unet") else k): p for k, p in model.trainable().items()}
-    with pytest.raises(TrainStateError, match=r"step-00000003: parameter names differ: not in the state "
-                                              r"lora/unet/bias, lora/unet/weight; only in the state unet/bias"):
+    with pytest.raises(
+        TrainStateError,
+        match=r"step-00000003: parameter names differ: not in the state "
+        r"lora/unet/bias, lora/unet/weight; only in the state unet/bias",
+    ):
         load_train_state(state_dir, trainable=renamed, optimizer=optimizer, lr_scheduler=scheduler)
 
     model, optimizer, scheduler = setup("adamw", seed=0, hidden=5)

@@ -47,8 +47,15 @@ def small_dataset(tmp_path_factory) -> Path:
 def settings(tiny_dir: Path, data_root: Path, cache: Path, **sections) -> dict:
     base = {
         "model": {"path": str(tiny_dir)},
-        "dataset": {"path": str(data_root), "resolution": 64, "min_bucket_side": 64, "max_bucket_side": 128,
-                    "latent_cache_dir": str(cache), "loader_workers": 0, "trigger_word": "zqx"},
+        "dataset": {
+            "path": str(data_root),
+            "resolution": 64,
+            "min_bucket_side": 64,
+            "max_bucket_side": 128,
+            "latent_cache_dir": str(cache),
+            "loader_workers": 0,
+            "trigger_word": "zqx",
+        },
         "network": {"kind": "dora", "rank": 4, "alpha": 4.0},
         "optimizer": {"learning_rate": 1e-3, "scheduler": "cosine", "warmup_steps": 2},
         "training": {"epochs": 2, "batch_size": 2, "mixed_precision": "no", "seed": 7},
@@ -84,8 +91,7 @@ def test_dora_run_end_to_end(tiny_dir, small_dataset, tmp_path):
         prompts = json.loads((run_dir / f"samples/epoch_{epoch:03d}/prompts.json").read_text())
         assert prompts[0]["prompt"] == "zqx, a square" and prompts[0]["seed"] == 3
         assert Image.open(run_dir / f"samples/epoch_{epoch:03d}/00.png").size == (64, 64)
-    assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["test-epoch001.safetensors",
-                                                                         "test.safetensors"]
+    assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["test-epoch001.safetensors", "test.safetensors"]
     config_toml = (run_dir / "config.toml").read_text()
     assert 'kind = "dora"' in config_toml and str(small_dataset) in config_toml
 
@@ -98,17 +104,25 @@ def test_dora_run_end_to_end(tiny_dir, small_dataset, tmp_path):
     assert any(w.up.abs().max() > 0 for w in loaded.adapters.values())  # it learned something
 
     parts = pipeline_parts(load_sdxl_pipeline(tiny_dir))
-    report = verify_match(match_stems(canonical_stems(loaded, parts).adapters, model_stem_targets(parts)),
-                          tolerance=1e-5)
+    report = verify_match(
+        match_stems(canonical_stems(loaded, parts).adapters, model_stem_targets(parts)), tolerance=1e-5
+    )
     assert report.ok
 
 
 def test_lora_with_text_encoders_conv_checkpointing_and_accumulation(tiny_dir, small_dataset, tmp_path):
     """Many paths at once: LoRA, attn+conv, both text encoders, gradient checkpointing, accumulation."""
     data = settings(
-        tiny_dir, small_dataset, tmp_path / "cache",
-        network={"kind": "lora", "unet_targets": "attn+conv", "train_text_encoders": True, "conv_rank": 2,
-                 "conv_alpha": 1.0},
+        tiny_dir,
+        small_dataset,
+        tmp_path / "cache",
+        network={
+            "kind": "lora",
+            "unet_targets": "attn+conv",
+            "train_text_encoders": True,
+            "conv_rank": 2,
+            "conv_alpha": 1.0,
+        },
         optimizer={"text_encoder_1_lr": 5e-4, "text_encoder_2_lr": 2e-4},
         training={"epochs": 1, "gradient_accumulation": 3, "gradient_checkpointing": True},
         sampling={"prompts": []},
@@ -121,20 +135,25 @@ def test_lora_with_text_encoders_conv_checkpointing_and_accumulation(tiny_dir, s
     loaded = load_adapter(adapter)
     stems = set(loaded.adapters)
     assert len(stems) == 722 + 66 + 72 + 192
-    trained = {part: max(w.up.abs().max().item() for s, w in loaded.adapters.items() if s.startswith(prefix))
-               for part, prefix in (("unet", "lora_unet"), ("te1", "lora_te1"), ("te2", "lora_te2"))}
+    trained = {
+        part: max(w.up.abs().max().item() for s, w in loaded.adapters.items() if s.startswith(prefix))
+        for part, prefix in (("unet", "lora_unet"), ("te1", "lora_te1"), ("te2", "lora_te2"))
+    }
     assert all(value > 0 for value in trained.values()), trained
 
     # diffusers' own loader takes every key (nothing reported unknown, every layer becomes a LoRA layer)
     pipe = load_sdxl_pipeline(tiny_dir)
     pipe.load_lora_weights(str(adapter))
-    counts = {name: sum(hasattr(m, "lora_A") for m in model.modules())
-              for name, model in (("unet", pipe.unet), ("te1", pipe.text_encoder), ("te2", pipe.text_encoder_2))}
+    counts = {
+        name: sum(hasattr(m, "lora_A") for m in model.modules())
+        for name, model in (("unet", pipe.unet), ("te1", pipe.text_encoder), ("te2", pipe.text_encoder_2))
+    }
     assert counts == {"unet": 722 + 66, "te1": 72, "te2": 192}
 
 
 def _stop_when(run_dir: Path, step: int) -> threading.Thread:
     """Drop a ``stop`` command once ``step`` appears in metrics.jsonl, as the UI would."""
+
     def watch():
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -150,8 +169,14 @@ def _stop_when(run_dir: Path, step: int) -> threading.Thread:
 
 
 def test_stop_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_dir, small_dataset, tmp_path):
-    data = settings(tiny_dir, small_dataset, tmp_path / "cache", dataset={"flip": True},
-                    network={"rank_dropout": 0.2}, sampling={"prompts": []})
+    data = settings(
+        tiny_dir,
+        small_dataset,
+        tmp_path / "cache",
+        dataset={"flip": True},
+        network={"rank_dropout": 0.2},
+        sampling={"prompts": []},
+    )
     straight = train(data, tmp_path / "straight")
 
     interrupted = tmp_path / "interrupted"
@@ -175,8 +200,14 @@ def test_resume_refuses_changed_training_settings(tiny_dir, small_dataset, tmp_p
 
     data = settings(tiny_dir, small_dataset, tmp_path / "cache", training={"epochs": 1}, sampling={"prompts": []})
     train(data, tmp_path / "run")
-    changed = settings(tiny_dir, small_dataset, tmp_path / "cache", training={"epochs": 2}, sampling={"prompts": []},
-                       network={"rank": 8})
+    changed = settings(
+        tiny_dir,
+        small_dataset,
+        tmp_path / "cache",
+        training={"epochs": 2},
+        sampling={"prompts": []},
+        network={"rank": 8},
+    )
     with pytest.raises(TrainStateError, match="network.rank"):
         train(changed, tmp_path / "run", resume="auto")
 
@@ -203,8 +234,14 @@ def test_sigterm_saves_and_stops_cleanly(tiny_dir, small_dataset, tmp_path):
     preset.write_text(tomli_w.dumps(data))
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "trainer.cli", "train", str(preset), "--run-dir", str(run_dir), "--no-progress"]
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -225,8 +262,21 @@ def test_quickstart_preset_runs_from_the_cli(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("DORA_STUDIO_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
-    code = main(["train", str(REPO / "presets/quickstart.toml"), "--run-dir", str(run_dir), "--no-progress",
-                 "--set", "training.max_steps=2", "--set", "sampling.at_start=false", "--set", "sampling.steps=2"])
+    code = main(
+        [
+            "train",
+            str(REPO / "presets/quickstart.toml"),
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            "--set",
+            "training.max_steps=2",
+            "--set",
+            "sampling.at_start=false",
+            "--set",
+            "sampling.steps=2",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert f"adapter: {run_dir / 'adapters/quickstart-dora.safetensors'}" in out

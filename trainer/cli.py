@@ -105,8 +105,9 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         if not args.dir:
             raise UsageError("give the dataset folder (or --preset PRESET to check the preset's dataset)")
         try:
-            spec = BucketSpec(resolution=args.resolution, min_side=min(512, args.resolution),
-                              max_side=max(2048, args.resolution))
+            spec = BucketSpec(
+                resolution=args.resolution, min_side=min(512, args.resolution), max_side=max(2048, args.resolution)
+            )
         except ValueError as error:
             raise UsageError.at(f"--resolution {args.resolution}", str(error)) from None
         if args.batch_size < 1:
@@ -124,8 +125,10 @@ def _train_config(args: argparse.Namespace):
     if args.preset is None and args.resume and args.run_dir:
         return load_config(RunDirectory(Path(args.run_dir)).config_path, args.set)
     if args.preset is None:
-        raise UsageError("give a preset, e.g. `dora-studio train presets/quickstart.toml` (or --run-dir and "
-                         "--resume auto to continue a run with its saved settings)")
+        raise UsageError(
+            "give a preset, e.g. `dora-studio train presets/quickstart.toml` (or --run-dir and "
+            "--resume auto to continue a run with its saved settings)"
+        )
     return load_config(args.preset, args.set)
 
 
@@ -147,8 +150,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = _run_directory(args, config.saving.output_name)
     launched = "RANK" in os.environ  # under torchrun / accelerate launch: one of several processes
     if not args.resume and run.config_path.exists() and not launched:
-        raise UsageError.at(run.root, "already holds a run; pass --resume auto to continue it, or choose "
-                            "another --run-dir")
+        raise UsageError.at(
+            run.root, "already holds a run; pass --resume auto to continue it, or choose another --run-dir"
+        )
     if config.training.processes > 1 and not launched:
         return _launch_processes(config.training.processes, args, run.root)
     main_process = os.environ.get("RANK", "0") == "0"
@@ -156,8 +160,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             adapter = Trainer(config, run, show_progress=not args.no_progress).run_training(args.resume)
         except StopRequested:
-            print(f"stopped and saved; continue with: dora-studio train --run-dir {run.root} --resume auto",
-                  file=sys.stderr)
+            print(
+                f"stopped and saved; continue with: dora-studio train --run-dir {run.root} --resume auto",
+                file=sys.stderr,
+            )
             return EXIT_OK
     print(f"adapter: {adapter}\nsamples: {run.samples_dir}\nrun folder: {run.root}")
     return EXIT_OK
@@ -173,8 +179,16 @@ def _launch_processes(count: int, args: argparse.Namespace, run_dir: Path) -> in
     argv = ["train", *([args.preset] if args.preset else []), "--run-dir", str(run_dir)]
     argv += [part for override in args.set for part in ("--set", override)]
     argv += (["--resume", args.resume] if args.resume else []) + (["--no-progress"] if args.no_progress else [])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}",
-               "-m", "trainer.cli", *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={count}",
+        "-m",
+        "trainer.cli",
+        *argv,
+    ]
     return subprocess.call(command)
 
 
@@ -207,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_inspect)
 
-    model_help = ("SDXL base: a diffusers folder, a single-file .safetensors checkpoint, builtin:toy-sdxl or "
-                  "builtin:tiny-sdxl")
+    model_help = (
+        "SDXL base: a diffusers folder, a single-file .safetensors checkpoint, builtin:toy-sdxl or builtin:tiny-sdxl"
+    )
     config_help = "diffusers config folder for a single-file model (default: a folder named like the file)"
 
     p = sub.add_parser("verify", help="merge a file as ComfyUI/Forge, A1111 and InvokeAI do; compare with ours")
@@ -235,26 +250,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-toy-model", help="pretrain builtin:toy-sdxl from scratch (about 45 min on 2 CPU cores)")
     p.add_argument("--out", help="weights file to write (default: the packaged trainer/assets/toy-sdxl.safetensors)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="a few steps of each stage: checks that the recipe runs (the model draws noise)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few steps of each stage: checks that the recipe runs (the model draws noise)",
+    )
     p.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda, cuda:1, mps, ...")
     p.set_defaults(func=cmd_make_toy_model)
 
     p = sub.add_parser("check-data", help="scan a dataset folder: repeats, captions, broken files, buckets, steps")
-    p.add_argument("dir", nargs="?", help="dataset folder: images with same-name captions, or subfolders like "
-                   "10_name (with --preset: overrides the preset's dataset.path)")
+    p.add_argument(
+        "dir",
+        nargs="?",
+        help="dataset folder: images with same-name captions, or subfolders like "
+        "10_name (with --preset: overrides the preset's dataset.path)",
+    )
     p.add_argument("--preset", help="take folder, caption extension, buckets and batch size from this preset")
     p.add_argument("--caption-extension", default=".txt", help="caption file extension (default .txt)")
     p.add_argument("--batch-size", type=int, default=1, help="for the steps-per-epoch count (default 1)")
-    p.add_argument("--resolution", type=int, default=1024, help="bucket resolution (default 1024; sides "
-                   "512-2048, or down to the resolution when it is smaller)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=1024,
+        help="bucket resolution (default 1024; sides 512-2048, or down to the resolution when it is smaller)",
+    )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("train", help="train an adapter from a TOML preset; writes a run folder")
     p.add_argument("preset", nargs="?", help="preset .toml (see presets/); optional with --run-dir --resume")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set network.rank=8 (repeatable; see `dora-studio settings`)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set network.rank=8 (repeatable; see `dora-studio settings`)",
+    )
     p.add_argument("--run-dir", help="run folder (default: RUNS_DIR/<output_name>-<date>-<time>)")
     p.add_argument("--runs-dir", default="runs", help="where new run folders go (default ./runs)")
     p.add_argument("--resume", metavar="auto|STATE", help="continue from the run's newest state, or this state")
@@ -262,8 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("ui", help="the web studio: configure, start, watch and export runs in a browser")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                   "only; use 0.0.0.0 with --auth to reach it from elsewhere)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine "
+        "only; use 0.0.0.0 with --auth to reach it from elsewhere)",
+    )
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--auth", metavar="USER:PASSWORD", help="require this login for every page, file and API call")
     p.add_argument("--runs-dir", default="runs", help="where run folders live (default ./runs)")

@@ -55,8 +55,17 @@ class ConvOps:
 
     def _backward(self, x: Tensor, weight: Tensor, dy: Tensor, need_input: bool, need_weight: bool):
         return torch.ops.aten.convolution_backward(
-            dy, x, weight, None, self.stride, self.padding, self.dilation,
-            False, [0, 0], 1, [need_input, need_weight, False],
+            dy,
+            x,
+            weight,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            [0, 0],
+            1,
+            [need_input, need_weight, False],
         )
 
     def input_grad(self, x: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:

@@ -67,9 +67,7 @@ def _rows_times(weight2d: Tensor, other: Tensor, transpose_rows: bool) -> Tensor
 
 
 @torch.no_grad()
-def direction_norm(
-    weight: Tensor, weight_sq: Tensor, down: Tensor, up: Tensor, gamma: float, axis: DoraAxis
-) -> Tensor:
+def direction_norm(weight: Tensor, weight_sq: Tensor, down: Tensor, up: Tensor, gamma: float, axis: DoraAxis) -> Tensor:
     """||V|| along ``axis`` (shape (in,) or (out,)), float32, given the cached ||W||^2 from weight_norm_sq.
 
     Both cross and quadratic terms come from one rank-sized product T, e.g. for the input axis

@@ -49,8 +49,12 @@ class NetworkSpec:
         rank = (self.conv_rank or self.rank) if spatial else self.rank
         alpha = (self.conv_alpha if self.conv_alpha is not None else self.alpha) if spatial else self.alpha
         return AdapterSpec(
-            rank=rank, alpha=alpha, dora=self.dora, dora_axis=self.dora_axis,
-            module_dropout=self.module_dropout, rank_dropout=self.rank_dropout,
+            rank=rank,
+            alpha=alpha,
+            dora=self.dora,
+            dora_axis=self.dora_axis,
+            module_dropout=self.module_dropout,
+            rank_dropout=self.rank_dropout,
         )
 
 
@@ -125,4 +129,3 @@ def remove_adapters(model: nn.Module) -> int:
 def adapter_weights(adapters: Mapping[str, LoRALayer]) -> dict[str, AdapterWeights]:
     """What the file stores, per stem."""
     return {stem: layer.to_weights() for stem, layer in adapters.items()}
-

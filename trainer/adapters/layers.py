@@ -97,8 +97,10 @@ class LoRALayer(nn.Module):
         if not self.training or p == 0:
             return None, self.gamma
         keep = torch.rand(x.shape[0], self.spec.rank, device=x.device) >= p
-        shape = (x.shape[0], *([1] * (x.dim() - 2)), self.spec.rank) if isinstance(self.ops, LinearOps) else (
-            x.shape[0], self.spec.rank, 1, 1
+        shape = (
+            (x.shape[0], *([1] * (x.dim() - 2)), self.spec.rank)
+            if isinstance(self.ops, LinearOps)
+            else (x.shape[0], self.spec.rank, 1, 1)
         )
         return keep.reshape(shape).to(x.dtype), self.gamma / (1 - p)
 
@@ -196,8 +198,14 @@ class DoRALayer(LoRALayer):
         is computed once per optimizer step, not per micro-batch or per gradient-checkpoint recompute.
         """
         weight = self.base.weight
-        key = (self.lora_down._version, self.lora_up._version, weight._version,
-               self.lora_down.data_ptr(), self.lora_up.data_ptr(), weight.data_ptr())
+        key = (
+            self.lora_down._version,
+            self.lora_up._version,
+            weight._version,
+            self.lora_down.data_ptr(),
+            self.lora_up.data_ptr(),
+            weight.data_ptr(),
+        )
         if key != self._norm_cache_key or self._norm_cache is None:
             norm = direction_norm(
                 weight, self.weight_norm_sq, self.lora_down, self.lora_up, self.gamma, self.spec.dora_axis

@@ -27,8 +27,10 @@ def resolve_builtin(model: str, cache_dir: Path | None = None) -> Path:
     """
     name = model.removeprefix(BUILTIN_PREFIX)
     if name not in BUILTIN_MODELS:
-        raise ModelLoadError.at(model, "unknown built-in model; built-ins are "
-                                + ", ".join(BUILTIN_PREFIX + known for known in BUILTIN_MODELS))
+        raise ModelLoadError.at(
+            model,
+            "unknown built-in model; built-ins are " + ", ".join(BUILTIN_PREFIX + known for known in BUILTIN_MODELS),
+        )
     builder = BUILTIN_MODELS[name]
     quiet_library_progress()
     folder = (cache_dir or default_cache_dir()) / "models" / f"{name}-{builder.builtin_cache_tag()}"

@@ -21,12 +21,21 @@ CONCEPT_SHAPE = TRIGGER
 RING_HOLE = 0.5  # the hole's radius over the ring's: wide enough to show at the toy model's 16x16 latents
 
 COLOURS = {
-    "red": (215, 40, 40), "orange": (240, 135, 25), "yellow": (235, 200, 30), "green": (40, 150, 60),
-    "blue": (40, 80, 200), "purple": (130, 60, 170), "pink": (235, 110, 165),
+    "red": (215, 40, 40),
+    "orange": (240, 135, 25),
+    "yellow": (235, 200, 30),
+    "green": (40, 150, 60),
+    "blue": (40, 80, 200),
+    "purple": (130, 60, 170),
+    "pink": (235, 110, 165),
 }
 BACKGROUNDS = {
-    "white": (255, 255, 255), "pale blue": (200, 225, 250), "pale yellow": (250, 245, 200),
-    "pale green": (210, 240, 210), "pale pink": (250, 215, 225), "light grey": (205, 205, 205),
+    "white": (255, 255, 255),
+    "pale blue": (200, 225, 250),
+    "pale yellow": (250, 245, 200),
+    "pale green": (210, 240, 210),
+    "pale pink": (250, 215, 225),
+    "light grey": (205, 205, 205),
     "dark grey": (70, 70, 70),
 }
 ROWS = ("top", "middle", "bottom")
@@ -55,7 +64,8 @@ class Scene:
         width, height = self.size
         row, column = ROWS[int(3 * y / height)], COLUMNS[int(3 * x / width)]
         return {("middle", "centre"): "centre"}.get((row, column)) or " ".join(
-            word for word in (row, column) if word not in ("middle", "centre"))
+            word for word in (row, column) if word not in ("middle", "centre")
+        )
 
     @property
     def caption(self) -> str:

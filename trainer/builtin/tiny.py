@@ -83,9 +83,7 @@ TINY_UNET_CONFIG: dict[str, Any] = {
     "attention_head_dim": [1, 2, 4],
     "norm_num_groups": 8,
     "addition_time_embed_dim": 8,
-    "cross_attention_dim": (
-        TINY_TEXT_ENCODER_1_CONFIG["hidden_size"] + TINY_TEXT_ENCODER_2_CONFIG["hidden_size"]
-    ),
+    "cross_attention_dim": (TINY_TEXT_ENCODER_1_CONFIG["hidden_size"] + TINY_TEXT_ENCODER_2_CONFIG["hidden_size"]),
     "projection_class_embeddings_input_dim": 6 * 8 + TINY_TEXT_ENCODER_2_CONFIG["projection_dim"],
     "sample_size": 8,  # 64 px at the VAE's factor 8
 }
@@ -127,8 +125,14 @@ def _tokenizer(pad_token: str) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=tiny_vocab(), merges=[], pad_token=pad_token, model_max_length=77)
 
 
-def random_pipeline(seed: int, unet_config: dict, vae_config: dict, text_encoder_configs: tuple[dict, dict],
-                    make_tokenizer, scheduler_config: dict) -> StableDiffusionXLPipeline:
+def random_pipeline(
+    seed: int,
+    unet_config: dict,
+    vae_config: dict,
+    text_encoder_configs: tuple[dict, dict],
+    make_tokenizer,
+    scheduler_config: dict,
+) -> StableDiffusionXLPipeline:
     """An SDXL pipeline of freshly initialised networks; the same seed gives bit-identical weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -149,8 +153,14 @@ def random_pipeline(seed: int, unet_config: dict, vae_config: dict, text_encoder
 
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """A random tiny SDXL pipeline; the same seed gives bit-identical weights."""
-    return random_pipeline(seed, TINY_UNET_CONFIG, TINY_VAE_CONFIG,
-                           (TINY_TEXT_ENCODER_1_CONFIG, TINY_TEXT_ENCODER_2_CONFIG), _tokenizer, SDXL_SCHEDULER_CONFIG)
+    return random_pipeline(
+        seed,
+        TINY_UNET_CONFIG,
+        TINY_VAE_CONFIG,
+        (TINY_TEXT_ENCODER_1_CONFIG, TINY_TEXT_ENCODER_2_CONFIG),
+        _tokenizer,
+        SDXL_SCHEDULER_CONFIG,
+    )
 
 
 def save_tiny_model(out_dir: Path, seed: int = 0) -> Path:

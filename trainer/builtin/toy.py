@@ -45,10 +45,18 @@ TOY_CHECKPOINT_NAME = "toy-sdxl.safetensors"
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 # Every word the pretraining captions use; each becomes one token.
-CAPTION_WORDS = sorted({
-    "a", "on", "background", *SIZES, *PLAIN_SHAPES, *ROWS, *COLUMNS,
-    *(word for name in (*COLOURS, *BACKGROUNDS) for word in name.split()),
-})
+CAPTION_WORDS = sorted(
+    {
+        "a",
+        "on",
+        "background",
+        *SIZES,
+        *PLAIN_SHAPES,
+        *ROWS,
+        *COLUMNS,
+        *(word for name in (*COLOURS, *BACKGROUNDS) for word in name.split()),
+    }
+)
 
 
 def _word_merges(words: list[str]) -> list[tuple[str, str]]:
@@ -74,7 +82,7 @@ def _bpe(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
         rank, index = min(pairs)
         if rank == len(ranks):
             break
-        pieces = [*pieces[:index], pieces[index] + pieces[index + 1], *pieces[index + 2:]]
+        pieces = [*pieces[:index], pieces[index] + pieces[index + 1], *pieces[index + 2 :]]
     return pieces
 
 
@@ -89,8 +97,7 @@ def toy_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def toy_tokenizer(pad_token: str) -> CLIPTokenizer:
     vocab, merges = toy_vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token,
-                         model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
 
 
 def _text_encoder_config(base: dict[str, Any]) -> dict[str, Any]:
@@ -128,14 +135,23 @@ def build_toy_pipeline(seed: int = 0, vae_scaling_factor: float | None = None) -
     vae_config = dict(TOY_VAE_CONFIG)
     if vae_scaling_factor is not None:
         vae_config["scaling_factor"] = vae_scaling_factor
-    return random_pipeline(seed, TOY_UNET_CONFIG, vae_config, (TOY_TEXT_ENCODER_1_CONFIG, TOY_TEXT_ENCODER_2_CONFIG),
-                           toy_tokenizer, TOY_SCHEDULER_CONFIG)
+    return random_pipeline(
+        seed,
+        TOY_UNET_CONFIG,
+        vae_config,
+        (TOY_TEXT_ENCODER_1_CONFIG, TOY_TEXT_ENCODER_2_CONFIG),
+        toy_tokenizer,
+        TOY_SCHEDULER_CONFIG,
+    )
 
 
 def _check_weights(path: Path) -> None:
     if not path.is_file():
-        raise ModelLoadError.at(path, "the toy model's weights are missing; reinstall DoRA Studio, or rebuild "
-                             "them with `dora-studio make-toy-model` (about 45 minutes on 2 CPU cores)")
+        raise ModelLoadError.at(
+            path,
+            "the toy model's weights are missing; reinstall DoRA Studio, or rebuild "
+            "them with `dora-studio make-toy-model` (about 45 minutes on 2 CPU cores)",
+        )
 
 
 def read_toy_metadata(path: Path = TOY_ASSET) -> dict[str, Any]:

@@ -82,8 +82,14 @@ def random_scene(rng: random.Random, shapes: tuple[str, ...] = PLAIN_SHAPES, res
 
 def to_tensor(images) -> torch.Tensor:
     """PIL RGB images as one uint8 tensor [N, 3, H, W]."""
-    return torch.stack([torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-                        .view(image.height, image.width, 3).permute(2, 0, 1) for image in images])
+    return torch.stack(
+        [
+            torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+            .view(image.height, image.width, 3)
+            .permute(2, 0, 1)
+            for image in images
+        ]
+    )
 
 
 def draw_pictures(count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -115,7 +121,7 @@ def train_vae(vae, pixels: torch.Tensor, recipe: ToyRecipe, generator: torch.Gen
             group["lr"] = _learning_rate(step, recipe, recipe.vae_learning_rate, recipe.vae_steps)
         index = torch.randint(count, (recipe.vae_batch_size,), generator=generator)
         top, left = torch.randint(side - crop + 1, (2,), generator=generator).tolist()
-        batch = _to_unit_range(pixels[index.to(pixels.device), :, top:top + crop, left:left + crop])
+        batch = _to_unit_range(pixels[index.to(pixels.device), :, top : top + crop, left : left + crop])
         posterior = vae.encode(batch).latent_dist
         sample = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(batch)
         reconstruction = vae.decode(sample).sample
@@ -137,7 +143,7 @@ def encode_pictures(vae, pixels: torch.Tensor, batch_size: int = 64) -> tuple[to
     """Each picture's posterior (mean, std), unscaled."""
     means, stds = [], []
     for start in range(0, len(pixels), batch_size):
-        posterior = vae.encode(_to_unit_range(pixels[start:start + batch_size])).latent_dist
+        posterior = vae.encode(_to_unit_range(pixels[start : start + batch_size])).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means), torch.cat(stds)
@@ -149,22 +155,35 @@ def encode_caption_table(pipe, captions: list[str]) -> tuple[list[str], torch.Te
     unique = sorted(set(captions))
     tokenizers, encoders = (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2)
     device = pipe.text_encoder.device
-    embeds, pooled = zip(*(encode_captions(tokenizers, encoders, unique[start:start + 256], device)
-                           for start in range(0, len(unique), 256)))
+    embeds, pooled = zip(
+        *(
+            encode_captions(tokenizers, encoders, unique[start : start + 256], device)
+            for start in range(0, len(unique), 256)
+        )
+    )
     return unique, torch.cat(embeds), torch.cat(pooled)
 
 
-def train_unet(unet, latents: tuple[torch.Tensor, torch.Tensor], scaling_factor: float, caption_index: torch.Tensor,
-               caption_table: tuple[torch.Tensor, torch.Tensor], recipe: ToyRecipe, generator: torch.Generator,
-               log: Log, on_checkpoint: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-               checkpoint_every: int = 500) -> dict[str, torch.Tensor]:
+def train_unet(
+    unet,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    scaling_factor: float,
+    caption_index: torch.Tensor,
+    caption_table: tuple[torch.Tensor, torch.Tensor],
+    recipe: ToyRecipe,
+    generator: torch.Generator,
+    log: Log,
+    on_checkpoint: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    checkpoint_every: int = 500,
+) -> dict[str, torch.Tensor]:
     """Train ``unet``; returns the EMA of its weights (also handed to ``on_checkpoint`` every so often)."""
     means, stds = latents
     device = means.device
     prompt_embeds, pooled_embeds = caption_table
     scheduler = training_noise_scheduler(TOY_SCHEDULER_CONFIG, "v_prediction", zero_terminal_snr=True)
-    time_ids = torch.tensor([TOY_RESOLUTION, TOY_RESOLUTION, 0, 0, TOY_RESOLUTION, TOY_RESOLUTION],
-                            dtype=torch.float32, device=device)
+    time_ids = torch.tensor(
+        [TOY_RESOLUTION, TOY_RESOLUTION, 0, 0, TOY_RESOLUTION, TOY_RESOLUTION], dtype=torch.float32, device=device
+    )
     unet.train()
     parameters = list(unet.parameters())
     ema = [parameter.detach().clone() for parameter in parameters]
@@ -199,8 +218,10 @@ def train_unet(unet, latents: tuple[torch.Tensor, torch.Tensor], scaling_factor:
         running += loss.detach()
         if (step + 1) % 100 == 0:
             elapsed = time.monotonic() - started
-            log(f"unet step {step + 1}/{recipe.unet_steps}: loss {running / 100:.4f} "
-                f"({elapsed:.0f} s, {elapsed / (step + 1) * (recipe.unet_steps - step - 1):.0f} s left)")
+            log(
+                f"unet step {step + 1}/{recipe.unet_steps}: loss {running / 100:.4f} "
+                f"({elapsed:.0f} s, {elapsed / (step + 1) * (recipe.unet_steps - step - 1):.0f} s left)"
+            )
             running = 0.0
         if on_checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < recipe.unet_steps:
             on_checkpoint(step + 1, _with_ema(unet, ema))
@@ -214,8 +235,9 @@ def _with_ema(unet, ema: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def pretrain_toy_model(out_path: Path, recipe: ToyRecipe, command: str, log: Log = print,
-                       device: torch.device | str = "cpu"):
+def pretrain_toy_model(
+    out_path: Path, recipe: ToyRecipe, command: str, log: Log = print, device: torch.device | str = "cpu"
+):
     """Run the whole recipe and write the fp16 weights file; returns the trained pipeline (fp32, on the CPU).
 
     On a GPU it takes minutes instead of about 45; every random draw still comes from the same CPU
@@ -243,8 +265,12 @@ def pretrain_toy_model(out_path: Path, recipe: ToyRecipe, command: str, log: Log
     row_of = {caption: row for row, caption in enumerate(unique)}
     caption_index = torch.tensor([row_of[caption] for caption in captions], device=device)
     metadata = {
-        **asdict(recipe), "vae_scaling_factor": scaling_factor, "command": command,
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        **asdict(recipe),
+        "vae_scaling_factor": scaling_factor,
+        "command": command,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
     }
 
@@ -254,8 +280,17 @@ def pretrain_toy_model(out_path: Path, recipe: ToyRecipe, command: str, log: Log
         partial.unet.load_state_dict(ema_state)
         write_toy_weights(partial, out_path.with_suffix(".partial.safetensors"), {**metadata, "unet_steps_done": step})
 
-    ema_state = train_unet(pipe.unet, (means, stds), scaling_factor, caption_index, (prompt_embeds, pooled_embeds),
-                           recipe, generator, log, on_checkpoint=keep_partial)
+    ema_state = train_unet(
+        pipe.unet,
+        (means, stds),
+        scaling_factor,
+        caption_index,
+        (prompt_embeds, pooled_embeds),
+        recipe,
+        generator,
+        log,
+        on_checkpoint=keep_partial,
+    )
     pipe.unet.load_state_dict(ema_state)
     pipe.to("cpu")
     minutes = (time.monotonic() - started) / 60
@@ -277,8 +312,11 @@ def scale_word_embeddings(text_encoder, scale: float) -> None:
 
 def write_toy_weights(pipe, out_path: Path, metadata: dict) -> None:
     """All four networks in one fp16 safetensors file, keys prefixed by component, recipe in the metadata."""
-    tensors = {f"{name}.{key}": value.detach().to("cpu", torch.float16).contiguous()
-               for name in COMPONENTS for key, value in getattr(pipe, name).state_dict().items()}
+    tensors = {
+        f"{name}.{key}": value.detach().to("cpu", torch.float16).contiguous()
+        for name in COMPONENTS
+        for key, value in getattr(pipe, name).state_dict().items()
+    }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         save_file(tensors, str(tmp), metadata={"dora_studio.toy_recipe": json.dumps(metadata, sort_keys=True)})
@@ -286,5 +324,4 @@ def write_toy_weights(pipe, out_path: Path, metadata: dict) -> None:
 
 def quick_recipe(recipe: ToyRecipe) -> ToyRecipe:
     """A few steps of everything: for tests of the recipe's plumbing, not a usable model."""
-    return replace(recipe, pictures=64, vae_steps=2, vae_batch_size=4, unet_steps=2, unet_batch_size=4,
-                        warmup_steps=1)
+    return replace(recipe, pictures=64, vae_steps=2, vae_batch_size=4, unet_steps=2, unet_batch_size=4, warmup_steps=1)

@@ -26,8 +26,9 @@ def _rows() -> list[tuple[str, str, str]]:
             text = meta["help"]
             if meta["choices"]:
                 text += f" (one of: {', '.join(meta['choices'])})"
-            rows.append((f"{section_name}.{spec.name}", _shown(getattr(getattr(defaults, section_name), spec.name)),
-                         text))
+            rows.append(
+                (f"{section_name}.{spec.name}", _shown(getattr(getattr(defaults, section_name), spec.name)), text)
+            )
     return rows
 
 

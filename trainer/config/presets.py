@@ -65,7 +65,7 @@ def read_preset(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     if base_name is None:
         return data
     if not isinstance(base_name, str):
-        raise ConfigError.at(path, f"base: expected a file name like \"base.toml\", got {base_name!r}")
+        raise ConfigError.at(path, f'base: expected a file name like "base.toml", got {base_name!r}')
     return _merge(read_preset(path.parent / base_name, (*_chain, path)), data)
 
 

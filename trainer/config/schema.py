@@ -22,8 +22,16 @@ from trainer.data.buckets import BucketSpec
 from trainer.errors import ConfigError, Problem
 
 
-def setting(default: Any, help: str, *, choices: tuple = (), minimum: float | None = None,
-            maximum: float | None = None, advanced: bool = False, path: bool = False) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple = (),
+    minimum: float | None = None,
+    maximum: float | None = None,
+    advanced: bool = False,
+    path: bool = False,
+) -> Any:
     """A field with what the CLI, the preset checker and the UI form need to know about it.
 
     ``path``: a file or folder name; when read from a preset it is taken relative to that preset's folder.
@@ -47,15 +55,20 @@ class ModelSettings:
         path=True,
     )
     config_dir: str = setting(
-        "", "diffusers config folder for a single-file checkpoint (default: a folder named like the file)",
-        path=True, advanced=True,
+        "",
+        "diffusers config folder for a single-file checkpoint (default: a folder named like the file)",
+        path=True,
+        advanced=True,
     )
     prediction_type: str = setting(
-        "epsilon", "what the UNet predicts: epsilon (SDXL base) or v_prediction (v-pred fine-tunes)",
-        choices=("epsilon", "v_prediction"), advanced=True,
+        "epsilon",
+        "what the UNet predicts: epsilon (SDXL base) or v_prediction (v-pred fine-tunes)",
+        choices=("epsilon", "v_prediction"),
+        advanced=True,
     )
     zero_terminal_snr: bool = setting(
-        False, "rescale the noise schedule to zero terminal SNR (use with v_prediction models trained so)",
+        False,
+        "rescale the noise schedule to zero terminal SNR (use with v_prediction models trained so)",
         advanced=True,
     )
 
@@ -64,13 +77,15 @@ class ModelSettings:
 class DatasetSettings:
     path: str = setting("", "dataset folder: images with same-name captions, or subfolders like 10_name", path=True)
     caption_extension: str = setting(".txt", "caption file extension", advanced=True)
-    resolution: int = setting(1024, "training resolution: buckets hold at most resolution x resolution pixels",
-                              minimum=64, maximum=4096)
+    resolution: int = setting(
+        1024, "training resolution: buckets hold at most resolution x resolution pixels", minimum=64, maximum=4096
+    )
     min_bucket_side: int = setting(512, "smallest bucket side", minimum=64, advanced=True)
     max_bucket_side: int = setting(2048, "largest bucket side", minimum=64, advanced=True)
     bucket_step: int = setting(64, "bucket sides are multiples of this", minimum=8, advanced=True)
-    bucket_no_upscale: bool = setting(False, "never enlarge small images; each gets a bucket of its own size",
-                                      advanced=True)
+    bucket_no_upscale: bool = setting(
+        False, "never enlarge small images; each gets a bucket of its own size", advanced=True
+    )
     trigger_word: str = setting("", "word put first in every caption (the name your adapter answers to)")
     shuffle_tags: bool = setting(False, "shuffle comma-separated tags each step (after keep_tokens)")
     keep_tokens: int = setting(0, "leading tags never shuffled or dropped (the trigger word counts)", minimum=0)
@@ -78,56 +93,68 @@ class DatasetSettings:
     tag_dropout: float = setting(0.0, "chance each tag is dropped in a step", minimum=0.0, maximum=1.0)
     tag_separator: str = setting(",", "what separates tags in captions", advanced=True)
     flip: bool = setting(False, "randomly mirror images left-right (not for asymmetric characters or text)")
-    random_crop: bool = setting(False, "crop at random places instead of the centre (disables the latent cache)",
-                                advanced=True)
+    random_crop: bool = setting(
+        False, "crop at random places instead of the centre (disables the latent cache)", advanced=True
+    )
     background_colour: str = setting("#ffffff", "colour transparent images are put on", advanced=True)
     cache_latents: bool = setting(True, "encode images with the VAE once and keep the latents on disk")
-    latent_cache_dir: str = setting("", "where latents are kept (default: the user cache folder)", path=True,
-                                    advanced=True)
+    latent_cache_dir: str = setting(
+        "", "where latents are kept (default: the user cache folder)", path=True, advanced=True
+    )
     cache_text_encoder_outputs: bool = setting(
         True, "encode captions once when the text encoders are frozen and captions do not vary", advanced=True
     )
-    loader_workers: int = setting(2, "processes reading images ahead of the GPU (0: read in the main process)",
-                                  minimum=0, maximum=64, advanced=True)
+    loader_workers: int = setting(
+        2,
+        "processes reading images ahead of the GPU (0: read in the main process)",
+        minimum=0,
+        maximum=64,
+        advanced=True,
+    )
 
     def bucket_spec(self) -> BucketSpec:
-        return BucketSpec(self.resolution, self.min_bucket_side, self.max_bucket_side, self.bucket_step,
-                          self.bucket_no_upscale)
+        return BucketSpec(
+            self.resolution, self.min_bucket_side, self.max_bucket_side, self.bucket_step, self.bucket_no_upscale
+        )
 
 
 @dataclass
 class NetworkSettings:
     kind: str = setting("dora", "adapter type", choices=("dora", "lora"))
     dora_axis: str = setting(
-        "input", "DoRA magnitude per input column (kohya, LyCORIS, front ends) or per output row (PEFT)",
-        choices=("input", "output"), advanced=True,
+        "input",
+        "DoRA magnitude per input column (kohya, LyCORIS, front ends) or per output row (PEFT)",
+        choices=("input", "output"),
+        advanced=True,
     )
     rank: int = setting(16, "adapter rank (dim) for attention and 1x1 layers", minimum=1, maximum=1024)
     alpha: float = setting(16.0, "scale alpha: updates are scaled by alpha / rank", minimum=0.0)
-    unet_targets: str = setting("attn", "UNet layers to adapt: attention only, or attention and convolutions",
-                                choices=("attn", "attn+conv"))
+    unet_targets: str = setting(
+        "attn", "UNet layers to adapt: attention only, or attention and convolutions", choices=("attn", "attn+conv")
+    )
     conv_rank: int = setting(8, "rank for 3x3 convolutions (with attn+conv)", minimum=1, maximum=1024)
     conv_alpha: float = setting(4.0, "alpha for 3x3 convolutions (with attn+conv)", minimum=0.0)
     include: list[str] = setting([], "only adapt layers whose stem matches one of these regexes", advanced=True)
     exclude: list[str] = setting([], "never adapt layers whose stem matches one of these regexes", advanced=True)
     train_text_encoders: bool = setting(False, "also adapt both text encoders (CLIP-L and OpenCLIP-G)")
-    module_dropout: float = setting(0.0, "chance a layer's adapter is skipped in a step", minimum=0.0,
-                                    maximum=0.999, advanced=True)
-    rank_dropout: float = setting(0.0, "chance each rank channel is dropped in a step", minimum=0.0,
-                                  maximum=0.999, advanced=True)
+    module_dropout: float = setting(
+        0.0, "chance a layer's adapter is skipped in a step", minimum=0.0, maximum=0.999, advanced=True
+    )
+    rank_dropout: float = setting(
+        0.0, "chance each rank channel is dropped in a step", minimum=0.0, maximum=0.999, advanced=True
+    )
 
 
 @dataclass
 class OptimizerSettings:
-    name: str = setting("adamw", "optimizer (adamw8bit needs bitsandbytes, prodigy needs prodigyopt)",
-                        choices=OPTIMIZERS)
+    name: str = setting(
+        "adamw", "optimizer (adamw8bit needs bitsandbytes, prodigy needs prodigyopt)", choices=OPTIMIZERS
+    )
     learning_rate: float = setting(1e-4, "learning rate for every part without its own", minimum=0.0)
     unet_lr: float | None = setting(None, "UNet learning rate (default: learning_rate)", minimum=0.0)
     text_encoder_1_lr: float | None = setting(None, "CLIP-L learning rate (default: learning_rate)", minimum=0.0)
-    text_encoder_2_lr: float | None = setting(None, "OpenCLIP-G learning rate (default: learning_rate)",
-                                              minimum=0.0)
-    weight_decay: float = setting(0.01, "weight decay (never applied to DoRA magnitudes)", minimum=0.0,
-                                  advanced=True)
+    text_encoder_2_lr: float | None = setting(None, "OpenCLIP-G learning rate (default: learning_rate)", minimum=0.0)
+    weight_decay: float = setting(0.01, "weight decay (never applied to DoRA magnitudes)", minimum=0.0, advanced=True)
     betas: list[float] = setting([0.9, 0.999], "Adam betas", advanced=True)
     eps: float = setting(1e-8, "Adam epsilon", minimum=0.0, advanced=True)
     scheduler: str = setting("constant_with_warmup", "learning-rate schedule", choices=SCHEDULERS)
@@ -141,30 +168,40 @@ class TrainingSettings:
     max_steps: int = setting(0, "stop after this many optimizer steps (0: epochs decide)", minimum=0)
     batch_size: int = setting(1, "images per step", minimum=1)
     gradient_accumulation: int = setting(1, "batches summed per optimizer step", minimum=1)
-    processes: int = setting(1, "training processes on this machine, one per GPU (batch_size is per process)",
-                             minimum=1, maximum=64)
-    process_timeout_minutes: float = setting(
-        30.0, "how long processes wait for each other before a stuck run fails", minimum=1.0, advanced=True,
+    processes: int = setting(
+        1, "training processes on this machine, one per GPU (batch_size is per process)", minimum=1, maximum=64
     )
-    mixed_precision: str = setting("bf16", "compute precision (fp16 keeps the VAE in fp32)",
-                                   choices=("no", "fp16", "bf16"))
-    gradient_checkpointing: bool = setting(False, "recompute activations in backward: much less memory, ~25% slower")
-    seed: int = setting(42, "seed for everything random (same seed, same run)", minimum=0)
-    noise_offset: float = setting(0.0, "noise offset (0.03-0.1 helps very dark/bright images)", minimum=0.0,
-                                  advanced=True)
-    max_skipped_batches: int = setting(
-        0, "batches with a non-finite loss or gradient to skip (each logged) before the run fails", minimum=0,
+    process_timeout_minutes: float = setting(
+        30.0,
+        "how long processes wait for each other before a stuck run fails",
+        minimum=1.0,
         advanced=True,
     )
-    min_snr_gamma: float = setting(0.0, "min-SNR loss weighting gamma (5 is common; 0: off)", minimum=0.0,
-                                   advanced=True)
+    mixed_precision: str = setting(
+        "bf16", "compute precision (fp16 keeps the VAE in fp32)", choices=("no", "fp16", "bf16")
+    )
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward: much less memory, ~25% slower")
+    seed: int = setting(42, "seed for everything random (same seed, same run)", minimum=0)
+    noise_offset: float = setting(
+        0.0, "noise offset (0.03-0.1 helps very dark/bright images)", minimum=0.0, advanced=True
+    )
+    max_skipped_batches: int = setting(
+        0,
+        "batches with a non-finite loss or gradient to skip (each logged) before the run fails",
+        minimum=0,
+        advanced=True,
+    )
+    min_snr_gamma: float = setting(
+        0.0, "min-SNR loss weighting gamma (5 is common; 0: off)", minimum=0.0, advanced=True
+    )
 
 
 @dataclass
 class SamplingSettings:
     prompts: list[str] = setting([], "sample prompts, kohya syntax: text --n negative --w --h --s --l --d")
-    prompt_file: str = setting("", "file with one kohya-syntax prompt per line (added to prompts)", path=True,
-                               advanced=True)
+    prompt_file: str = setting(
+        "", "file with one kohya-syntax prompt per line (added to prompts)", path=True, advanced=True
+    )
     every_n_epochs: int = setting(1, "sample after every N epochs (0: never)", minimum=0)
     every_n_steps: int = setting(0, "also sample every N steps (0: never)", minimum=0, advanced=True)
     at_start: bool = setting(False, "sample the base model before training, for comparison")
@@ -179,18 +216,19 @@ class SavingSettings:
     save_dtype: str = setting("fp16", "precision of the saved adapter", choices=("fp16", "bf16", "fp32"))
     every_n_epochs: int = setting(1, "save an adapter after every N epochs (0: only at the end)", minimum=0)
     every_n_steps: int = setting(0, "also save every N steps (0: never)", minimum=0, advanced=True)
-    keep_last: int = setting(0, "keep only the newest N intermediate adapters (0: keep all)", minimum=0,
-                             advanced=True)
+    keep_last: int = setting(0, "keep only the newest N intermediate adapters (0: keep all)", minimum=0, advanced=True)
     save_state: bool = setting(True, "save optimizer state with each adapter so the run can resume", advanced=True)
-    keep_last_states: int = setting(2, "resume states kept (each is about 3x the adapter)", minimum=1,
-                                    advanced=True)
-    tensorboard: bool = setting(False, "also log to TensorBoard in the run folder (needs tensorboard)",
-                                advanced=True)
+    keep_last_states: int = setting(2, "resume states kept (each is about 3x the adapter)", minimum=1, advanced=True)
+    tensorboard: bool = setting(False, "also log to TensorBoard in the run folder (needs tensorboard)", advanced=True)
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelSettings, "dataset": DatasetSettings, "network": NetworkSettings,
-    "optimizer": OptimizerSettings, "training": TrainingSettings, "sampling": SamplingSettings,
+    "model": ModelSettings,
+    "dataset": DatasetSettings,
+    "network": NetworkSettings,
+    "optimizer": OptimizerSettings,
+    "training": TrainingSettings,
+    "sampling": SamplingSettings,
     "saving": SavingSettings,
 }
 
@@ -212,22 +250,39 @@ class TrainConfig:
             found.append(Problem("dataset.path", "missing; set it to the folder of your training images"))
         d = self.dataset
         if not d.min_bucket_side <= d.resolution <= d.max_bucket_side:
-            found.append(Problem("dataset.resolution", f"{d.resolution} must lie between dataset.min_bucket_side "
-                                 f"({d.min_bucket_side}) and dataset.max_bucket_side ({d.max_bucket_side})"))
+            found.append(
+                Problem(
+                    "dataset.resolution",
+                    f"{d.resolution} must lie between dataset.min_bucket_side "
+                    f"({d.min_bucket_side}) and dataset.max_bucket_side ({d.max_bucket_side})",
+                )
+            )
         if not _is_hex_colour(d.background_colour):
-            found.append(Problem("dataset.background_colour", f"{d.background_colour!r} is not a colour like \"#ffffff\""))
+            found.append(
+                Problem("dataset.background_colour", f'{d.background_colour!r} is not a colour like "#ffffff"')
+            )
         if len(self.optimizer.betas) != 2 or not all(0 <= b < 1 for b in self.optimizer.betas):
             found.append(Problem("optimizer.betas", "give two numbers in [0, 1), like [0.9, 0.999]"))
         if not self.saving.output_name or any(c in self.saving.output_name for c in '/\\:*?"<>|'):
             found.append(Problem("saving.output_name", f"{self.saving.output_name!r} must be a plain file name"))
         if self.model.zero_terminal_snr and self.model.prediction_type != "v_prediction":
-            found.append(Problem("model.zero_terminal_snr", "needs model.prediction_type = \"v_prediction\" (with "
-                                 "epsilon the last timestep has nothing to predict: Lin et al. 2023, section 3.2)"))
+            found.append(
+                Problem(
+                    "model.zero_terminal_snr",
+                    'needs model.prediction_type = "v_prediction" (with '
+                    "epsilon the last timestep has nothing to predict: Lin et al. 2023, section 3.2)",
+                )
+            )
         part_lrs = {self.optimizer.unet_lr, self.optimizer.text_encoder_1_lr, self.optimizer.text_encoder_2_lr}
         if self.optimizer.name == "prodigy" and len(part_lrs - {None}) > 0 and self.network.train_text_encoders:
             if len({lr if lr is not None else self.optimizer.learning_rate for lr in part_lrs}) > 1:
-                found.append(Problem("optimizer.unet_lr / text_encoder_*_lr", "prodigy finds one step size for all "
-                                     "parts; leave them unset and set optimizer.learning_rate (usually 1.0)"))
+                found.append(
+                    Problem(
+                        "optimizer.unet_lr / text_encoder_*_lr",
+                        "prodigy finds one step size for all "
+                        "parts; leave them unset and set optimizer.learning_rate (usually 1.0)",
+                    )
+                )
         for key in ("network.include", "network.exclude"):
             for pattern in lookup(self, key):
                 try:
@@ -244,11 +299,12 @@ class TrainConfig:
         if self.dataset.cache_text_encoder_outputs:
             if self.network.train_text_encoders:
                 notes.append("network.train_text_encoders disables dataset.cache_text_encoder_outputs")
-            randomising = [k for k in ("shuffle_tags", "caption_dropout", "tag_dropout")
-                           if getattr(self.dataset, k)]
+            randomising = [k for k in ("shuffle_tags", "caption_dropout", "tag_dropout") if getattr(self.dataset, k)]
             if randomising:
-                notes.append(f"dataset.{randomising[0]} disables dataset.cache_text_encoder_outputs "
-                             "(captions change between steps)")
+                notes.append(
+                    f"dataset.{randomising[0]} disables dataset.cache_text_encoder_outputs "
+                    "(captions change between steps)"
+                )
         return notes
 
 
@@ -338,8 +394,11 @@ def from_dict(data: dict, where: str = "settings") -> TrainConfig:
     sections: dict[str, Any] = {}
     for section_name, values in data.items():
         if section_name not in SECTIONS:
-            problems.append(unknown_key(section_name) if not isinstance(values, dict) else
-                            Problem(f"[{section_name}]", f"unknown section; sections are {', '.join(SECTIONS)}"))
+            problems.append(
+                unknown_key(section_name)
+                if not isinstance(values, dict)
+                else Problem(f"[{section_name}]", f"unknown section; sections are {', '.join(SECTIONS)}")
+            )
             continue
         if not isinstance(values, dict):
             problems.append(Problem(section_name, f"expected a [{section_name}] table"))
@@ -387,6 +446,5 @@ def resolve_paths(data: dict, base_dir: Path) -> dict:
 def to_dict(config: TrainConfig) -> dict:
     """Nested sections with every setting, None left out (TOML has no null)."""
     return {
-        name: {k: v for k, v in dataclasses.asdict(getattr(config, name)).items() if v is not None}
-        for name in SECTIONS
+        name: {k: v for k, v in dataclasses.asdict(getattr(config, name)).items() if v is not None} for name in SECTIONS
     }

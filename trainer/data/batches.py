@@ -25,8 +25,13 @@ class Batch:
 
 
 class EpochBatches(Dataset):
-    def __init__(self, batches: list[list[PlannedImage]], examples: list[TrainExample], cache: LatentCache | None,
-                 background: tuple[int, int, int]):
+    def __init__(
+        self,
+        batches: list[list[PlannedImage]],
+        examples: list[TrainExample],
+        cache: LatentCache | None,
+        background: tuple[int, int, int],
+    ):
         self.batches, self.examples, self.cache, self.background = batches, examples, cache, background
 
     def __len__(self) -> int:
@@ -44,8 +49,10 @@ class EpochBatches(Dataset):
             key = self.cache.key(self.examples[item.example], item, self.background)
             cached = self.cache.load(key)
             if cached is None:
-                raise RuntimeError(f"latent cache entry {self.cache.path_for(key)} vanished during training; "
-                                   "resume the run to encode it again")
+                raise RuntimeError(
+                    f"latent cache entry {self.cache.path_for(key)} vanished during training; "
+                    "resume the run to encode it again"
+                )
             moments.append(cached)
         return Batch(captions, time_ids, moments=torch.stack(moments))
 
@@ -54,7 +61,10 @@ def batch_loader(dataset: EpochBatches, start: int, workers: int) -> DataLoader:
     """Batches ``start``.. of the epoch, in order; workers read ahead without changing what is read."""
     indices = range(start, len(dataset))
     return DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=None, shuffle=False, num_workers=workers,
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
         collate_fn=_as_is,
     )
 

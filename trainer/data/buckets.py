@@ -92,8 +92,10 @@ def assign_bucket(width: int, height: int, buckets: list[tuple[int, int]], spec:
     """
     if spec.no_upscale:
         scaled_width, scaled_height = _no_upscale_size(width, height, spec)
-        return (max(spec.step, scaled_width - scaled_width % spec.step),
-                max(spec.step, scaled_height - scaled_height % spec.step))
+        return (
+            max(spec.step, scaled_width - scaled_width % spec.step),
+            max(spec.step, scaled_height - scaled_height % spec.step),
+        )
     if (width, height) in buckets:
         return width, height
     aspect = width / height
@@ -111,7 +113,11 @@ def _cover_size(width: int, height: int, bucket: tuple[int, int]) -> tuple[int, 
 
 
 def crop_plan(
-    width: int, height: int, bucket: tuple[int, int], random_crop: bool, rng: random.Random,
+    width: int,
+    height: int,
+    bucket: tuple[int, int],
+    random_crop: bool,
+    rng: random.Random,
     spec: BucketSpec | None = None,
 ) -> CropPlan:
     """Scale the image to cover the bucket, then crop the overflow: centred, or anywhere if random_crop.

@@ -68,16 +68,26 @@ def report_for_scan(scan: DatasetScan, bucket_spec: BucketSpec, batch_size: int)
         bucket_counts[bucket] += item.repeats
         upscale = max(bucket[0] / item.width, bucket[1] / item.height)
         if upscale > UPSCALE_WARNING:
-            problems.append(ScanProblem(
-                item.path, "upscaled",
-                f"{item.path}: {item.width}x{item.height} is enlarged {upscale:.1f}x to its {bucket[0]}x{bucket[1]} "
-                "bucket and will train soft; use a larger version if you have one",
-            ))
+            problems.append(
+                ScanProblem(
+                    item.path,
+                    "upscaled",
+                    f"{item.path}: {item.width}x{item.height} is enlarged {upscale:.1f}x to its {bucket[0]}x{bucket[1]} "
+                    "bucket and will train soft; use a larger version if you have one",
+                )
+            )
     counts = dict(sorted(bucket_counts.items()))
     return DataReport(
-        root=scan.root, folders=scan.folders, problems=problems, ignored_files=scan.ignored_files,
-        image_count=len(scan.items), repeated_image_count=scan.total_repeated_images, bucket_counts=counts,
-        batch_size=batch_size, steps_per_epoch=steps_per_epoch(counts, batch_size), bucket_spec=bucket_spec,
+        root=scan.root,
+        folders=scan.folders,
+        problems=problems,
+        ignored_files=scan.ignored_files,
+        image_count=len(scan.items),
+        repeated_image_count=scan.total_repeated_images,
+        bucket_counts=counts,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch(counts, batch_size),
+        bucket_spec=bucket_spec,
     )
 
 

@@ -72,8 +72,13 @@ class PlannedImage:
 def plan_examples(scan: DatasetScan, spec: BucketSpec) -> list[TrainExample]:
     buckets = make_buckets(spec)
     return [
-        TrainExample(item.path, item.caption, item.repeats, (item.width, item.height),
-                     assign_bucket(item.width, item.height, buckets, spec))
+        TrainExample(
+            item.path,
+            item.caption,
+            item.repeats,
+            (item.width, item.height),
+            assign_bucket(item.width, item.height, buckets, spec),
+        )
         for item in scan.items
     ]
 
@@ -93,7 +98,7 @@ def epoch_batches(examples: list[TrainExample], batch_size: int, seed: int, epoc
     for bucket in sorted(by_bucket):
         indices = by_bucket[bucket]
         rng.shuffle(indices)
-        batches += [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+        batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -110,8 +115,10 @@ def plan_epoch(
     examples: list[TrainExample], options: AugmentOptions, batch_size: int, seed: int, epoch: int
 ) -> list[list[PlannedImage]]:
     return [
-        [plan_image(examples[index], index, options, _rng(seed, epoch, batch_number, slot))
-         for slot, index in enumerate(batch)]
+        [
+            plan_image(examples[index], index, options, _rng(seed, epoch, batch_number, slot))
+            for slot, index in enumerate(batch)
+        ]
         for batch_number, batch in enumerate(epoch_batches(examples, batch_size, seed, epoch))
     ]
 
@@ -137,7 +144,7 @@ def shard_batch(batch: list[PlannedImage], rank: int, processes: int) -> Shard:
     offset = rank * base + min(rank, extra)
     if count == 0:
         return Shard([batch[0]], [0.0], 0, len(batch))
-    return Shard(batch[offset:offset + count], [1.0] * count, offset, len(batch))
+    return Shard(batch[offset : offset + count], [1.0] * count, offset, len(batch))
 
 
 def load_pixels(example: TrainExample, planned: PlannedImage, background: tuple[int, int, int]) -> Tensor:
@@ -148,8 +155,11 @@ def load_pixels(example: TrainExample, planned: PlannedImage, background: tuple[
         # The scan checks files without decoding them all (a truncated BMP, a PNG with a bad stream but good
         # checksums pass), and a file may change after it: end the run with the file and fix, not a traceback.
         problem = error.problems[0]
-        raise DatasetError.at(problem.where, f"{problem.message}; it passed the dataset check when the run started. "
-                              "Fix or remove it, then continue with --resume auto") from None
+        raise DatasetError.at(
+            problem.where,
+            f"{problem.message}; it passed the dataset check when the run started. "
+            "Fix or remove it, then continue with --resume auto",
+        ) from None
     resized_width, resized_height = planned.crop.resized_size
     if image.size != (resized_width, resized_height):
         image = image.resize((resized_width, resized_height), resample=_resample(image.size, planned.crop.resized_size))

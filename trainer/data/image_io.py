@@ -63,7 +63,8 @@ def _open(path: Path) -> Iterator[Image.Image]:
 
 def _too_large(path: Path, size: str = "") -> ImageLoadError:
     return ImageLoadError.at(
-        path, f"image too large ({size}over the {PIXEL_LIMIT / 1e6:.0f} megapixel limit that guards "
+        path,
+        f"image too large ({size}over the {PIXEL_LIMIT / 1e6:.0f} megapixel limit that guards "
         "against decompression bombs); downscale it: training resizes to about 1 megapixel anyway",
         kind="too_large",
     )

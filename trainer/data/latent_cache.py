@@ -75,8 +75,10 @@ class LatentCache:
         resized_width, resized_height = planned.crop.resized_size
         flip = "f" if planned.flipped else "n"
         red, green, blue = background
-        return (f"{self._digests[example.path][:32]}-{width}x{height}-r{resized_width}x{resized_height}"
-                f"-c{top}_{left}-{flip}-b{red:02x}{green:02x}{blue:02x}")
+        return (
+            f"{self._digests[example.path][:32]}-{width}x{height}-r{resized_width}x{resized_height}"
+            f"-c{top}_{left}-{flip}-b{red:02x}{green:02x}{blue:02x}"
+        )
 
     def path_for(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"

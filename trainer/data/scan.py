@@ -19,16 +19,17 @@ from .image_io import probe_image
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}  # kohya's IMAGE_EXTENSIONS, any letter case
 FORMATS_FOR_EXTENSION = {
-    ".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"},  # MPO: camera JPEGs carrying a second picture
-    ".png": {"PNG"}, ".webp": {"WEBP"}, ".bmp": {"BMP", "DIB"},
+    ".jpg": {"JPEG", "MPO"},
+    ".jpeg": {"JPEG", "MPO"},  # MPO: camera JPEGs carrying a second picture
+    ".png": {"PNG"},
+    ".webp": {"WEBP"},
+    ".bmp": {"BMP", "DIB"},
 }
 # Below 64 px a side is under 8 latent pixels: training would upscale almost no information 8x or more,
 # and with bucket_no_upscale the bucket (the size rounded down to 64) would be empty; kohya crashes there.
 MIN_IMAGE_SIDE = 64
 REPEAT_PREFIX = re.compile(r"^([0-9]+)_")
-DATASET_FIX = (
-    "put images with same-name .txt captions in it, or in subfolders named like 10_mychar for 10 repeats"
-)
+DATASET_FIX = "put images with same-name .txt captions in it, or in subfolders named like 10_mychar for 10 repeats"
 
 
 @dataclass
@@ -86,7 +87,8 @@ class DatasetScan:
         tags: dict[str, Counter] = {}
         for item in self.items:
             tags.setdefault(self._folder_name(item), Counter()).update(
-                tag.strip() for tag in item.caption.split(separator) if tag.strip())
+                tag.strip() for tag in item.caption.split(separator) if tag.strip()
+            )
         return {folder: dict(counter) for folder, counter in tags.items()}
 
 
@@ -131,8 +133,9 @@ def _walk(root: Path, problems: list[ScanProblem]) -> list[tuple[_Folder, list[P
         folder, resolved = pending.pop()
         try:
             # real folders before links to them, so a folder is reported under its own name
-            entries = sorted((p for p in folder.path.iterdir() if not p.name.startswith(".")),
-                             key=lambda p: (p.is_symlink(), p.name))
+            entries = sorted(
+                (p for p in folder.path.iterdir() if not p.name.startswith(".")), key=lambda p: (p.is_symlink(), p.name)
+            )
         except OSError as error:
             message = f"{folder.path}: cannot list it ({error}); check its permissions"
             problems.append(ScanProblem(folder.path, "unreadable_folder", message, skipped=True))
@@ -142,11 +145,21 @@ def _walk(root: Path, problems: list[ScanProblem]) -> list[tuple[_Folder, list[P
             if entry.is_dir():
                 target = entry.resolve()
                 if target in seen and resolved.is_relative_to(target):
-                    problems.append(ScanProblem(entry, "symlink_loop", f"{entry}: links back to {target}, a folder "
-                                            "above it (a symlink loop); not followed"))
+                    problems.append(
+                        ScanProblem(
+                            entry,
+                            "symlink_loop",
+                            f"{entry}: links back to {target}, a folder above it (a symlink loop); not followed",
+                        )
+                    )
                 elif target in seen:
-                    problems.append(ScanProblem(entry, "duplicate_folder", f"{entry}: same folder as {target}, "
-                                            "which is already scanned; not scanned twice"))
+                    problems.append(
+                        ScanProblem(
+                            entry,
+                            "duplicate_folder",
+                            f"{entry}: same folder as {target}, which is already scanned; not scanned twice",
+                        )
+                    )
                 else:
                     seen.add(target)
                     pending.append((_subfolder(entry, folder), target))
@@ -184,19 +197,23 @@ def _caption_for(scan: DatasetScan, image: Path, caption_extension: str) -> str:
     caption_path = image.with_suffix(caption_extension)
     fallback = "training uses an empty caption (plus the trigger word if set)"
     if not caption_path.is_file():
-        scan.problems.append(ScanProblem(image, "missing_caption", f"{image}: no caption file {caption_path.name}; "
-                                     f"{fallback}"))
+        scan.problems.append(
+            ScanProblem(image, "missing_caption", f"{image}: no caption file {caption_path.name}; {fallback}")
+        )
         return ""
     try:
         caption, warning = read_caption(caption_path)
     except OSError as error:
-        scan.problems.append(ScanProblem(caption_path, "unreadable_caption", f"{caption_path}: cannot read it "
-                                     f"({error}); {fallback}"))
+        scan.problems.append(
+            ScanProblem(caption_path, "unreadable_caption", f"{caption_path}: cannot read it ({error}); {fallback}")
+        )
         return ""
     if warning:
         scan.problems.append(ScanProblem(caption_path, "caption_encoding", warning))
     if not caption:
-        scan.problems.append(ScanProblem(caption_path, "empty_caption", f"{caption_path}: caption is empty; {fallback}"))
+        scan.problems.append(
+            ScanProblem(caption_path, "empty_caption", f"{caption_path}: caption is empty; {fallback}")
+        )
     return caption
 
 
@@ -207,18 +224,25 @@ def _add_image(scan: DatasetScan, path: Path, folder: _Folder, caption_extension
         scan.problems.append(ScanProblem(path, error.kind, str(error), skipped=True))
         return
     if min(probe.width, probe.height) < MIN_IMAGE_SIDE:
-        scan.problems.append(ScanProblem(
-            path, "too_small",
-            f"{path}: {probe.width}x{probe.height} is too small to train on (under {MIN_IMAGE_SIDE} px a side); "
-            "replace it with a larger version or remove it", skipped=True,
-        ))
+        scan.problems.append(
+            ScanProblem(
+                path,
+                "too_small",
+                f"{path}: {probe.width}x{probe.height} is too small to train on (under {MIN_IMAGE_SIDE} px a side); "
+                "replace it with a larger version or remove it",
+                skipped=True,
+            )
+        )
         return
     if probe.format not in FORMATS_FOR_EXTENSION[path.suffix.lower()]:
-        scan.problems.append(ScanProblem(
-            path, "format_mismatch",
-            f"{path}: the file is {probe.format} although named {path.suffix}; it is read as {probe.format}, "
-            "but other tools may refuse it: rename or re-export it",
-        ))
+        scan.problems.append(
+            ScanProblem(
+                path,
+                "format_mismatch",
+                f"{path}: the file is {probe.format} although named {path.suffix}; it is read as {probe.format}, "
+                "but other tools may refuse it: rename or re-export it",
+            )
+        )
     caption = _caption_for(scan, path, caption_extension)
     scan.items.append(ImageItem(path, caption, folder.repeats, folder.path, probe.width, probe.height))
 
@@ -231,9 +255,13 @@ def _report_shared_captions(scan: DatasetScan, caption_extension: str) -> None:
     for stem, paths in by_stem.items():
         if len(paths) > 1:
             names = ", ".join(p.name for p in paths)
-            scan.problems.append(ScanProblem(stem.with_suffix(caption_extension), "shared_caption",
-                                         f"{names} share one caption name {stem.name}{caption_extension}; "
-                                         "rename or remove the duplicate"))
+            scan.problems.append(
+                ScanProblem(
+                    stem.with_suffix(caption_extension),
+                    "shared_caption",
+                    f"{names} share one caption name {stem.name}{caption_extension}; rename or remove the duplicate",
+                )
+            )
 
 
 def _no_usable_images(scan: DatasetScan) -> DatasetError:
@@ -252,8 +280,7 @@ def scan_dataset(root: Path, caption_extension: str = ".txt") -> DatasetScan:
     if not root.exists():
         raise DatasetError.at(root, f"dataset folder does not exist; check the path, then {DATASET_FIX}")
     if not root.is_dir():
-        raise DatasetError.at(root, "is a file, not a folder; give the folder that holds the images and "
-                           f"{DATASET_FIX}")
+        raise DatasetError.at(root, f"is a file, not a folder; give the folder that holds the images and {DATASET_FIX}")
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension  # as kohya does: "txt" means ".txt"
     scan = DatasetScan(root)
@@ -261,8 +288,11 @@ def scan_dataset(root: Path, caption_extension: str = ".txt") -> DatasetScan:
     for folder, files in _walk(root, scan.problems):
         images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
         captions = {image.with_suffix(caption_extension) for image in images}
-        ignored.update(f.suffix.lower() or "(none)" for f in files if f not in captions and f.suffix.lower()
-                       not in IMAGE_EXTENSIONS)
+        ignored.update(
+            f.suffix.lower() or "(none)"
+            for f in files
+            if f not in captions and f.suffix.lower() not in IMAGE_EXTENSIONS
+        )
         if not images:
             continue
         scan.folders.append(FolderReport(folder.path, folder.repeats, len(images), folder.note))

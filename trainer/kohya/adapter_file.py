@@ -26,8 +26,14 @@ from trainer.files import PICKLE_SUFFIXES, write_bytes_atomically
 
 DOWN, UP, ALPHA, DORA_SCALE = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
 # PEFT / diffusers names map one to one onto kohya's (A = down, B = up).
-_PART_SUFFIXES = {DOWN: DOWN, UP: UP, ALPHA: ALPHA, DORA_SCALE: DORA_SCALE,
-                  ".lora_A.weight": DOWN, ".lora_B.weight": UP}
+_PART_SUFFIXES = {
+    DOWN: DOWN,
+    UP: UP,
+    ALPHA: ALPHA,
+    DORA_SCALE: DORA_SCALE,
+    ".lora_A.weight": DOWN,
+    ".lora_B.weight": UP,
+}
 # Keys of a stem we cannot merge (PEFT's output-axis magnitude, LoCon's Tucker mid): their stem is
 # reported unknown as a whole rather than merged without them.
 _FOREIGN_STEM_SUFFIXES = (".lora_magnitude_vector.weight", ".lora_magnitude_vector", ".lora_mid.weight")
@@ -91,7 +97,9 @@ def _file_tensors(path: Path, stem: str, weights: AdapterWeights, dtype: torch.d
     ]
     if weights.dora_scale is not None:
         # Never 1-D, never a shape that fits neither axis (docs/adapter-format.md section 1).
-        _check_scale_shape(where, stem, weights.dora_scale, weights.up.shape[0], weights.down.shape[1], weights.down.dim())
+        _check_scale_shape(
+            where, stem, weights.dora_scale, weights.up.shape[0], weights.down.shape[1], weights.down.dim()
+        )
         # bf16 keeps 8 bits of mantissa: rounding m rescales whole columns by up to 0.4 %, so bf16
         # saves store it in fp32 (exact for a bf16-trained m, and what every loader reads).
         scale_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
@@ -115,8 +123,9 @@ def load_adapter(path: Path) -> LoadedAdapter:
         with safetensors.safe_open(path, framework="pt") as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise AdapterFileError.at(path, f"the tensors cannot be read ({err}); the file is corrupt: "
-                               "download or export it again") from None
+        raise AdapterFileError.at(
+            path, f"the tensors cannot be read ({err}); the file is corrupt: download or export it again"
+        ) from None
     parts, unknown_keys = _group_by_stem(path, tensors)
     axis_hint = _axis_hint(metadata)
     adapters: dict[str, AdapterWeights] = {}
@@ -125,8 +134,14 @@ def load_adapter(path: Path) -> LoadedAdapter:
         adapters[stem] = _stem_weights(path, stem, {part: tensors[key] for part, key in found.items()}, axis_hint)
         dtypes |= {stem + part: _dtype_name(tensors[key]) for part, key in found.items()}
     if not adapters:
-        detail = (f"its {len(unknown_keys)} keys (e.g. {unknown_keys[:3]}) are of a kind this tool does not "
-                  "read (LoHa, LoKr, full diff, embeddings...)") if unknown_keys else "it holds no tensors"
+        detail = (
+            (
+                f"its {len(unknown_keys)} keys (e.g. {unknown_keys[:3]}) are of a kind this tool does not "
+                "read (LoHa, LoKr, full diff, embeddings...)"
+            )
+            if unknown_keys
+            else "it holds no tensors"
+        )
         raise AdapterFileError.at(path, f"contains no LoRA/DoRA layers: {detail}; choose a LoRA or DoRA file")
     return LoadedAdapter(adapters, metadata, sorted(unknown_keys), dtypes)
 
@@ -137,8 +152,11 @@ def rename_stems(loaded: LoadedAdapter, aliases: Mapping[str, str]) -> LoadedAda
     for stem in loaded.adapters:
         new = aliases.get(stem, stem)
         if new in renamed:
-            raise AdapterFileError.at(stem, f"{renamed[new]!r} and {stem!r} both become {new!r}: the file "
-                                      "holds the same layer twice; keep one of them")
+            raise AdapterFileError.at(
+                stem,
+                f"{renamed[new]!r} and {stem!r} both become {new!r}: the file "
+                "holds the same layer twice; keep one of them",
+            )
         renamed[new] = stem
 
     def rename_key(key: str) -> str:
@@ -158,7 +176,9 @@ def _read_metadata(path: Path) -> dict[str, str]:
         raise AdapterFileError.at(path, "no such adapter file; check the path and its spelling")
     size = path.stat().st_size
     if size == 0:
-        raise AdapterFileError.at(path, "the file is empty (0 bytes): the export or download was interrupted; do it again")
+        raise AdapterFileError.at(
+            path, "the file is empty (0 bytes): the export or download was interrupted; do it again"
+        )
     with path.open("rb") as f:
         prefix = f.read(8)
         header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
@@ -170,17 +190,23 @@ def _read_metadata(path: Path) -> dict[str, str]:
     if not isinstance(header, dict):
         if prefix[:1] == b"\x80" or prefix[:4] == b"PK\x03\x04" or path.suffix.lower() in PICKLE_SUFFIXES:
             raise AdapterFileError.at(
-                path, "a pickle / PyTorch checkpoint, not a safetensors file. It was not opened, because "
-                "unpickling can run arbitrary code; get the .safetensors version or convert it with a tool you trust")
-        raise AdapterFileError.at(path, "not a safetensors file, or its header is truncated or corrupt; "
-                               "download or export it again")
+                path,
+                "a pickle / PyTorch checkpoint, not a safetensors file. It was not opened, because "
+                "unpickling can run arbitrary code; get the .safetensors version or convert it with a tool you trust",
+            )
+        raise AdapterFileError.at(
+            path, "not a safetensors file, or its header is truncated or corrupt; download or export it again"
+        )
     try:
         data_end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (TypeError, KeyError, IndexError, ValueError):
         raise AdapterFileError.at(path, "corrupt safetensors header; download or export it again") from None
     if 8 + header_len + data_end > size:
-        raise AdapterFileError.at(path, f"the file is truncated: its header describes {data_end} bytes of tensor data but "
-                               f"only {size - 8 - header_len} are there; download or export it again")
+        raise AdapterFileError.at(
+            path,
+            f"the file is truncated: its header describes {data_end} bytes of tensor data but "
+            f"only {size - 8 - header_len} are there; download or export it again",
+        )
     metadata = header.get("__metadata__") or {}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise AdapterFileError.at(path, "metadata values must be strings; the file is corrupt")
@@ -212,16 +238,20 @@ def _group_by_stem(path: Path, tensors: Mapping[str, Tensor]) -> tuple[dict[str,
         stem, part = _normalise_stem(key[: -len(suffix)]), _PART_SUFFIXES[suffix]
         found = parts.setdefault(stem, {})
         if part in found:
-            raise AdapterFileError.at(path, f"keys {found[part]!r} and {key!r} are the same tensor of stem "
-                                   f"{stem!r}; the file mixes two formats of one layer: keep one")
+            raise AdapterFileError.at(
+                path,
+                f"keys {found[part]!r} and {key!r} are the same tensor of stem "
+                f"{stem!r}; the file mixes two formats of one layer: keep one",
+            )
         found[part] = key
     for stem in list(parts):
         if stem in foreign_stems or not ({DOWN, UP} & parts[stem].keys()):
             unknown += parts.pop(stem).values()
         elif len({DOWN, UP} & parts[stem].keys()) == 1:
             missing = UP if DOWN in parts[stem] else DOWN
-            raise AdapterFileError.at(path, f"stem {stem!r} has no {missing.lstrip('.')} tensor; the file is "
-                                   "incomplete: export it again")
+            raise AdapterFileError.at(
+                path, f"stem {stem!r} has no {missing.lstrip('.')} tensor; the file is incomplete: export it again"
+            )
     return parts, unknown
 
 
@@ -245,7 +275,9 @@ def _stem_weights(path: Path, stem: str, found: Mapping[str, Tensor], axis_hint:
     _check_finite(where, stem, found.values())
     alpha = found.get(ALPHA)
     if alpha is not None and alpha.numel() != 1:
-        raise AdapterFileError.at(where, f"{stem}.alpha has shape {tuple(alpha.shape)}, not a scalar; the file is corrupt")
+        raise AdapterFileError.at(
+            where, f"{stem}.alpha has shape {tuple(alpha.shape)}, not a scalar; the file is corrupt"
+        )
     dora_scale = found.get(DORA_SCALE)
     if dora_scale is not None:
         dora_scale = _dora_scale_layout(where, stem, dora_scale, up.shape[0], down.shape[1], down.dim(), axis_hint)
@@ -260,8 +292,11 @@ def _dora_scale_layout(
     if scale.dim() == 1:
         n = scale.shape[0]
         if n not in (in_features, out_features):
-            raise AdapterFileError.at(where, f"{stem}.dora_scale has {n} values but the layer has in={in_features}, "
-                                   f"out={out_features}; the file is corrupt")
+            raise AdapterFileError.at(
+                where,
+                f"{stem}.dora_scale has {n} values but the layer has in={in_features}, "
+                f"out={out_features}; the file is corrupt",
+            )
         axis = axis_hint if in_features == out_features else ("input" if n == in_features else "output")
         shape = (1, in_features) if axis == "input" else (out_features, 1)
         scale = scale.reshape(*shape, *[1] * (dims - 2))
@@ -276,8 +311,9 @@ def _check_scale_shape(where: str, stem: str, scale: Tensor, out_features: int, 
     except ValueError as err:
         raise AdapterFileError.at(where, f"{stem}: {err}; export the file again") from None
     if scale.dim() != dims:
-        raise AdapterFileError.at(where, f"{stem}.dora_scale has shape {tuple(scale.shape)} for a {dims}-D layer; "
-                               "export the file again")
+        raise AdapterFileError.at(
+            where, f"{stem}.dora_scale has shape {tuple(scale.shape)} for a {dims}-D layer; export the file again"
+        )
 
 
 def _check_pair(where: str, stem: str, down: Tensor, up: Tensor) -> None:
@@ -290,15 +326,20 @@ def _check_pair(where: str, stem: str, down: Tensor, up: Tensor) -> None:
     )
     if not fits:
         raise AdapterFileError.at(
-            where, f"stem {stem!r}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not fit "
-            "(expected down (r, in[, kh, kw]) and up (out, r[, 1, 1])); the file is damaged: export it again")
+            where,
+            f"stem {stem!r}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not fit "
+            "(expected down (r, in[, kh, kw]) and up (out, r[, 1, 1])); the file is damaged: export it again",
+        )
 
 
 def _check_finite(where: str, stem: str, tensors: Iterable[Tensor]) -> None:
     """Refuse NaN/Inf: every front end would merge them into the model silently."""
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise AdapterFileError.at(where, f"stem {stem!r} has NaN or Inf values (training diverged, or fp16 "
-                               "overflow); use an earlier checkpoint or save in float32 / bfloat16")
+        raise AdapterFileError.at(
+            where,
+            f"stem {stem!r} has NaN or Inf values (training diverged, or fp16 "
+            "overflow); use an earlier checkpoint or save in float32 / bfloat16",
+        )
 
 
 def _dtype_name(tensor: Tensor) -> str:

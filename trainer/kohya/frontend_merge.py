@@ -39,8 +39,10 @@ def _input_column_norm(weight: Tensor) -> Tensor:
 
 def _output_row_norm(weight: Tensor) -> Tensor:
     """||.|| per output row, kept broadcastable against the weight."""
-    return weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True).reshape(
-        weight.shape[0], *[1] * (weight.dim() - 1)
+    return (
+        weight.reshape(weight.shape[0], -1)
+        .norm(dim=1, keepdim=True)
+        .reshape(weight.shape[0], *[1] * (weight.dim() - 1))
     )
 
 

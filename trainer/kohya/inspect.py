@@ -10,9 +10,20 @@ from .adapter_file import LoadedAdapter
 
 # The metadata a user asks about first; the rest is in --json.
 KEY_METADATA = (
-    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
-    "ss_output_name", "ss_sd_model_name", "ss_steps", "ss_epoch", "ss_mixed_precision",
-    "ss_training_finished_at", "modelspec.architecture", "modelspec.title", "dora_studio.dora_axis",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+    "ss_base_model_version",
+    "ss_output_name",
+    "ss_sd_model_name",
+    "ss_steps",
+    "ss_epoch",
+    "ss_mixed_precision",
+    "ss_training_finished_at",
+    "modelspec.architecture",
+    "modelspec.title",
+    "dora_studio.dora_axis",
     "sshs_model_hash",
 )
 

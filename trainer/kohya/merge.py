@@ -88,9 +88,10 @@ def require_full_match(match: StemMatch, adapter_file: Path, model: str | Path) 
     problems += [Problem(stem, why) for stem, why in list(match.misfit.items())[:10]]
     more = len(match.unmatched) + len(match.misfit) - len(problems)
     raise AdapterMismatchError(
-        *problems, *([f"... and {more} more"] if more > 0 else []),
+        *problems,
+        *([f"... and {more} more"] if more > 0 else []),
         context=f"{adapter_file} does not fit the model {model}: {len(match.unmatched)} stems not found, "
-                f"{len(match.misfit)} with wrong shapes (is it an adapter for another architecture, e.g. SD1.5?)",
+        f"{len(match.misfit)} with wrong shapes (is it an adapter for another architecture, e.g. SD1.5?)",
     )
 
 

@@ -15,8 +15,14 @@ from .run_directory import RunDirectory
 from .train_state import list_states, newest_state
 
 RESUME_MAY_CHANGE = (
-    "sampling.", "saving.", "training.epochs", "training.max_steps", "dataset.latent_cache_dir",
-    "dataset.cache_latents", "dataset.cache_text_encoder_outputs", "dataset.loader_workers",
+    "sampling.",
+    "saving.",
+    "training.epochs",
+    "training.max_steps",
+    "dataset.latent_cache_dir",
+    "dataset.cache_latents",
+    "dataset.cache_text_encoder_outputs",
+    "dataset.loader_workers",
     "training.process_timeout_minutes",
 )
 
@@ -29,8 +35,11 @@ def find_state(resume: str, run: RunDirectory) -> Path | None:
     path = Path(resume)
     if path in list_states(path.parent):
         return path
-    raise TrainStateError.at(path, "not a complete saved state (a folder like <run>/state/step-00000120 holding "
-                          "state.json and tensors.safetensors); use --resume auto to take the newest")
+    raise TrainStateError.at(
+        path,
+        "not a complete saved state (a folder like <run>/state/step-00000120 holding "
+        "state.json and tensors.safetensors); use --resume auto to take the newest",
+    )
 
 
 def _flatten(settings: dict) -> dict[str, object]:
@@ -41,18 +50,25 @@ def check_resume_config(saved: dict, current: dict, state_dir: Path) -> None:
     """Refuse a resume whose training-relevant settings differ from the saved run's, naming each."""
     before, after = _flatten(saved), _flatten(current)
     changed = sorted(
-        key for key in before.keys() | after.keys()
+        key
+        for key in before.keys() | after.keys()
         if before.get(key) != after.get(key) and not key.startswith(RESUME_MAY_CHANGE)
     )
     if changed:
         details = "; ".join(f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in changed)
-        raise TrainStateError.at(state_dir, f"cannot resume with different training settings ({details}). Set them "
-                              "back, or start a new run without --resume")
+        raise TrainStateError.at(
+            state_dir,
+            f"cannot resume with different training settings ({details}). Set them "
+            "back, or start a new run without --resume",
+        )
 
 
 def check_resume_processes(saved: int, current: int, state_dir: Path) -> None:
     """The data order and the global batch depend on the number of processes, so it must not change."""
     if saved != current:
-        raise TrainStateError.at(state_dir, f"saved by a run with {saved} training process(es), resumed with "
-                              f"{current}; resume with {saved} (training.processes, or your accelerate/torchrun "
-                              "launch), or start a new run")
+        raise TrainStateError.at(
+            state_dir,
+            f"saved by a run with {saved} training process(es), resumed with "
+            f"{current}; resume with {saved} (training.processes, or your accelerate/torchrun "
+            "launch), or start a new run",
+        )

@@ -37,8 +37,10 @@ def validate_run_name(name: str) -> str:
     """``name`` if it is a plain folder name that cannot leave the runs folder, else ``RunNameError``."""
     # fullmatch, not match with "$": "$" would accept a trailing newline.
     if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
-        raise RunNameError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-' "
-                           "(starting with a letter or digit, at most 100 characters)")
+        raise RunNameError(
+            f"invalid run name {name!r}: use letters, digits, '.', '_' and '-' "
+            "(starting with a letter or digit, at most 100 characters)"
+        )
     return name
 
 
@@ -153,8 +155,12 @@ class RunDirectory:
 
     def remove_stale_temp_files(self) -> list[Path]:
         """Temp files a killed trainer left mid-write (``.NAME.<hex>.tmp``); only the trainer writes here."""
-        stale = [p for folder in (self.root, self.adapters_dir, self.samples_dir)
-                 for p in folder.rglob(".*.tmp") if p.is_file()]
+        stale = [
+            p
+            for folder in (self.root, self.adapters_dir, self.samples_dir)
+            for p in folder.rglob(".*.tmp")
+            if p.is_file()
+        ]
         for path in stale:
             path.unlink(missing_ok=True)
         return stale

@@ -178,8 +178,10 @@ def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         out = {}
         for key, item in value.items():
             if not isinstance(key, str) or key in (_TENSOR, _TUPLE):
-                raise TypeError(f"{path}: dict key {key!r} cannot be saved (keys must be strings other than "
-                                f"{_TENSOR!r} and {_TUPLE!r})")
+                raise TypeError(
+                    f"{path}: dict key {key!r} cannot be saved (keys must be strings other than "
+                    f"{_TENSOR!r} and {_TUPLE!r})"
+                )
             out[key] = _encode(item, f"{path}/{key}", tensors)
         return out
     if value is None or isinstance(value, (bool, int, str)):
@@ -203,7 +205,9 @@ def _decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
 
 def _encode_optimizer(state_dict: dict, tensors: dict[str, torch.Tensor]) -> dict:
     # Per-parameter state is keyed by int index, which JSON cannot hold as a key: stored as "0", "1", ...
-    per_param = {str(index): _encode(s, f"optimizer/state/{index}", tensors) for index, s in state_dict["state"].items()}
+    per_param = {
+        str(index): _encode(s, f"optimizer/state/{index}", tensors) for index, s in state_dict["state"].items()
+    }
     rest = {key: value for key, value in state_dict.items() if key != "state"}
     return {"state": per_param, **_encode(rest, "optimizer", tensors)}
 
@@ -236,8 +240,10 @@ def _optimizer_param_names(optimizer: torch.optim.Optimizer, trainable: Mapping[
     order = []
     for group in optimizer.param_groups:
         if any(id(p) not in names for p in group["params"]):
-            raise ValueError(f"optimizer group {group.get('name', len(order))!r} holds a parameter that is not "
-                             "in `trainable`; a resume could not restore it")
+            raise ValueError(
+                f"optimizer group {group.get('name', len(order))!r} holds a parameter that is not "
+                "in `trainable`; a resume could not restore it"
+            )
         order.append([names[id(p)] for p in group["params"]])
     return order
 

@@ -127,6 +127,7 @@ SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
     "use_karras_sigmas": False,
 }
 
+
 def real_unet(device: str | torch.device = "meta") -> UNet2DConditionModel:
     """The SDXL base UNet with no weights (meta device): for counting and naming its modules."""
     with torch.device(device):

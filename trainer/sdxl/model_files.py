@@ -22,8 +22,9 @@ from .sgm_checkpoint import save_sgm_checkpoint
 def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ModelLoadError.at(
-            path, "pickle checkpoints are refused because loading them can run arbitrary code. "
-            "Convert it to .safetensors (most front ends and model sites offer that) and point at the new file."
+            path,
+            "pickle checkpoints are refused because loading them can run arbitrary code. "
+            "Convert it to .safetensors (most front ends and model sites offer that) and point at the new file.",
         )
 
 
@@ -31,18 +32,23 @@ def _check_diffusers_folder(path: Path) -> None:
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelLoadError.at(
-            path, "not a diffusers model folder (no model_index.json). Give a diffusers SDXL folder "
-            "or an SDXL single-file .safetensors checkpoint."
+            path,
+            "not a diffusers model folder (no model_index.json). Give a diffusers SDXL folder "
+            "or an SDXL single-file .safetensors checkpoint.",
         )
     try:
         found = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "?")
     except (ValueError, AttributeError) as error:  # bad JSON or bad UTF-8 (both ValueError), or not an object
-        raise ModelLoadError.at(index, f"not a readable diffusers model_index.json ({error}); download the model "
-                             "folder again") from None
+        raise ModelLoadError.at(
+            index, f"not a readable diffusers model_index.json ({error}); download the model folder again"
+        ) from None
     families = {"StableDiffusionPipeline": " (Stable Diffusion 1.x or 2.x)"}
     if found != "StableDiffusionXLPipeline":
-        raise ModelLoadError.at(path, f"this is a {found} folder{families.get(found, '')}, not SDXL "
-                             "(StableDiffusionXLPipeline); DoRA Studio trains SDXL base models")
+        raise ModelLoadError.at(
+            path,
+            f"this is a {found} folder{families.get(found, '')}, not SDXL "
+            "(StableDiffusionXLPipeline); DoRA Studio trains SDXL base models",
+        )
 
 
 # Key prefixes that tell checkpoint families apart, first match wins (as ComfyUI's model detection does it).
@@ -74,8 +80,11 @@ def _check_single_file(path: Path) -> None:
         raise ModelLoadError.at(path, f"not a readable .safetensors file ({error}); download it again") from None
     found = checkpoint_architecture(keys)
     if found != "SDXL":
-        raise ModelLoadError.at(path, f"this checkpoint is {found}, not SDXL; DoRA Studio trains SDXL base models "
-                             "(SDXL 1.0, Pony, Illustrious, NoobAI and other SDXL fine-tunes)")
+        raise ModelLoadError.at(
+            path,
+            f"this checkpoint is {found}, not SDXL; DoRA Studio trains SDXL base models "
+            "(SDXL 1.0, Pony, Illustrious, NoobAI and other SDXL fine-tunes)",
+        )
 
 
 def quiet_library_progress() -> None:
@@ -102,21 +111,18 @@ def load_sdxl_pipeline(model: str | Path, config_dir: str | Path | None = None, 
         raise ModelLoadError.at(path, "model path does not exist; check the spelling or give an absolute path")
     if path.is_dir():
         _check_diffusers_folder(path)
-        return StableDiffusionXLPipeline.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, local_files_only=True
-        )
+        return StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError.at(path, "unknown model file type; expected a .safetensors checkpoint or a folder")
     _check_single_file(path)
     config = Path(config_dir) if config_dir else path.with_suffix("")
     if not (config / "model_index.json").is_file():
         raise ModelLoadError.at(
-            path, f"a single-file checkpoint needs its diffusers config folder to load offline; none at {config}. "
-            "Pass the folder of a diffusers SDXL model (only its *.json and tokenizer files are read)."
+            path,
+            f"a single-file checkpoint needs its diffusers config folder to load offline; none at {config}. "
+            "Pass the folder of a diffusers SDXL model (only its *.json and tokenizer files are read).",
         )
-    return StableDiffusionXLPipeline.from_single_file(
-        str(path), config=str(config), dtype=dtype, local_files_only=True
-    )
+    return StableDiffusionXLPipeline.from_single_file(str(path), config=str(config), dtype=dtype, local_files_only=True)
 
 
 def export_pipeline(pipe, out: Path, dtype: torch.dtype | None = None) -> Path:

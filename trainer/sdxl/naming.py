@@ -260,9 +260,7 @@ def attention_module_paths(unet: nn.Module) -> list[str]:
     paths = []
     for name, module in unet.named_modules():
         if isinstance(module, Transformer2DModel):
-            paths += [
-                f"{name}.{inner}" for inner, child in module.named_modules() if isinstance(child, nn.Linear)
-            ]
+            paths += [f"{name}.{inner}" for inner, child in module.named_modules() if isinstance(child, nn.Linear)]
     return paths
 
 

@@ -49,7 +49,8 @@ def denoising_loss(
     is taken as 1 there rather than dividing by zero.
     """
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
-        dim=list(range(1, prediction.dim())))
+        dim=list(range(1, prediction.dim()))
+    )
     if min_snr_gamma <= 0:
         return per_sample
     snr = compute_snr(scheduler, timesteps)

@@ -133,9 +133,7 @@ _OPEN_CLIP_LAYER = {
     "mlp.fc1": "mlp.c_fc",
     "mlp.fc2": "mlp.c_proj",
 }
-_CLIP_LAYER_KEY = re.compile(
-    r"text_model\.encoder\.layers\.(?P<n>\d+)\.(?P<module>.+)\.(?P<param>weight|bias)$"
-)
+_CLIP_LAYER_KEY = re.compile(r"text_model\.encoder\.layers\.(?P<n>\d+)\.(?P<module>.+)\.(?P<param>weight|bias)$")
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 

@@ -16,7 +16,10 @@ from torch import Tensor, nn
 def tokenize(tokenizer, captions: Sequence[str]) -> Tensor:
     """Token ids padded and truncated to the tokenizer's 77, as the pipeline does."""
     return tokenizer(
-        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
         return_tensors="pt",
     ).input_ids
 
@@ -33,5 +36,7 @@ def encode_captions(
             pooled = output[0]
         hidden_states.append(output.hidden_states[-2])
     if pooled is None:
-        raise ValueError("no text encoder returned a pooled embedding; is text_encoder_2 a CLIPTextModelWithProjection?")
+        raise ValueError(
+            "no text encoder returned a pooled embedding; is text_encoder_2 a CLIPTextModelWithProjection?"
+        )
     return torch.cat(hidden_states, dim=-1), pooled

@@ -92,6 +92,7 @@ class _Signals:
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """The first Ctrl-C / SIGTERM asks for a clean stop; a second Ctrl-C interrupts at once."""
+
         def handler(signum, frame):
             self.stop = True
             log.info("stop requested (%s): finishing this step, then saving", signal.Signals(signum).name)
@@ -133,8 +134,12 @@ class Trainer:
             self.run.create()
             self.run.remove_stale_temp_files()
             write_config(self.config, self.run.config_path)
-        self._status(state="starting", message="loading data and models", started_at=self.started_at,
-                     processes=accelerator.num_processes)
+        self._status(
+            state="starting",
+            message="loading data and models",
+            started_at=self.started_at,
+            processes=accelerator.num_processes,
+        )
         with self.signals.installed():
             try:
                 return self._run(accelerator, resume)
@@ -145,21 +150,32 @@ class Trainer:
             except BaseException as error:
                 with contextlib.suppress(OSError):  # a full disk must not hide the reason behind a second error
                     problems = error.problems if isinstance(error, StudioError) else []
-                    self._status(state="failed", message=str(error) or type(error).__name__,
-                                 error_type=type(error).__name__, problems=[asdict(p) for p in problems])
+                    self._status(
+                        state="failed",
+                        message=str(error) or type(error).__name__,
+                        error_type=type(error).__name__,
+                        problems=[asdict(p) for p in problems],
+                    )
                 raise
 
     def _run(self, accelerator: Accelerator, resume: str | None) -> Path:
         if accelerator.device.type == "cpu" and self.config.training.mixed_precision == "fp16":
-            raise TrainingError.at("training.mixed_precision", "\"fp16\" needs a GPU (CPUs have no fp16 autocast); "
-                                   "use \"bf16\" or \"no\" on this machine")
+            raise TrainingError.at(
+                "training.mixed_precision",
+                '"fp16" needs a GPU (CPUs have no fp16 autocast); use "bf16" or "no" on this machine',
+            )
         self.tensorboard = self._tensorboard_writer(accelerator)  # a missing package is said before any work
         self._status(state="caching", message="checking the dataset and caching latents")
         with accelerator.main_process_first():  # rank 0 builds/caches first; the others then find it all made
-            self.session = session = prepare_session(self.config, accelerator.device, accelerator.num_processes,
-                                                     on_caching=self._caching_progress)
-        log.info("%d images, %d batches per epoch, %d optimizer steps in all", len(session.examples),
-                 session.batches_per_epoch, session.total_steps)
+            self.session = session = prepare_session(
+                self.config, accelerator.device, accelerator.num_processes, on_caching=self._caching_progress
+            )
+        log.info(
+            "%d images, %d batches per epoch, %d optimizer steps in all",
+            len(session.examples),
+            session.batches_per_epoch,
+            session.total_steps,
+        )
         # Only the optimizer is prepared (fp16 loss scaling). The models are not wrapped in DDP: gradients
         # of the adapters are averaged by hand (processes.average_gradients), which covers the text encoders too and
         # layers skipped by module dropout, and leaves the pipeline's own modules unwrapped for sampling.
@@ -170,18 +186,32 @@ class Trainer:
         if accelerator.is_main_process:
             self.run.truncate_metrics(self.progress.step)
         adapter = self._train_steps()
-        self._status(state="done", message=f"finished: {adapter}", last_adapter=str(adapter),
-                              step=self.progress.step, eta_seconds=0)
+        self._status(
+            state="done",
+            message=f"finished: {adapter}",
+            last_adapter=str(adapter),
+            step=self.progress.step,
+            eta_seconds=0,
+        )
         return adapter
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def _train_steps(self) -> Path:
         """Epoch after epoch until the run's last optimizer step; then the final adapter."""
-        bar = tqdm(total=self.session.total_steps, initial=self.progress.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.show_progress and self.accelerator.is_main_process))
-        self._status(state="training", message="training", total_steps=self.session.total_steps,
-                     epochs=self.config.training.epochs)
+        bar = tqdm(
+            total=self.session.total_steps,
+            initial=self.progress.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.show_progress and self.accelerator.is_main_process),
+        )
+        self._status(
+            state="training",
+            message="training",
+            total_steps=self.session.total_steps,
+            epochs=self.config.training.epochs,
+        )
         while self.progress.epoch < self.config.training.epochs and self.progress.step < self.session.total_steps:
             if not self._train_epoch(bar):  # max_steps came inside the epoch
                 self._sample(self.run.step_samples_dir(self.progress.step))  # the last look at the run
@@ -198,12 +228,17 @@ class Trainer:
         session, config, accelerator = self.session, self.config, self.accelerator
         epoch, processes = self.progress.epoch, accelerator.num_processes
         accumulation = config.training.gradient_accumulation
-        global_batches = plan_epoch(session.examples, session.augment, config.training.batch_size * processes,
-                                    config.training.seed, epoch)
+        global_batches = plan_epoch(
+            session.examples, session.augment, config.training.batch_size * processes, config.training.seed, epoch
+        )
         shards = [shard_batch(batch, accelerator.process_index, processes) for batch in global_batches]
-        batches = batch_loader(EpochBatches([shard.images for shard in shards], session.examples,
-                                            session.latent_cache, session.augment.background),
-                               self.progress.batches_done, config.dataset.loader_workers)
+        batches = batch_loader(
+            EpochBatches(
+                [shard.images for shard in shards], session.examples, session.latent_cache, session.augment.background
+            ),
+            self.progress.batches_done,
+            config.dataset.loader_workers,
+        )
         clock, group_loss = _StepClock(), 0.0
         for index, batch in enumerate(batches, start=self.progress.batches_done):
             clock.data_arrived()
@@ -213,11 +248,20 @@ class Trainer:
 
             # forward and backward on this process's share of the global batch
             torch.manual_seed(step_seed(config.training.seed, epoch * len(shards) + index))
-            step_noise = draw_step_noise(shard.global_count, latent_shape(session, batch),
-                                         session.noise_scheduler.config.num_train_timesteps,
-                                         config.training.noise_offset, session.device)
-            losses = training_loss(session, session.pipe.unet, batch,
-                                   step_noise.rows(shard.offset, len(shard.images)), accelerator.autocast)
+            step_noise = draw_step_noise(
+                shard.global_count,
+                latent_shape(session, batch),
+                session.noise_scheduler.config.num_train_timesteps,
+                config.training.noise_offset,
+                session.device,
+            )
+            losses = training_loss(
+                session,
+                session.pipe.unet,
+                batch,
+                step_noise.rows(shard.offset, len(shard.images)),
+                accelerator.autocast,
+            )
             weighted = (losses * torch.tensor(shard.weights, device=losses.device)).sum()
             # each process's share of the global mean; averaging over processes (and the group) gives
             # exactly the loss one process would compute on the whole global batch
@@ -275,12 +319,16 @@ class Trainer:
         where = f"{problem} at step {self.progress.step + 1}"
         if self.progress.skipped_batches < config.training.max_skipped_batches:
             self.progress.skipped_batches += 1
-            log.warning("%s: batch skipped (%d of %d allowed)", where, self.progress.skipped_batches,
-                        config.training.max_skipped_batches)
+            log.warning(
+                "%s: batch skipped (%d of %d allowed)",
+                where,
+                self.progress.skipped_batches,
+                config.training.max_skipped_batches,
+            )
             return False
         raise TrainingError(
             f"{where}; the run stops here and the last saved adapter and state are kept. Usual fixes: lower the "
-            "learning rate, use mixed_precision = \"bf16\" instead of fp16, lower noise_offset, or allow a few "
+            'learning rate, use mixed_precision = "bf16" instead of fp16, lower noise_offset, or allow a few '
             "bad batches with training.max_skipped_batches"
         )
 
@@ -289,11 +337,23 @@ class Trainer:
         step, seconds = self.progress.step, clock.seconds()
         if self._session_start is None:
             self._session_start = (time.perf_counter() - seconds, step - 1)
-        lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.session.optimizer.param_groups)
-               if not str(group.get("name", "")).endswith("/no_decay")}
+        lrs = {
+            group.get("name", str(i)): group["lr"]
+            for i, group in enumerate(self.session.optimizer.param_groups)
+            if not str(group.get("name", "")).endswith("/no_decay")
+        }
         if self.accelerator.is_main_process:
-            self.run.append_metrics({"step": step, "epoch": self.progress.epoch + 1, "loss": loss, "lr": lrs,
-                                     "seconds": seconds, "data_seconds": clock.data_wait, "time": time.time()})
+            self.run.append_metrics(
+                {
+                    "step": step,
+                    "epoch": self.progress.epoch + 1,
+                    "loss": loss,
+                    "lr": lrs,
+                    "seconds": seconds,
+                    "data_seconds": clock.data_wait,
+                    "time": time.time(),
+                }
+            )
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("loss", loss, step)
             for name, lr in lrs.items():
@@ -305,9 +365,14 @@ class Trainer:
             self._last_status = now
             started, first_step = self._session_start
             rate = (step - first_step) / max(now - started, 1e-9)
-            self._status(state="training", step=step, epoch=self.progress.epoch + 1, loss=loss,
-                                  eta_seconds=round((self.session.total_steps - step) / rate, 1),
-                                  message=f"step {step}/{self.session.total_steps}")
+            self._status(
+                state="training",
+                step=step,
+                epoch=self.progress.epoch + 1,
+                loss=loss,
+                eta_seconds=round((self.session.total_steps - step) / rate, 1),
+                message=f"step {step}/{self.session.total_steps}",
+            )
 
     def _tensorboard_writer(self, accelerator: Accelerator):
         if not (self.config.saving.tensorboard and accelerator.is_main_process):
@@ -326,11 +391,16 @@ class Trainer:
             self._sample(self.run.step_samples_dir(step))
         if "stop" in commands:
             path = self._save("step")
-            self._status(state="stopped", step=step, last_adapter=str(path),
-                                  message=f"stopped at step {step}; saved {path.name}; resume with --resume auto")
+            self._status(
+                state="stopped",
+                step=step,
+                last_adapter=str(path),
+                message=f"stopped at step {step}; saved {path.name}; resume with --resume auto",
+            )
             raise StopRequested
-        if step < self.session.total_steps and ("save" in commands or
-                                                (saving.every_n_steps and step % saving.every_n_steps == 0)):
+        if step < self.session.total_steps and (
+            "save" in commands or (saving.every_n_steps and step % saving.every_n_steps == 0)
+        ):
             self._save("step")
 
     def _epoch_bookkeeping(self) -> None:
@@ -347,8 +417,13 @@ class Trainer:
             return
         self._status(state="sampling", message=f"sampling {out_dir.name}")
         resolution = self.config.dataset.resolution
-        defaults = SampleDefaults(resolution, resolution, self.config.sampling.steps,
-                                  self.config.sampling.guidance_scale, self.config.sampling.seed)
+        defaults = SampleDefaults(
+            resolution,
+            resolution,
+            self.config.sampling.steps,
+            self.config.sampling.guidance_scale,
+            self.config.sampling.seed,
+        )
         layers = {stem: layer for part in session.adapters.values() for stem, layer in part.items()} if adapters else {}
         generate_samples(session.pipe, layers, session.sample_prompts, defaults, out_dir)
         log.info("samples written to %s", out_dir)
@@ -362,14 +437,26 @@ class Trainer:
             return path
         try:
             self._status(state="saving", message=f"saving {path.name}")
-            save_network(path, self.session.adapters, self.config, steps=step, epoch=epoch,
-                         started_at=self.started_at, dataset_dirs=self.session.dataset_dirs,
-                         tag_frequencies=self.session.tag_frequencies)
+            save_network(
+                path,
+                self.session.adapters,
+                self.config,
+                steps=step,
+                epoch=epoch,
+                started_at=self.started_at,
+                dataset_dirs=self.session.dataset_dirs,
+                tag_frequencies=self.session.tag_frequencies,
+            )
             if self.config.saving.save_state:
-                save_train_state(self.run.states_dir, step, trainable=self.session.trainable,
-                                 optimizer=self.session.optimizer, lr_scheduler=self.session.lr_scheduler,
-                                 progress=asdict(self.progress), extra={"config": to_dict(self.config),
-                                        "processes": self.accelerator.num_processes})
+                save_train_state(
+                    self.run.states_dir,
+                    step,
+                    trainable=self.session.trainable,
+                    optimizer=self.session.optimizer,
+                    lr_scheduler=self.session.lr_scheduler,
+                    progress=asdict(self.progress),
+                    extra={"config": to_dict(self.config), "processes": self.accelerator.num_processes},
+                )
                 prune_states(self.run.states_dir, self.config.saving.keep_last_states)
         except OSError as error:  # every write is atomic: what was saved before is still whole
             kept = self.run.read_status().get("last_adapter") or "none yet"
@@ -406,9 +493,18 @@ class Trainer:
         saved = read_state_extra(state_dir)
         check_resume_config(saved["config"], to_dict(self.config), state_dir)
         check_resume_processes(saved.get("processes", 1), self.accelerator.num_processes, state_dir)
-        loaded = load_train_state(state_dir, trainable=self.session.trainable, optimizer=self.session.optimizer,
-                                  lr_scheduler=self.session.lr_scheduler)
+        loaded = load_train_state(
+            state_dir,
+            trainable=self.session.trainable,
+            optimizer=self.session.optimizer,
+            lr_scheduler=self.session.lr_scheduler,
+        )
         self.progress = Progress(**loaded["progress"])
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", state_dir, self.progress.step,
-                 self.progress.epoch + 1, self.progress.batches_done)
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            state_dir,
+            self.progress.step,
+            self.progress.epoch + 1,
+            self.progress.batches_done,
+        )
         return True

@@ -20,8 +20,13 @@ Adapters = dict[Part, dict[str, LoRALayer]]  # part -> kohya stem -> adapter lay
 def network_spec(settings: NetworkSettings) -> NetworkSpec:
     """The settings' [network] section as the adapter package takes it."""
     return NetworkSpec(
-        dora=settings.kind == "dora", rank=settings.rank, alpha=settings.alpha, conv_rank=settings.conv_rank,
-        conv_alpha=settings.conv_alpha, dora_axis=settings.dora_axis, module_dropout=settings.module_dropout,
+        dora=settings.kind == "dora",
+        rank=settings.rank,
+        alpha=settings.alpha,
+        conv_rank=settings.conv_rank,
+        conv_alpha=settings.conv_alpha,
+        dora_axis=settings.dora_axis,
+        module_dropout=settings.module_dropout,
         rank_dropout=settings.rank_dropout,
     )
 
@@ -46,6 +51,7 @@ def trainable_parameters(adapters: Adapters) -> dict[str, nn.Parameter]:
     """Every adapter parameter under a stable name (``unet/<stem>/lora_down``), the resume state's keys."""
     return {
         f"{part}/{stem}/{name}": param
-        for part, layers in adapters.items() for stem, layer in layers.items()
+        for part, layers in adapters.items()
+        for stem, layer in layers.items()
         for name, param in layer.named_parameters(recurse=False)
     }

@@ -26,6 +26,7 @@ from .network import Adapters
 PART_GROUP_NAMES: dict[Part, str] = {"unet": "unet", "te1": "text_encoder_1", "te2": "text_encoder_2"}
 PART_LR_SETTINGS: dict[Part, str] = {"unet": "unet_lr", "te1": "text_encoder_1_lr", "te2": "text_encoder_2_lr"}
 
+
 @dataclass(frozen=True)
 class ParamGroup:
     """Parameters trained with one learning rate; ``name`` ("unet", "text_encoder_1", ...) labels its lr in logs."""
@@ -62,8 +63,9 @@ def build_optimizer(
 
     if name == "adamw":
         fused = all(p.is_cuda for p in params)  # one kernel per step instead of a loop over tensors
-        return torch.optim.AdamW(torch_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                 fused=fused or None)
+        return torch.optim.AdamW(
+            torch_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None
+        )
     if name == "adamw8bit":
         bnb = import_optional("bitsandbytes", feature=f"optimizer {name!r}")
         return bnb.optim.AdamW8bit(torch_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -72,16 +74,19 @@ def build_optimizer(
         # Prodigy estimates one step size for all groups and refuses, at the first step, groups whose lr
         # differ (0 excepted, meaning frozen): said here, before any model is loaded.
         if len({g["lr"] for g in torch_groups} - {0.0}) > 1:
-            raise ValueError("prodigy needs the same lr for every group (conventionally 1.0; 0 freezes a group), "
-                             f"got {', '.join(f'{g.name}={g.lr}' for g in groups if g.params)}")
+            raise ValueError(
+                "prodigy needs the same lr for every group (conventionally 1.0; 0 freezes a group), "
+                f"got {', '.join(f'{g.name}={g.lr}' for g in groups if g.params)}"
+            )
         return prodigyopt.Prodigy(torch_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     from transformers.optimization import (
         Adafactor,  # a hard dependency, imported late because it is slow
     )
 
     # relative_step/scale_parameter off: otherwise Adafactor ignores lr and computes its own step size.
-    return Adafactor(torch_groups, lr=lr, weight_decay=weight_decay,
-                     relative_step=False, scale_parameter=False, warmup_init=False)
+    return Adafactor(
+        torch_groups, lr=lr, weight_decay=weight_decay, relative_step=False, scale_parameter=False, warmup_init=False
+    )
 
 
 def build_scheduler(
@@ -100,8 +105,14 @@ def build_scheduler(
         raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
-                         num_cycles=num_cycles, power=power)
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=total_steps,
+        num_cycles=num_cycles,
+        power=power,
+    )
 
 
 def _torch_param_groups(
@@ -114,8 +125,9 @@ def _torch_param_groups(
         undecayed = [p for p, skip in zip(group.params, skip_decay) if skip]
         for suffix, params, decay in (("", decayed, weight_decay), ("/no_decay", undecayed, 0.0)):
             if params:
-                torch_groups.append({"name": group.name + suffix, "params": params, "lr": group.lr,
-                                     "weight_decay": decay})
+                torch_groups.append(
+                    {"name": group.name + suffix, "params": params, "lr": group.lr, "weight_decay": decay}
+                )
     return torch_groups
 
 
@@ -125,14 +137,28 @@ def run_optimizer(settings: OptimizerSettings, adapters: Adapters, total_steps: 
     DoRA magnitudes are never weight-decayed: decay would pull ||W'|| toward zero.
     """
     groups = [
-        ParamGroup(PART_GROUP_NAMES[part], [p for layer in layers.values() for p in layer.parameters(recurse=False)],
-                   getattr(settings, PART_LR_SETTINGS[part]) or settings.learning_rate)
+        ParamGroup(
+            PART_GROUP_NAMES[part],
+            [p for layer in layers.values() for p in layer.parameters(recurse=False)],
+            getattr(settings, PART_LR_SETTINGS[part]) or settings.learning_rate,
+        )
         for part, layers in adapters.items()
     ]
-    magnitudes = {id(layer.dora_scale) for layers in adapters.values() for layer in layers.values()
-                  if isinstance(layer, DoRALayer)}
-    optimizer = build_optimizer(settings.name, groups, weight_decay=settings.weight_decay, betas=tuple(settings.betas),
-                                eps=settings.eps, no_decay=lambda p: id(p) in magnitudes)
-    scheduler = build_scheduler(settings.scheduler, optimizer, warmup_steps=settings.warmup_steps,
-                                total_steps=total_steps)
+    magnitudes = {
+        id(layer.dora_scale)
+        for layers in adapters.values()
+        for layer in layers.values()
+        if isinstance(layer, DoRALayer)
+    }
+    optimizer = build_optimizer(
+        settings.name,
+        groups,
+        weight_decay=settings.weight_decay,
+        betas=tuple(settings.betas),
+        eps=settings.eps,
+        no_decay=lambda p: id(p) in magnitudes,
+    )
+    scheduler = build_scheduler(
+        settings.scheduler, optimizer, warmup_steps=settings.warmup_steps, total_steps=total_steps
+    )
     return optimizer, scheduler

@@ -27,8 +27,12 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=config.training.process_timeout_minutes))
     # accelerate treats processes launched by torchrun as a CPU group (gloo) only when told it runs on CPU
     cpu_group = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=config.training.mixed_precision, step_scheduler_with_optimizer=False,
-                       kwargs_handlers=[timeout], cpu=cpu_group)
+    return Accelerator(
+        mixed_precision=config.training.mixed_precision,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[timeout],
+        cpu=cpu_group,
+    )
 
 
 @contextlib.contextmanager
@@ -54,7 +58,7 @@ def average_gradients(accelerator: Accelerator, params: Iterable[torch.nn.Parame
     flat /= accelerator.num_processes
     offset = 0
     for param in params:
-        param.grad = flat[offset:offset + param.numel()].view_as(param).clone()
+        param.grad = flat[offset : offset + param.numel()].view_as(param).clone()
         offset += param.numel()
 
 

@@ -16,8 +16,15 @@ from .network import Adapters
 
 
 def save_network(
-    path: Path, adapters: Adapters, config: TrainConfig, *, steps: int, epoch: int, started_at: float,
-    dataset_dirs: Mapping[str, Mapping[str, int]], tag_frequencies: Mapping[str, Mapping[str, int]],
+    path: Path,
+    adapters: Adapters,
+    config: TrainConfig,
+    *,
+    steps: int,
+    epoch: int,
+    started_at: float,
+    dataset_dirs: Mapping[str, Mapping[str, int]],
+    tag_frequencies: Mapping[str, Mapping[str, int]],
 ) -> None:
     """Write every adapter of the run to ``path`` with kohya's metadata (docs/adapter-format.md), atomically.
 
@@ -28,17 +35,31 @@ def save_network(
     weights = {stem: w for layers in adapters.values() for stem, w in adapter_weights(layers).items()}
     has_conv = net.unet_targets == "attn+conv"
     metadata = build_metadata(
-        network_kind=net.kind, dim=net.rank, alpha=net.alpha,
-        conv_dim=net.conv_rank if has_conv else None, conv_alpha=net.conv_alpha if has_conv else None,
-        dora_axis=net.dora_axis if net.kind == "dora" else None, output_name=config.saving.output_name,
-        base_model_name=Path(config.model.path).name, steps=steps, epoch=epoch, started_at=started_at,
-        finished_at=time.time(), mixed_precision=config.training.mixed_precision,
-        learning_rate=opt.learning_rate, unet_lr=opt.unet_lr or opt.learning_rate,
+        network_kind=net.kind,
+        dim=net.rank,
+        alpha=net.alpha,
+        conv_dim=net.conv_rank if has_conv else None,
+        conv_alpha=net.conv_alpha if has_conv else None,
+        dora_axis=net.dora_axis if net.kind == "dora" else None,
+        output_name=config.saving.output_name,
+        base_model_name=Path(config.model.path).name,
+        steps=steps,
+        epoch=epoch,
+        started_at=started_at,
+        finished_at=time.time(),
+        mixed_precision=config.training.mixed_precision,
+        learning_rate=opt.learning_rate,
+        unet_lr=opt.unet_lr or opt.learning_rate,
         text_encoder_lr=(opt.text_encoder_1_lr or opt.learning_rate) if net.train_text_encoders else None,
-        tag_frequency=tag_frequencies, dataset_dirs=dataset_dirs,
-        resolution=(config.dataset.resolution, config.dataset.resolution), title=config.saving.output_name,
+        tag_frequency=tag_frequencies,
+        dataset_dirs=dataset_dirs,
+        resolution=(config.dataset.resolution, config.dataset.resolution),
+        title=config.saving.output_name,
         prediction_type="v" if config.model.prediction_type == "v_prediction" else "epsilon",
-        extra={"dora_studio.network": json.dumps({"unet_targets": net.unet_targets, "include": net.include,
-                                                  "exclude": net.exclude})},
+        extra={
+            "dora_studio.network": json.dumps(
+                {"unet_targets": net.unet_targets, "include": net.include, "exclude": net.exclude}
+            )
+        },
     )
     save_adapter(path, weights, metadata, DTYPES[config.saving.save_dtype])

@@ -68,11 +68,15 @@ class Session:
 
 def augment_options(config: TrainConfig) -> AugmentOptions:
     d = config.dataset
-    colour = tuple(int(d.background_colour[i:i + 2], 16) for i in (1, 3, 5))
+    colour = tuple(int(d.background_colour[i : i + 2], 16) for i in (1, 3, 5))
     return AugmentOptions(
-        captions=CaptionOptions(d.trigger_word, d.shuffle_tags, d.keep_tokens, d.caption_dropout, d.tag_dropout,
-                                d.tag_separator),
-        bucket_spec=config.dataset.bucket_spec(), flip=d.flip, random_crop=d.random_crop, background=colour,
+        captions=CaptionOptions(
+            d.trigger_word, d.shuffle_tags, d.keep_tokens, d.caption_dropout, d.tag_dropout, d.tag_separator
+        ),
+        bucket_spec=config.dataset.bucket_spec(),
+        flip=d.flip,
+        random_crop=d.random_crop,
+        background=colour,
     )
 
 
@@ -101,9 +105,12 @@ def _check_schedule(scheduler_config, config: TrainConfig) -> None:
     if wants_v or wants_ztsnr:
         needed = ['model.prediction_type = "v_prediction"'] if wants_v else []
         needed += ["model.zero_terminal_snr = true"] if wants_ztsnr else []
-        raise TrainingError.at(config.model.path, "this model was trained with "
-                            f"{'v-prediction' if wants_v else 'zero terminal SNR'} (its scheduler config says so); "
-                            f"set {' and '.join(needed)} in the preset's [model] section")
+        raise TrainingError.at(
+            config.model.path,
+            "this model was trained with "
+            f"{'v-prediction' if wants_v else 'zero terminal SNR'} (its scheduler config says so); "
+            f"set {' and '.join(needed)} in the preset's [model] section",
+        )
 
 
 def load_pipeline(config: TrainConfig, device: torch.device):
@@ -125,7 +132,8 @@ def load_pipeline(config: TrainConfig, device: torch.device):
     if config.model.prediction_type == "v_prediction" or config.model.zero_terminal_snr:
         # sampling must use the schedule training used, or v-pred / ZTSNR samples come out grey
         pipe.scheduler = pipe.scheduler.from_config(
-            pipe.scheduler.config, prediction_type=config.model.prediction_type,
+            pipe.scheduler.config,
+            prediction_type=config.model.prediction_type,
             rescale_betas_zero_snr=config.model.zero_terminal_snr,
             **({"timestep_spacing": "trailing"} if config.model.zero_terminal_snr else {}),
         )
@@ -152,8 +160,12 @@ def _latent_cache(
     cache = LatentCache(root, vae_fingerprint(pipe.vae, torch.float32))
     planned = cacheable_images(examples, augment)
     filled = fill_cache(cache, examples, planned, pipe.vae, augment.background, on_progress)
-    log.info("latent cache %s: %d encoded now, %d reused", cache.folder, filled.encoded,
-             len(planned) - filled.encoded - len(filled.unreadable))
+    log.info(
+        "latent cache %s: %d encoded now, %d reused",
+        cache.folder,
+        filled.encoded,
+        len(planned) - filled.encoded - len(filled.unreadable),
+    )
     for reason in filled.unreadable.values():
         log.warning("skipped: %s", reason)
     usable = [example for example in examples if example.path not in filled.unreadable]
@@ -165,20 +177,26 @@ def _latent_cache(
 @torch.no_grad()
 def _text_cache(config: TrainConfig, pipe, examples, augment, device) -> dict[str, tuple[Tensor, Tensor]] | None:
     """Caption -> (prompt embeds, pooled) when every step's caption is fixed and the encoders are frozen."""
-    if (not config.dataset.cache_text_encoder_outputs or config.network.train_text_encoders
-            or is_randomised(augment.captions)):
+    if (
+        not config.dataset.cache_text_encoder_outputs
+        or config.network.train_text_encoders
+        or is_randomised(augment.captions)
+    ):
         return None
     captions = sorted({process_caption(e.caption, augment.captions, None) for e in examples})
     cache = {}
     for caption in captions:
-        embeds, pooled = encode_captions((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
-                                         [caption], device)
+        embeds, pooled = encode_captions(
+            (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), [caption], device
+        )
         cache[caption] = (embeds[0], pooled[0])
     return cache
 
 
 def prepare_session(
-    config: TrainConfig, device: torch.device, processes: int = 1,
+    config: TrainConfig,
+    device: torch.device,
+    processes: int = 1,
     on_caching: Callable[[int, int], None] = lambda done, total: None,
 ) -> Session:
     """``processes``: how many share each global batch (batch_size images each)."""
@@ -188,8 +206,11 @@ def prepare_session(
     for problem in report.problems[:MAX_PROBLEMS_LOGGED]:
         log.warning("%s%s", "skipped: " if problem.skipped else "", problem.message)
     if len(report.problems) > MAX_PROBLEMS_LOGGED:
-        log.warning("... and %d more; `dora-studio check-data %s` lists them all",
-                    len(report.problems) - MAX_PROBLEMS_LOGGED, config.dataset.path)
+        log.warning(
+            "... and %d more; `dora-studio check-data %s` lists them all",
+            len(report.problems) - MAX_PROBLEMS_LOGGED,
+            config.dataset.path,
+        )
     augment = augment_options(config)
     examples = plan_examples(scan, augment.bucket_spec)
     for note in config.cache_conflicts():
@@ -212,12 +233,23 @@ def prepare_session(
     total_steps = total_optimizer_steps(batches_per_epoch, config)
     optimizer, lr_scheduler = run_optimizer(config.optimizer, adapters, total_steps)
     return Session(
-        config=config, device=device, pipe=pipe, adapters=adapters, trainable=trainable_parameters(adapters),
-        examples=examples, augment=augment,
-        noise_scheduler=training_noise_scheduler(dict(pipe.scheduler.config), config.model.prediction_type,
-                                                 config.model.zero_terminal_snr),
-        optimizer=optimizer, lr_scheduler=lr_scheduler, batches_per_epoch=batches_per_epoch,
-        total_steps=total_steps, sample_prompts=sample_prompts(config), latent_cache=latent_cache,
+        config=config,
+        device=device,
+        pipe=pipe,
+        adapters=adapters,
+        trainable=trainable_parameters(adapters),
+        examples=examples,
+        augment=augment,
+        noise_scheduler=training_noise_scheduler(
+            dict(pipe.scheduler.config), config.model.prediction_type, config.model.zero_terminal_snr
+        ),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        batches_per_epoch=batches_per_epoch,
+        total_steps=total_steps,
+        sample_prompts=sample_prompts(config),
+        latent_cache=latent_cache,
         text_cache=_text_cache(config, pipe, examples, augment, device),
-        dataset_dirs=scan.folder_counts(), tag_frequencies=scan.tag_frequency(config.dataset.tag_separator),
+        dataset_dirs=scan.folder_counts(),
+        tag_frequencies=scan.tag_frequency(config.dataset.tag_separator),
     )

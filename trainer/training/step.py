@@ -33,8 +33,9 @@ class StepNoise:
     timesteps: Tensor
 
     def rows(self, start: int, count: int) -> StepNoise:
-        return StepNoise(self.latent[start:start + count], self.noise[start:start + count],
-                         self.timesteps[start:start + count])
+        return StepNoise(
+            self.latent[start : start + count], self.noise[start : start + count], self.timesteps[start : start + count]
+        )
 
 
 def draw_step_noise(
@@ -66,8 +67,9 @@ def _conditioning(session: Session, captions: list[str]) -> tuple[torch.Tensor, 
         return torch.stack(embeds), torch.stack(pooled)
     grad = torch.enable_grad() if session.trains_text_encoders else torch.no_grad()
     with grad:
-        return encode_captions((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
-                               captions, device)
+        return encode_captions(
+            (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), captions, device
+        )
 
 
 def training_loss(session: Session, unet, batch: Batch, step_noise: StepNoise, autocast) -> torch.Tensor:
@@ -82,12 +84,15 @@ def training_loss(session: Session, unet, batch: Batch, step_noise: StepNoise, a
         embeds, pooled = _conditioning(session, batch.captions)
         noisy = add_noise(session.noise_scheduler, latents, step_noise.noise, step_noise.timesteps)
         prediction = unet(
-            noisy, step_noise.timesteps, encoder_hidden_states=embeds,
+            noisy,
+            step_noise.timesteps,
+            encoder_hidden_states=embeds,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids.to(session.device)},
         ).sample
     target = prediction_target(session.noise_scheduler, latents, step_noise.noise, step_noise.timesteps)
-    return denoising_loss(session.noise_scheduler, prediction, target, step_noise.timesteps,
-                          session.config.training.min_snr_gamma)
+    return denoising_loss(
+        session.noise_scheduler, prediction, target, step_noise.timesteps, session.config.training.min_snr_gamma
+    )
 
 
 def latent_shape(session: Session, batch: Batch) -> tuple[int, ...]:
