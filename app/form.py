@@ -12,13 +12,8 @@ from typing import Any, get_args, get_origin
 
 import gradio as gr
 
-from trainer.config.schema import (
-    SECTIONS,
-    TrainConfig,
-    field_type,
-    fields_of,
-    from_dict,
-)
+from trainer.config.parsing import from_dict
+from trainer.config.schema import SECTIONS, TrainConfig, field_type, fields_of
 from trainer.errors import ConfigError, Problem
 
 SECTION_TITLES = {

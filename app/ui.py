@@ -17,8 +17,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from trainer.config.parsing import from_dict
 from trainer.config.presets import config_from_text, config_toml, load_config
-from trainer.config.schema import from_dict
 from trainer.data.check import check_dataset, format_report
 from trainer.errors import Problem, StudioError
 from trainer.runs.run_directory import RunDirectory

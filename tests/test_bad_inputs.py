@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from trainer.cli import main
-from trainer.config.schema import from_dict
+from trainer.config.parsing import from_dict
 from trainer.data.epoch_plan import load_pixels, plan_epoch, plan_examples
 from trainer.data.image_io import PIXEL_LIMIT
 from trainer.data.scan import scan_dataset

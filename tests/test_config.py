@@ -11,8 +11,9 @@ import pytest
 
 from trainer.cli import main
 from trainer.config.docs import settings_markdown, settings_text
+from trainer.config.parsing import from_dict, to_dict
 from trainer.config.presets import apply_overrides, config_toml, load_config, read_preset, write_config
-from trainer.config.schema import SECTIONS, TrainConfig, all_keys, fields_of, from_dict, to_dict
+from trainer.config.schema import SECTIONS, TrainConfig, all_keys, fields_of
 from trainer.errors import ConfigError, Problem
 
 REPO = Path(__file__).resolve().parent.parent

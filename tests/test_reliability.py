@@ -34,9 +34,9 @@ def status(run_dir: Path) -> dict:
 
 def test_full_disk_fails_the_run_and_keeps_the_last_good_adapter_and_state(
     tiny_dir,
-    small_dataset,
+    small_dataset,  # noqa: F811 (the fixture imported above)
     tmp_path,
-    monkeypatch,  # noqa: F811
+    monkeypatch,
 ):
     real_write = adapter_file.write_bytes_atomically
     calls = {"n": 0}
@@ -79,9 +79,9 @@ def _nan_at_call(monkeypatch, bad_call: int) -> None:
 
 def test_nan_loss_fails_with_the_usual_fixes_and_keeps_the_last_save(
     tiny_dir,
-    small_dataset,
+    small_dataset,  # noqa: F811 (the fixture imported above)
     tmp_path,
-    monkeypatch,  # noqa: F811
+    monkeypatch,
 ):
     _nan_at_call(monkeypatch, bad_call=3)
     run_dir = tmp_path / "run"

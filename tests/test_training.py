@@ -16,14 +16,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from trainer.config.schema import from_dict
+from trainer.config.parsing import from_dict
 from trainer.errors import TrainStateError
 from trainer.kohya.adapter_file import load_adapter
 from trainer.kohya.merge import canonical_stems, match_stems, model_stem_targets, pipeline_parts
 from trainer.kohya.verify import verify_match
 from trainer.runs.run_directory import RunDirectory
 from trainer.sdxl.model_files import load_sdxl_pipeline
-from trainer.training.loop import StopRequested, Trainer
+from trainer.training.loop import Trainer
+from trainer.training.signals import StopRequested
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -144,7 +144,8 @@ def _run_directory(args: argparse.Namespace, output_name: str) -> RunDirectory:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.runs.train_log import log_to
-    from trainer.training.loop import StopRequested, Trainer
+    from trainer.training.loop import Trainer
+    from trainer.training.signals import StopRequested
 
     config = _train_config(args)
     run = _run_directory(args, config.saving.output_name)

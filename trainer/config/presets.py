@@ -15,16 +15,8 @@ import tomli_w
 from trainer.errors import ConfigError, Problem
 from trainer.files import write_bytes_atomically
 
-from .schema import (
-    SECTIONS,
-    TrainConfig,
-    field_type,
-    fields_of,
-    from_dict,
-    resolve_paths,
-    to_dict,
-    unknown_key,
-)
+from .parsing import from_dict, resolve_paths, to_dict, unknown_key
+from .schema import SECTIONS, TrainConfig, field_type, fields_of
 
 MAX_BASE_DEPTH = 16
 

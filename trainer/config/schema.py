@@ -2,24 +2,19 @@
 
 Each section is a dataclass; each setting a field whose metadata carries its help text, choices and
 bounds, so the CLI documentation, preset validation and the UI's form fields cannot drift apart.
-Checking a value against its field is generic (``_check_value``); rules that tie several settings
+Checking a value against its field is generic (``config.parsing``); rules that tie several settings
 together live in ``TrainConfig.problems``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
 from trainer.data.buckets import BucketSpec
-from trainer.errors import ConfigError, Problem
+from trainer.errors import Problem
 
 
 def setting(
@@ -328,123 +323,3 @@ def field_type(section: type, name: str) -> Any:
 def lookup(config: TrainConfig, key: str) -> Any:
     section, _, name = key.partition(".")
     return getattr(getattr(config, section), name)
-
-
-def _type_name(annotation: Any) -> str:
-    names = {str: "text", int: "an integer", float: "a number", bool: "true or false"}
-    if get_origin(annotation) is list:
-        return f"a list of {_type_name(get_args(annotation)[0]).removeprefix('a ').removeprefix('an ')}"
-    if _is_optional(annotation):
-        return _type_name(_non_none(annotation))
-    return names.get(annotation, str(annotation))
-
-
-def _is_optional(annotation: Any) -> bool:
-    return get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in get_args(annotation)
-
-
-def _non_none(annotation: Any) -> Any:
-    return next(arg for arg in get_args(annotation) if arg is not type(None))
-
-
-def _coerce(annotation: Any, value: Any) -> Any:
-    """The value as the field's type, or raise ValueError; ints are accepted where floats are expected."""
-    if _is_optional(annotation):
-        return None if value is None else _coerce(_non_none(annotation), value)
-    if get_origin(annotation) is list:
-        if not isinstance(value, list):
-            raise ValueError
-        return [_coerce(get_args(annotation)[0], item) for item in value]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
-        raise ValueError
-    return value
-
-
-def _check_value(key: str, spec: dataclasses.Field, annotation: Any, value: Any) -> tuple[Any, Problem | None]:
-    """(coerced value, None) or (None, the problem with it)."""
-    try:
-        value = _coerce(annotation, value)
-    except ValueError:
-        return None, Problem(key, f"expected {_type_name(annotation)}, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):  # TOML allows nan and inf; no bound rejects nan
-        return None, Problem(key, f"expected a finite number, got {value}")
-    meta = spec.metadata
-    if meta["choices"] and value not in meta["choices"]:
-        return None, Problem(key, f"{value!r} is not one of {', '.join(map(str, meta['choices']))}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if meta["minimum"] is not None and value < meta["minimum"]:
-            return None, Problem(key, f"{value} is below the minimum {meta['minimum']}")
-        if meta["maximum"] is not None and value > meta["maximum"]:
-            return None, Problem(key, f"{value} is above the maximum {meta['maximum']}")
-    return value, None
-
-
-def unknown_key(key: str, where: str | None = None) -> Problem:
-    """``key`` is no setting: suggest the closest one. ``where``: how the user wrote it (default: the key)."""
-    close = difflib.get_close_matches(key, all_keys(), n=1)
-    hint = f"did you mean {close[0]}?" if close else "`dora-studio settings` lists them all"
-    return Problem(where or key, f"unknown setting; {hint}")
-
-
-def from_dict(data: dict, where: str = "settings") -> TrainConfig:
-    """Build and validate a config from nested sections; every problem is reported at once."""
-    problems: list[Problem] = []
-    sections: dict[str, Any] = {}
-    for section_name, values in data.items():
-        if section_name not in SECTIONS:
-            problems.append(
-                unknown_key(section_name)
-                if not isinstance(values, dict)
-                else Problem(f"[{section_name}]", f"unknown section; sections are {', '.join(SECTIONS)}")
-            )
-            continue
-        if not isinstance(values, dict):
-            problems.append(Problem(section_name, f"expected a [{section_name}] table"))
-            continue
-        section = SECTIONS[section_name]
-        specs = {f.name: f for f in fields_of(section)}
-        kwargs = {}
-        for name, value in values.items():
-            key = f"{section_name}.{name}"
-            if name not in specs:
-                problems.append(unknown_key(key))
-                continue
-            value, problem = _check_value(key, specs[name], field_type(section, name), value)
-            if problem:
-                problems.append(problem)
-                continue
-            kwargs[name] = value
-        sections[section_name] = section(**kwargs)
-    config = TrainConfig(**sections)
-    problems += [] if problems else config.problems()
-    if problems:
-        raise ConfigError(*problems, context=where)
-    return config
-
-
-def resolve_paths(data: dict, base_dir: Path) -> dict:
-    """A copy of nested settings with relative path settings made absolute against ``base_dir``.
-
-    Presets name paths relative to their own folder, so a preset works from any working directory and
-    the run's ``config.toml`` (always absolute) means the same thing from anywhere.
-    """
-    resolved = {name: dict(values) if isinstance(values, dict) else values for name, values in data.items()}
-    for section_name, section in SECTIONS.items():
-        values = resolved.get(section_name)
-        if not isinstance(values, dict):
-            continue
-        for spec in fields_of(section):
-            value = values.get(spec.name)
-            if spec.metadata["path"] and isinstance(value, str) and value and not value.startswith("builtin:"):
-                path = Path(value).expanduser()
-                values[spec.name] = str(path if path.is_absolute() else (base_dir / path).resolve())
-    return resolved
-
-
-def to_dict(config: TrainConfig) -> dict:
-    """Nested sections with every setting, None left out (TOML has no null)."""
-    return {
-        name: {k: v for k, v in dataclasses.asdict(getattr(config, name)).items() if v is not None} for name in SECTIONS
-    }

@@ -72,8 +72,8 @@ def report_for_scan(scan: DatasetScan, bucket_spec: BucketSpec, batch_size: int)
                 ScanProblem(
                     item.path,
                     "upscaled",
-                    f"{item.path}: {item.width}x{item.height} is enlarged {upscale:.1f}x to its {bucket[0]}x{bucket[1]} "
-                    "bucket and will train soft; use a larger version if you have one",
+                    f"{item.path}: {item.width}x{item.height} is enlarged {upscale:.1f}x to its "
+                    f"{bucket[0]}x{bucket[1]} bucket and will train soft; use a larger version if you have one",
                 )
             )
     counts = dict(sorted(bucket_counts.items()))

@@ -1,9 +1,9 @@
 """The training loop: for each step, noise a latent, ask the UNet for the noise, step the adapter.
 
 Set-up is in ``training.setup``, a step's arithmetic in ``training.step``, data in ``data.epoch_plan`` and
-``data.batches``, what several processes share in ``training.processes``; bookkeeping (saving, sampling,
-status, commands, signals) is in named helpers below, so the loop in ``_train_epoch`` reads as plainly as
-nanoGPT's.
+``data.batches``, what several processes share in ``training.processes``, status, metrics and the progress
+bar in ``training.progress``, stop signals in ``training.signals``; saving, sampling, commands and resuming
+are named helpers below, so the loop in ``_train_epoch`` reads as plainly as nanoGPT's.
 """
 
 from __future__ import annotations
@@ -11,22 +11,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
+from trainer.config.parsing import to_dict
 from trainer.config.presets import write_config
-from trainer.config.schema import TrainConfig, to_dict
+from trainer.config.schema import TrainConfig
 from trainer.data.batches import EpochBatches, batch_loader
 from trainer.data.epoch_plan import plan_epoch, shard_batch
 from trainer.errors import StudioError, TrainingError
-from trainer.optional_packages import import_optional
 from trainer.runs.resume import check_resume_config, check_resume_processes, find_state
 from trainer.runs.run_directory import RunDirectory
 from trainer.runs.train_state import (
@@ -42,73 +39,14 @@ from .processes import (
     make_accelerator,
     sum_over_processes,
 )
+from .progress import Progress, RunReporter, StepClock
 from .sampling import SampleDefaults, generate_samples
 from .saving import save_network
 from .setup import Session, prepare_session
+from .signals import StopRequested, StopSignals
 from .step import draw_step_noise, latent_shape, step_seed, training_loss
 
 log = logging.getLogger("dora_studio")
-STATUS_INTERVAL_S = 1.0  # status.json is rewritten at most this often between state changes
-
-
-@dataclass
-class Progress:
-    """Where the run is: what a saved state records, and all a resume needs (data order is seeded)."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # epochs fully done
-    batches_done: int = 0  # batches of the current epoch done
-    skipped_batches: int = 0  # accumulation groups dropped for a non-finite loss or gradient
-
-
-class _StepClock:
-    """Wall time of one optimizer step (its whole accumulation group), and how much of it waited for data."""
-
-    def __init__(self) -> None:
-        self.restart()
-
-    def restart(self) -> None:
-        self.started = self.waiting_since = time.perf_counter()
-        self.data_wait = 0.0
-
-    def data_arrived(self) -> None:
-        self.data_wait += time.perf_counter() - self.waiting_since
-
-    def batch_done(self) -> None:
-        self.waiting_since = time.perf_counter()
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
-
-
-class StopRequested(Exception):
-    """Ctrl-C, SIGTERM or a ``stop`` command: save, then end the run as ``stopped``."""
-
-
-@dataclass
-class _Signals:
-    stop: bool = False
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        """The first Ctrl-C / SIGTERM asks for a clean stop; a second Ctrl-C interrupts at once."""
-
-        def handler(signum, frame):
-            self.stop = True
-            log.info("stop requested (%s): finishing this step, then saving", signal.Signals(signum).name)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            for sig in previous:
-                signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. a test harness): no signal handling
-            previous = {}
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
 
 class Trainer:
@@ -116,25 +54,26 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run: RunDirectory, show_progress: bool = True):
         self.config, self.run, self.show_progress = config, run, show_progress
-        self.signals = _Signals()
+        self.signals = StopSignals()
         self.progress = Progress()
         self.started_at = time.time()
-        self.accelerator: Accelerator | None = None  # made when the run starts (it sets up the process group)
-        self.session: Session | None = None  # data, models, adapters, optimizer: see ``training.setup``
-        self.tensorboard = None  # a SummaryWriter when saving.tensorboard is on
-        self._last_status = 0.0
-        self._session_start: tuple[float, int] | None = None  # (time, step) when this process began stepping
+        # Made when the run starts: the accelerator sets up the process group, the reporter needs to know
+        # whether this is the main process, the session holds data, models, adapters and optimizer.
+        self.accelerator: Accelerator | None = None
+        self.report: RunReporter | None = None
+        self.session: Session | None = None
 
     # -- entry point -------------------------------------------------------------------------------
 
     def run_training(self, resume: str | None = None) -> Path:
         """Train to the end (or a stop request); returns the newest adapter written."""
         self.accelerator = accelerator = make_accelerator(self.config)
+        self.report = RunReporter(self.run, accelerator.is_main_process, self.show_progress)
         if accelerator.is_main_process:
             self.run.create()
             self.run.remove_stale_temp_files()
             write_config(self.config, self.run.config_path)
-        self._status(
+        self.report.status(
             state="starting",
             message="loading data and models",
             started_at=self.started_at,
@@ -145,12 +84,12 @@ class Trainer:
                 return self._run(accelerator, resume)
             except StopRequested:
                 if accelerator.is_main_process and self.run.read_status().get("state") != "stopped":
-                    self._status(state="stopped", message="stopped before training began")
+                    self.report.status(state="stopped", message="stopped before training began")
                 raise
             except BaseException as error:
                 with contextlib.suppress(OSError):  # a full disk must not hide the reason behind a second error
                     problems = error.problems if isinstance(error, StudioError) else []
-                    self._status(
+                    self.report.status(
                         state="failed",
                         message=str(error) or type(error).__name__,
                         error_type=type(error).__name__,
@@ -164,8 +103,9 @@ class Trainer:
                 "training.mixed_precision",
                 '"fp16" needs a GPU (CPUs have no fp16 autocast); use "bf16" or "no" on this machine',
             )
-        self.tensorboard = self._tensorboard_writer(accelerator)  # a missing package is said before any work
-        self._status(state="caching", message="checking the dataset and caching latents")
+        if self.config.saving.tensorboard:
+            self.report.open_tensorboard()  # a missing package is said before any work
+        self.report.status(state="caching", message="checking the dataset and caching latents")
         with accelerator.main_process_first():  # rank 0 builds/caches first; the others then find it all made
             self.session = session = prepare_session(
                 self.config, accelerator.device, accelerator.num_processes, on_caching=self._caching_progress
@@ -186,7 +126,7 @@ class Trainer:
         if accelerator.is_main_process:
             self.run.truncate_metrics(self.progress.step)
         adapter = self._train_steps()
-        self._status(
+        self.report.status(
             state="done",
             message=f"finished: {adapter}",
             last_adapter=str(adapter),
@@ -199,31 +139,17 @@ class Trainer:
 
     def _train_steps(self) -> Path:
         """Epoch after epoch until the run's last optimizer step; then the final adapter."""
-        bar = tqdm(
-            total=self.session.total_steps,
-            initial=self.progress.step,
-            unit="step",
-            dynamic_ncols=True,
-            disable=not (self.show_progress and self.accelerator.is_main_process),
-        )
-        self._status(
-            state="training",
-            message="training",
-            total_steps=self.session.total_steps,
-            epochs=self.config.training.epochs,
-        )
+        self.report.start_steps(self.session.total_steps, self.progress.step, self.config.training.epochs)
         while self.progress.epoch < self.config.training.epochs and self.progress.step < self.session.total_steps:
-            if not self._train_epoch(bar):  # max_steps came inside the epoch
+            if not self._train_epoch():  # max_steps came inside the epoch
                 self._sample(self.run.step_samples_dir(self.progress.step))  # the last look at the run
                 break
             self.progress.epoch, self.progress.batches_done = self.progress.epoch + 1, 0
             self._epoch_bookkeeping()
-        bar.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        self.report.close()
         return self._save("final")
 
-    def _train_epoch(self, bar: tqdm) -> bool:
+    def _train_epoch(self) -> bool:
         """The rest of the current epoch; False when the run's last step came before the epoch's end."""
         session, config, accelerator = self.session, self.config, self.accelerator
         epoch, processes = self.progress.epoch, accelerator.num_processes
@@ -239,7 +165,7 @@ class Trainer:
             self.progress.batches_done,
             config.dataset.loader_workers,
         )
-        clock, group_loss = _StepClock(), 0.0
+        clock, group_loss = StepClock(), 0.0
         for index, batch in enumerate(batches, start=self.progress.batches_done):
             clock.data_arrived()
             shard = shards[index]
@@ -278,7 +204,7 @@ class Trainer:
                     session.optimizer.zero_grad(set_to_none=True)
                     self.progress.step += 1
                     self.progress.batches_done = index + 1
-                    self._after_step(bar, group_loss, clock)
+                    self._after_step(group_loss, clock)
                     self._step_bookkeeping()
                 else:  # a bad group, skipped as training.max_skipped_batches allows
                     session.optimizer.zero_grad(set_to_none=True)
@@ -289,13 +215,6 @@ class Trainer:
                     return False
             clock.batch_done()
         return True
-
-    # -- processes ---------------------------------------------------------------------------------
-
-    def _status(self, **fields) -> None:
-        """Only the main process writes the run folder."""
-        if self.accelerator.is_main_process:
-            self.run.write_status(**fields)
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -332,55 +251,14 @@ class Trainer:
             "bad batches with training.max_skipped_batches"
         )
 
-    def _after_step(self, bar: tqdm, loss: float, clock: _StepClock) -> None:
-        """Metrics, progress bar and status of the step just taken."""
-        step, seconds = self.progress.step, clock.seconds()
-        if self._session_start is None:
-            self._session_start = (time.perf_counter() - seconds, step - 1)
+    def _after_step(self, loss: float, clock: StepClock) -> None:
+        """Report the step just taken, with each part's learning rate (the no-decay twins left out)."""
         lrs = {
             group.get("name", str(i)): group["lr"]
             for i, group in enumerate(self.session.optimizer.param_groups)
             if not str(group.get("name", "")).endswith("/no_decay")
         }
-        if self.accelerator.is_main_process:
-            self.run.append_metrics(
-                {
-                    "step": step,
-                    "epoch": self.progress.epoch + 1,
-                    "loss": loss,
-                    "lr": lrs,
-                    "seconds": seconds,
-                    "data_seconds": clock.data_wait,
-                    "time": time.time(),
-                }
-            )
-        if self.tensorboard is not None:
-            self.tensorboard.add_scalar("loss", loss, step)
-            for name, lr in lrs.items():
-                self.tensorboard.add_scalar(f"lr/{name}", lr, step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}", refresh=False)
-        now = time.perf_counter()
-        if now - self._last_status >= STATUS_INTERVAL_S or step == self.session.total_steps:
-            self._last_status = now
-            started, first_step = self._session_start
-            rate = (step - first_step) / max(now - started, 1e-9)
-            self._status(
-                state="training",
-                step=step,
-                epoch=self.progress.epoch + 1,
-                loss=loss,
-                eta_seconds=round((self.session.total_steps - step) / rate, 1),
-                message=f"step {step}/{self.session.total_steps}",
-            )
-
-    def _tensorboard_writer(self, accelerator: Accelerator):
-        if not (self.config.saving.tensorboard and accelerator.is_main_process):
-            return None
-        import_optional("tensorboard", feature="saving.tensorboard")
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.run.tensorboard_dir))
+        self.report.step_done(self.progress.step, self.progress.epoch + 1, loss, lrs, clock)
 
     def _step_bookkeeping(self) -> None:
         """Commands, signals and every-N-steps saving/sampling, after an optimizer step."""
@@ -391,7 +269,7 @@ class Trainer:
             self._sample(self.run.step_samples_dir(step))
         if "stop" in commands:
             path = self._save("step")
-            self._status(
+            self.report.status(
                 state="stopped",
                 step=step,
                 last_adapter=str(path),
@@ -415,7 +293,7 @@ class Trainer:
         session = self.session
         if not session.sample_prompts or not self.accelerator.is_main_process:
             return
-        self._status(state="sampling", message=f"sampling {out_dir.name}")
+        self.report.status(state="sampling", message=f"sampling {out_dir.name}")
         resolution = self.config.dataset.resolution
         defaults = SampleDefaults(
             resolution,
@@ -427,7 +305,7 @@ class Trainer:
         layers = {stem: layer for part in session.adapters.values() for stem, layer in part.items()} if adapters else {}
         generate_samples(session.pipe, layers, session.sample_prompts, defaults, out_dir)
         log.info("samples written to %s", out_dir)
-        self._status(state="training", message="training")
+        self.report.status(state="training", message="training")
 
     def _save(self, kind: str) -> Path:
         """Adapter file (and resume state) now; ``kind``: "epoch", "step" or "final"."""
@@ -436,7 +314,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return path
         try:
-            self._status(state="saving", message=f"saving {path.name}")
+            self.report.status(state="saving", message=f"saving {path.name}")
             save_network(
                 path,
                 self.session.adapters,
@@ -468,7 +346,7 @@ class Trainer:
         if kind != "final":
             self._prune_adapters()
         log.info("saved %s", path)
-        self._status(state="training", message=f"saved {path.name}", last_adapter=str(path))
+        self.report.status(state="training", message=f"saved {path.name}", last_adapter=str(path))
         return path
 
     def _prune_adapters(self) -> None:
@@ -482,7 +360,7 @@ class Trainer:
         if self.signals.stop:
             raise StopRequested
         if done == total or done % 10 == 0:
-            self._status(state="caching", message=f"caching latents {done}/{total}")
+            self.report.status(state="caching", message=f"caching latents {done}/{total}")
 
     def _resume(self, resume: str) -> bool:
         """Load the state to continue from; False when ``--resume auto`` found none (start from step 0)."""

@@ -47,9 +47,10 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` with one param group per non-empty ``ParamGroup`` (plus its no-decay twin).
 
-    Prodigy estimates the step size itself and treats ``lr`` as a multiplier, so it is usually run
-    with lr 1.0 (the lr given here is used as is), and it needs one lr for all groups. Adafactor runs with a fixed (scheduled) lr; Adam's
-    ``betas`` and ``eps`` mean something else there, so Adafactor keeps its own defaults for those.
+    Prodigy estimates the step size itself and treats ``lr`` as a multiplier, so it is usually run with lr 1.0
+    (the lr given here is used as is), and it needs one lr for all groups. Adafactor runs with a fixed
+    (scheduled) lr; Adam's ``betas`` and ``eps`` mean something else there, so Adafactor keeps its own
+    defaults for those.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
