@@ -289,11 +289,11 @@ def test_quickstart_preset_runs_from_the_cli(tmp_path, monkeypatch, capsys):
 
 def test_dora_magnitudes_are_never_weight_decayed(tiny_dir, small_dataset, tmp_path):
     from trainer.training.network import inject_network
-    from trainer.training.setup import _optimizer
+    from trainer.training.optimizers import run_optimizer
 
     config = from_dict(settings(tiny_dir, small_dataset, tmp_path / "cache", optimizer={"weight_decay": 0.1}))
     adapters = inject_network(load_sdxl_pipeline(tiny_dir), config)
-    optimizer, _ = _optimizer(config, adapters, total_steps=10)
+    optimizer, _ = run_optimizer(config.optimizer, adapters, total_steps=10)
     groups = {group["name"]: group for group in optimizer.param_groups}
     magnitudes = {id(layer.dora_scale) for layer in adapters["unet"].values()}
     assert {id(p) for p in groups["unet/no_decay"]["params"]} == magnitudes

@@ -8,8 +8,8 @@ The public Python API is importable from here::
 Sub-packages, each one concern, importing only the ones listed before it (tests/test_package_layout.py
 checks): ``data`` (datasets), ``config`` (the settings schema and presets; no torch), ``sdxl`` (the model
 family and its names), ``adapters`` (the adapter math, put into SDXL models by stem), ``kohya`` (the adapter
-file), ``runs`` (the run folder), ``builtin`` (built-in models), ``training`` (a run). ``errors`` (one error family), ``files`` (atomic
-writes) and ``optional_packages`` sit under all of them; ``cli`` is on top.
+file), ``runs`` (the run folder), ``builtin`` (built-in models), ``training`` (a run). ``errors`` (one
+error family), ``files`` (atomic writes) and ``optional_packages`` sit under all of them; ``cli`` is on top.
 Names are imported on first use, so ``import trainer`` (and ``dora-studio --help``) loads no torch.
 """
 

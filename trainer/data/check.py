@@ -28,6 +28,7 @@ class DataReport:
     repeated_image_count: int  # images per epoch, repeats included
     bucket_counts: dict[tuple[int, int], int]  # (width, height) -> images per epoch in it
     batch_size: int
+    # kohya's "steps": batches per epoch, which are optimizer steps when gradient_accumulation is 1
     steps_per_epoch: int
     bucket_spec: BucketSpec
 
@@ -47,7 +48,7 @@ class DataReport:
 
 
 def steps_per_epoch(bucket_counts: dict[tuple[int, int], int], batch_size: int) -> int:
-    """kohya's count: a batch never mixes buckets, so each bucket's last batch may be short."""
+    """kohya's count of batches per epoch: a batch never mixes buckets, so each bucket's last may be short."""
     return sum(math.ceil(count / batch_size) for count in bucket_counts.values())
 
 

@@ -25,6 +25,7 @@ from trainer.data.latent_cache import LatentCache, fill_cache, vae_fingerprint
 from trainer.data.scan import scan_dataset
 from trainer.errors import DatasetError, TrainingError
 from trainer.files import default_cache_dir
+from trainer.kohya.adapter_file import DTYPES
 from trainer.sdxl.model_files import load_sdxl_pipeline
 from trainer.sdxl.objective import training_noise_scheduler
 from trainer.sdxl.text_encoding import encode_captions
@@ -36,7 +37,6 @@ from .sample_prompts import SamplePrompt, parse_prompt_line, read_prompt_file
 log = logging.getLogger("dora_studio")
 
 MAX_PROBLEMS_LOGGED = 20
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -121,7 +121,7 @@ def load_pipeline(config: TrainConfig, device: torch.device):
     """
     model_path = resolve_model_path(config.model.path)
     pipe = load_sdxl_pipeline(model_path, config.model.config_dir or None)
-    weight_dtype = WEIGHT_DTYPES[config.training.mixed_precision]
+    weight_dtype = DTYPES.get(config.training.mixed_precision, torch.float32)  # "no": full precision
     pipe.unet.to(device, weight_dtype)
     pipe.text_encoder.to(device, weight_dtype)
     pipe.text_encoder_2.to(device, weight_dtype)
