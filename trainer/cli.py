@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from trainer.errors import StudioError, UsageError
@@ -38,13 +39,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from trainer.builtin.resolve import resolve_model_path
     from trainer.kohya.adapter_file import load_adapter
-    from trainer.kohya.verify import format_report, verify_match
+    from trainer.kohya.verify import format_distance, format_report, quantized_base_distance, verify_match
     from trainer.sdxl.model_files import load_sdxl_pipeline
 
     loaded = load_adapter(Path(args.file))  # before the slow model load, so a bad file fails fast
     match = _match(loaded, load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir))
     report = verify_match(match, tolerance=args.tolerance)
-    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    distance = quantized_base_distance(match, args.base_precision) if args.base_precision else None
+    if args.json:
+        print(json.dumps(report.to_json() | ({"quantized_base": asdict(distance)} if distance else {}), indent=2))
+    else:
+        print(format_report(report) + (f"\n\n{format_distance(distance)}" if distance else ""))
     return EXIT_OK if report.ok else EXIT_FAILED_CHECK
 
 
@@ -232,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--config-dir", help=config_help)
     p.add_argument("--tolerance", type=float, default=1e-5, help="max relative error accepted (default 1e-5)")
+    p.add_argument(
+        "--base-precision",
+        choices=("fp8", "nf4"),
+        help="the file was trained over this quantized base: also say how far the full-precision merge is from "
+        "what training saw",
+    )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_verify)
 

@@ -9,11 +9,14 @@ and V x = W x + gamma * up(down(x)). Nothing weight-sized is built. Plain autogr
 scaled input (input axis) or the unscaled output (output axis) for the magnitude gradient: one extra
 activation per layer. These functions save only what LoRA saves (x and the rank-r hidden h) and get the
 rest back in backward: the scaled input is recomputed from x (elementwise, cheap), the unscaled output is
-taken from y itself, which the next op usually keeps anyway.
+taken from y itself, which the next op usually keeps anyway. Over a quantized base (``adapters.quantized``)
+the weight arrives as a function that dequantizes it; it is called in forward and again in backward, so no
+dequantized weight is kept between them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -106,12 +109,27 @@ def _up_backward(ctx, dz: Tensor, up: Tensor, h: Tensor, rank_mask: Tensor | Non
     return d_up, dh
 
 
+def _dense(weight: Tensor | Callable[[], Tensor]) -> Tensor:
+    """The base weight: a tensor, or (a quantized base) what dequantizes it for the moment it is used."""
+    return weight() if callable(weight) else weight
+
+
+def _saved_weight(ctx, weight: Tensor | Callable[[], Tensor]) -> Tensor | None:
+    """What save_for_backward keeps of the weight: the tensor; a dequantizer is kept on ctx instead."""
+    ctx.dequantize = weight if callable(weight) else None
+    return None if callable(weight) else weight
+
+
+def _weight_in_backward(ctx, saved: Tensor | None) -> Tensor:
+    return saved if ctx.dequantize is None else ctx.dequantize()
+
+
 def _lora_forward(ctx, v_input: Tensor, weight, bias, down, up, gamma, rank_mask, ops, up_ops) -> Tensor:
     """V x + b = W x + b + gamma * up(mask * down(x)), saving the rank-r hidden for backward."""
     h = ops.apply(v_input, down)
     if rank_mask is not None:
         h = h * rank_mask
-    out = ops.apply(v_input, weight, bias)
+    out = ops.apply(v_input, _dense(weight), bias)
     out.add_(up_ops.apply(h, up), alpha=gamma)
     ctx.ops, ctx.up_ops, ctx.gamma = ops, up_ops, gamma
     return out, h
@@ -127,12 +145,13 @@ class DoraInputAxis(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops):
         y, h = _lora_forward(ctx, (x * scale).to(x.dtype), weight, bias, down, up, gamma, rank_mask, ops, up_ops)
-        ctx.save_for_backward(x, scale, weight, bias, down, up, h, rank_mask)
+        ctx.save_for_backward(x, scale, _saved_weight(ctx, weight), bias, down, up, h, rank_mask)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, scale, weight, bias, down, up, h, rank_mask = ctx.saved_tensors
+        weight = _weight_in_backward(ctx, weight)
         needs = ctx.needs_input_grad
         d_up, dh = _up_backward(ctx, dy, up, h, rank_mask)
         # scale broadcasts over down's input-channel dim: (in,) against (r, in), (1, in, 1, 1) against (r, in, kh, kw).
@@ -162,12 +181,13 @@ class DoraOutputAxis(torch.autograd.Function):
         y = unscaled.mul_(scale) if unscaled.dtype == scale.dtype else (unscaled * scale).to(unscaled.dtype)
         if bias is not None:
             y.add_(bias.reshape(ops.channel_shape(bias.shape[0])))
-        ctx.save_for_backward(x, scale, weight, bias, down, up, h, rank_mask, y)
+        ctx.save_for_backward(x, scale, _saved_weight(ctx, weight), bias, down, up, h, rank_mask, y)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, scale, weight, bias, down, up, h, rank_mask, y = ctx.saved_tensors
+        weight = _weight_in_backward(ctx, weight)
         needs = ctx.needs_input_grad
         d_scale = d_bias = None
         dy_sum = _sum_to(dy, scale.shape) if needs[_SCALE] or needs[_BIAS] else None

@@ -7,6 +7,7 @@ magnitude: it shares all of LoRA's plumbing and only changes the forward and the
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from .dora_autograd import ConvOps, DoraInputAxis, DoraOutputAxis, LinearOps, Ops
 from .dora_norm import DORA_AXES, DoraAxis, direction_norm, dora_scale_shape, weight_norm_sq
+from .quantized import frozen_weight, is_quantized, weight_info
 from .weights import NORM_EPS, AdapterWeights, merged_weight
 
 AdaptableModule = nn.Linear | nn.Conv2d
@@ -66,10 +68,9 @@ class LoRALayer(nn.Module):
         # Remembered so that restore_base() hands the module back exactly as it was found.
         self._base_requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
         base.requires_grad_(False)
-        weight = base.weight
-        out_ch, in_ch, *kernel = weight.shape
+        (out_ch, in_ch, *kernel), _, device = weight_info(base)
         rank = spec.rank
-        factory = dict(device=weight.device, dtype=dtype)
+        factory = dict(device=device, dtype=dtype)
         down_shape = (rank, in_ch, *kernel)
         up_shape = (out_ch, rank) if not kernel else (out_ch, rank, 1, 1)
         self.lora_down = nn.Parameter(torch.empty(down_shape, **factory))
@@ -110,7 +111,7 @@ class LoRALayer(nn.Module):
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
         else:
-            dtype = self.base.weight.dtype
+            dtype = weight_info(self.base)[1]
         return x.to(dtype), self.lora_down.to(dtype), self.lora_up.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -145,16 +146,26 @@ class LoRALayer(nn.Module):
             raise ValueError(f"alpha {weights.alpha} differs from this layer's {self.spec.alpha}")
 
     def merged_weight(self, strength: float = 1.0) -> Tensor:
-        """W + s * (W' - W) in the base's dtype, computed in float32; the layer is not touched."""
-        base = self._merged_from if self._merged_from is not None else self.base.weight
-        weight = merged_weight(base.to(self.base.weight.device), self.to_weights(), strength)
-        return weight.to(self.base.weight.dtype)
+        """W + s * (W' - W) in the base's dtype, computed in float32; the layer is not touched.
+
+        Over a quantized base, W is the dequantized weight: what training saw.
+        """
+        _, dtype, device = weight_info(self.base)
+        base = self._merged_from if self._merged_from is not None else frozen_weight(self.base)
+        return merged_weight(base.to(device), self.to_weights(), strength).to(dtype)
+
+    @property
+    def can_merge(self) -> bool:
+        """A quantized base cannot hold a merged weight without rounding the adapter away."""
+        return not is_quantized(self.base)
 
     @torch.no_grad()
     def merge(self, strength: float = 1.0) -> None:
         """Write the merged weight into the base; keep the original on the CPU so unmerge is exact."""
         if self.merged:
             raise RuntimeError("adapter is already merged; unmerge() first")
+        if not self.can_merge:
+            raise RuntimeError("cannot merge into a quantized base; run the adapter unmerged instead")
         merged = self.merged_weight(strength)
         self._merged_from = self.base.weight.detach().to("cpu", copy=True)
         self.base.weight.copy_(merged)
@@ -183,9 +194,10 @@ class DoRALayer(LoRALayer):
         super().__init__(base, spec, dtype)
         axis = spec.dora_axis
         # ||W||^2 never changes during training; cached once, in float32, as the norm identity needs it.
-        self.register_buffer("weight_norm_sq", weight_norm_sq(base.weight, axis), persistent=False)
+        # Over a quantized base it is the dequantized weight's, so a fresh adapter is the quantized model.
+        self.register_buffer("weight_norm_sq", weight_norm_sq(frozen_weight(base), axis), persistent=False)
         # Magnitude starts at ||W|| (from the same cached sum the forward uses), so a fresh adapter is exact.
-        magnitude = self.weight_norm_sq.sqrt().reshape(dora_scale_shape(tuple(base.weight.shape), axis))
+        magnitude = self.weight_norm_sq.sqrt().reshape(dora_scale_shape(tuple(weight_info(base)[0]), axis))
         self.dora_scale = nn.Parameter(magnitude.clone())
         self._norm_cache_key: tuple | None = None
         self._norm_cache: Tensor | None = None
@@ -197,22 +209,20 @@ class DoRALayer(LoRALayer):
         path (and memory) and barely changes what is learned. Cached on the tensors' version counters, so it
         is computed once per optimizer step, not per micro-batch or per gradient-checkpoint recompute.
         """
-        weight = self.base.weight
-        key = (
-            self.lora_down._version,
-            self.lora_up._version,
-            weight._version,
-            self.lora_down.data_ptr(),
-            self.lora_up.data_ptr(),
-            weight.data_ptr(),
-        )
+        down, up = self.lora_down, self.lora_up
+        key = (down._version, up._version, down.data_ptr(), up.data_ptr(), *self._base_state())
         if key != self._norm_cache_key or self._norm_cache is None:
-            norm = direction_norm(
-                weight, self.weight_norm_sq, self.lora_down, self.lora_up, self.gamma, self.spec.dora_axis
-            )
+            weight = frozen_weight(self.base)  # over a quantized base: dequantized, for this computation only
+            norm = direction_norm(weight, self.weight_norm_sq, down, up, self.gamma, self.spec.dora_axis)
             self._norm_cache = norm.clamp_min_(NORM_EPS).reshape(self._scale_shape)
             self._norm_cache_key = key
         return self._norm_cache
+
+    def _base_state(self) -> tuple:
+        """What changes when the base weight does: a plain one when merged into; a quantized one never."""
+        if is_quantized(self.base):
+            return (id(self.base.quantized),)
+        return (self.base.weight._version, self.base.weight.data_ptr())
 
     @property
     def _scale_shape(self) -> tuple[int, ...]:
@@ -230,10 +240,13 @@ class DoRALayer(LoRALayer):
         if self.spec.dora_axis == "output":
             magnitude = magnitude.reshape(self._scale_shape)
         scale = magnitude / self.direction_norm()
-        weight, bias = self.base.weight, self.base.bias
-        if weight.dtype != x_c.dtype:
-            weight = weight.to(x_c.dtype)
-            bias = None if bias is None else bias.to(x_c.dtype)
+        bias = self.base.bias
+        if is_quantized(self.base):  # dequantized when the function needs it, in forward and in backward
+            weight = functools.partial(frozen_weight, self.base, x_c.dtype)
+        else:
+            weight = frozen_weight(self.base, x_c.dtype)
+        if bias is not None and bias.dtype != x_c.dtype:
+            bias = bias.to(x_c.dtype)
         function = DoraInputAxis if self.spec.dora_axis == "input" else DoraOutputAxis
         with torch.autocast(x.device.type, enabled=False):
             return function.apply(x_c, scale, weight, bias, down, up, gamma, rank_mask, self.ops, self.up_ops)

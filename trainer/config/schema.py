@@ -66,6 +66,13 @@ class ModelSettings:
         "rescale the noise schedule to zero terminal SNR (use with v_prediction models trained so)",
         advanced=True,
     )
+    base_precision: str = setting(
+        "auto",
+        "how the frozen UNet (and text encoders that run every step) are stored: auto (training.mixed_precision), "
+        "fp8 (float8 with a scale per row, about half of bf16) or nf4 (4-bit NormalFloat as in QLoRA, about a "
+        "quarter); fp8 and nf4 train QLoRA / QDoRA and need torchao",
+        choices=("auto", "fp8", "nf4"),
+    )
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 Errors are max |front end - ours| / max |ours| per stem, the worst stem reported. An input-axis file
 agrees everywhere to ~1e-7; an output-axis file does not, and the report says so: that is its purpose.
+For a file trained over a quantized base (QLoRA, QDoRA), ``quantized_base_distance`` says how far the weight
+front ends merge onto the full-precision checkpoint is from the one training saw.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from trainer.adapters.quantized import QuantizedWeight
 from trainer.adapters.weights import merged_weight
 
 from .frontend_merge import FRONT_ENDS
@@ -83,6 +86,44 @@ def verify_match(
     if not match.matched:
         report.failures.append("no stem of the file matches the model")
     return report
+
+
+@dataclass
+class QuantizedBaseDistance:
+    """Merged on the full-precision weights (front ends) against merged on the dequantized ones (training).
+
+    Relative Frobenius errors per stem, summarised; ``base_error`` is the quantization's own, for scale.
+    """
+
+    precision: str
+    mean_rel_error: float
+    max_rel_error: float
+    worst_stem: str | None
+    base_error: float
+
+
+def quantized_base_distance(match: StemMatch, precision: str) -> QuantizedBaseDistance:
+    errors, base_errors = {}, []
+    for stem, (weights, target) in match.matched.items():
+        full = target.module.weight.detach().float()
+        dequantized = QuantizedWeight(full, precision).dequantize()
+        front_ends = merged_weight(full, weights)
+        training = merged_weight(dequantized, weights)
+        errors[stem] = ((front_ends - training).norm() / training.norm().clamp_min(1e-30)).item()
+        base_errors.append(((full - dequantized).norm() / full.norm().clamp_min(1e-30)).item())
+    worst = max(errors, key=errors.get, default=None)
+    mean = sum(errors.values()) / max(len(errors), 1)
+    base = sum(base_errors) / max(len(base_errors), 1)
+    return QuantizedBaseDistance(precision, mean, errors.get(worst, 0.0), worst, base)
+
+
+def format_distance(distance: QuantizedBaseDistance) -> str:
+    return (
+        f"trained over a {distance.precision} base: merged onto the full-precision weights, each layer differs from "
+        f"what training saw by {distance.mean_rel_error:.2e} on average, {distance.max_rel_error:.2e} at most "
+        f"({distance.worst_stem}); the {distance.precision} weights themselves differ from the full-precision ones "
+        f"by {distance.base_error:.2e} (relative Frobenius norms)"
+    )
 
 
 def format_report(report: VerifyReport) -> str:

@@ -33,6 +33,7 @@ from trainer.runs.train_state import (
     save_train_state,
 )
 
+from .placement import on_device
 from .processes import (
     agree_on_commands,
     average_gradients,
@@ -303,7 +304,8 @@ class Trainer:
             self.config.sampling.seed,
         )
         layers = {stem: layer for part in session.adapters.values() for stem, layer in part.items()} if adapters else {}
-        generate_samples(session.pipe, layers, session.sample_prompts, defaults, out_dir)
+        with on_device(session.pipe, session.offloaded, session.device):
+            generate_samples(session.pipe, layers, session.sample_prompts, defaults, out_dir)
         log.info("samples written to %s", out_dir)
         self.report.status(state="training", message="training")
 

@@ -77,7 +77,8 @@ def generate_samples(
 
     ``pipe`` is the training pipeline with ``adapters`` injected (empty: sample the base model). Its
     scheduler is used as is. Whatever happens, every adapter is unmerged (bit-exact) and every module's
-    train/eval flag is put back, so training resumes exactly where it stopped.
+    train/eval flag is put back, so training resumes exactly where it stopped. Over a quantized base the
+    adapters cannot be merged, and run as they train (their eval forward computes the merged weight's output).
     """
     out_dir = Path(out_dir)
     models = [part for part in pipe.components.values() if isinstance(part, nn.Module)]
@@ -88,8 +89,9 @@ def generate_samples(
         for model in models:
             model.eval()
         for layer in adapters.values():
-            layer.merge(1.0)
-            merged.append(layer)
+            if layer.can_merge:
+                layer.merge(1.0)
+                merged.append(layer)
         pipe.set_progress_bar_config(disable=True)
         device = pipe.unet.device
         records, paths = [], []

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from trainer.builtin.resolve import resolve_model_path
 from trainer.config.schema import TrainConfig
 from trainer.data.buckets import crop_plan
 from trainer.data.captions import CaptionOptions, is_randomised, process_caption
@@ -25,13 +24,12 @@ from trainer.data.latent_cache import LatentCache, fill_cache, vae_fingerprint
 from trainer.data.scan import scan_dataset
 from trainer.errors import DatasetError, TrainingError
 from trainer.files import default_cache_dir
-from trainer.kohya.adapter_file import DTYPES
-from trainer.sdxl.model_files import load_sdxl_pipeline
 from trainer.sdxl.objective import training_noise_scheduler
 from trainer.sdxl.text_encoding import encode_captions
 
 from .network import Adapters, inject_network, trainable_parameters
 from .optimizers import run_optimizer
+from .placement import load_pipeline, offload_cached, text_encoders_run_every_step
 from .sample_prompts import SamplePrompt, parse_prompt_line, read_prompt_file
 
 log = logging.getLogger("dora_studio")
@@ -58,6 +56,7 @@ class Session:
     sample_prompts: list[SamplePrompt]
     latent_cache: LatentCache | None = None
     text_cache: dict[str, tuple[Tensor, Tensor]] | None = None
+    offloaded: tuple[str, ...] = ()  # pipeline components in CPU memory until sampling needs them
     dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)  # kohya's ss_dataset_dirs
     tag_frequencies: dict[str, dict[str, int]] = field(default_factory=dict)  # kohya's ss_tag_frequency
 
@@ -113,21 +112,9 @@ def _check_schedule(scheduler_config, config: TrainConfig) -> None:
         )
 
 
-def load_pipeline(config: TrainConfig, device: torch.device):
-    """The SDXL pipeline with frozen weights in the compute dtype and the VAE in fp32.
-
-    The SDXL VAE overflows in fp16 (black or NaN images), so it always runs in fp32; it only encodes once
-    per image with the latent cache, and decodes only for samples.
-    """
-    model_path = resolve_model_path(config.model.path)
-    pipe = load_sdxl_pipeline(model_path, config.model.config_dir or None)
-    weight_dtype = DTYPES.get(config.training.mixed_precision, torch.float32)  # "no": full precision
-    pipe.unet.to(device, weight_dtype)
-    pipe.text_encoder.to(device, weight_dtype)
-    pipe.text_encoder_2.to(device, weight_dtype)
-    pipe.vae.to(device, torch.float32)
-    for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
-        model.requires_grad_(False).eval()
+def _load_pipeline(config: TrainConfig, device: torch.device, captions_vary: bool):
+    """The pipeline placed for training (``training.placement``), its noise schedule the one training uses."""
+    pipe = load_pipeline(config, device, captions_vary)
     _check_schedule(pipe.scheduler.config, config)
     if config.model.prediction_type == "v_prediction" or config.model.zero_terminal_snr:
         # sampling must use the schedule training used, or v-pred / ZTSNR samples come out grey
@@ -137,7 +124,6 @@ def load_pipeline(config: TrainConfig, device: torch.device):
             rescale_betas_zero_snr=config.model.zero_terminal_snr,
             **({"timestep_spacing": "trailing"} if config.model.zero_terminal_snr else {}),
         )
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -177,11 +163,7 @@ def _latent_cache(
 @torch.no_grad()
 def _text_cache(config: TrainConfig, pipe, examples, augment, device) -> dict[str, tuple[Tensor, Tensor]] | None:
     """Caption -> (prompt embeds, pooled) when every step's caption is fixed and the encoders are frozen."""
-    if (
-        not config.dataset.cache_text_encoder_outputs
-        or config.network.train_text_encoders
-        or is_randomised(augment.captions)
-    ):
+    if text_encoders_run_every_step(config, captions_vary=is_randomised(augment.captions)):
         return None
     captions = sorted({process_caption(e.caption, augment.captions, None) for e in examples})
     cache = {}
@@ -215,7 +197,7 @@ def prepare_session(
     examples = plan_examples(scan, augment.bucket_spec)
     for note in config.cache_conflicts():
         log.info("note: %s", note)
-    pipe = load_pipeline(config, device)
+    pipe = _load_pipeline(config, device, captions_vary=is_randomised(augment.captions))
     torch.manual_seed(config.training.seed)  # the adapters' random init is part of what the seed fixes
     adapters = inject_network(pipe, config)
     pipe.unet.train()
@@ -228,6 +210,8 @@ def prepare_session(
             pipe.text_encoder.gradient_checkpointing_enable()
             pipe.text_encoder_2.gradient_checkpointing_enable()
     latent_cache, examples = _latent_cache(config, pipe, examples, augment, on_caching)
+    text_cache = _text_cache(config, pipe, examples, augment, device)
+    offloaded = offload_cached(pipe, latent_cache is not None, text_cache is not None, device)
     global_batch = config.training.batch_size * processes
     batches_per_epoch = len(epoch_batches(examples, global_batch, config.training.seed, epoch=0))
     total_steps = total_optimizer_steps(batches_per_epoch, config)
@@ -249,7 +233,8 @@ def prepare_session(
         total_steps=total_steps,
         sample_prompts=sample_prompts(config),
         latent_cache=latent_cache,
-        text_cache=_text_cache(config, pipe, examples, augment, device),
+        text_cache=text_cache,
+        offloaded=offloaded,
         dataset_dirs=scan.folder_counts(),
         tag_frequencies=scan.tag_frequency(config.dataset.tag_separator),
     )
