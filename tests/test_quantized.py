@@ -228,3 +228,12 @@ def test_resume_on_a_quantized_base_is_bit_identical(tiny_dir, small_dataset, tm
     ours, theirs = load_file(resumed), load_file(straight)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
     assert [row["loss"] for row in metrics(interrupted)] == [row["loss"] for row in metrics(tmp_path / "straight")]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1280, 1280), (10240, 1280), (320, 320, 3, 3), (16, 16), (64, 48)])
+def test_stored_bytes_from_the_shape_alone_match_torchao(shape, dtype, precision):
+    """The memory estimate quantizes fake tensors to placeholders of this size: it must be the real one."""
+    stored = QuantizedWeight(torch.randn(shape).to(dtype), precision)
+    assert QuantizedWeight.stored_bytes(torch.Size(shape), dtype, precision) == stored.nbytes()

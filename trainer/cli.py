@@ -198,6 +198,27 @@ def _launch_processes(count: int, args: argparse.Namespace, run_dir: Path) -> in
     return subprocess.call(command)
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from trainer.config.presets import load_config
+    from trainer.sdxl.configs import SDXL
+    from trainer.training.estimate import GB, advice, device_memory, estimate_run, format_estimate
+
+    config = load_config(args.preset, args.set)
+    estimate = estimate_run(config, SDXL if args.architecture == "sdxl" else None)
+    memory = int(args.device_memory * GB) if args.device_memory else device_memory()
+    over = memory is not None and estimate.peak > memory
+    tips = advice(estimate, config) if over or args.json else []
+    if args.json:
+        device = None if memory is None else round(memory / GB, 3)
+        print(json.dumps(estimate.to_json() | {"device_memory_gb": device, "fits": not over, "advice": tips}, indent=2))
+        return EXIT_OK
+    print(format_estimate(estimate))
+    print(f"\npeak {estimate.peak / GB:.2f} GB" + ("" if memory is None else f" of the device's {memory / GB:.1f} GB"))
+    if over:
+        print("warning: this run will not fit; what would bring it down:\n" + "\n".join(f"  {tip}" for tip in tips))
+    return EXIT_OK
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     from trainer.config.docs import settings_markdown, settings_text
 
@@ -303,6 +324,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="auto|STATE", help="continue from the run's newest state, or this state")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to train.log)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("estimate", help="the GPU memory a run needs, itemised, before it starts (no GPU needed)")
+    p.add_argument("preset", help="preset .toml (see presets/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    p.add_argument(
+        "--architecture",
+        choices=("sdxl",),
+        help="count SDXL from its own configs instead of reading the model's (ask before downloading it)",
+    )
+    p.add_argument("--device-memory", type=float, metavar="GB", help="compare with a card of this size (default: "
+                   "this machine's GPU, if any)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the items, peak_gb and advice as JSON")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("ui", help="the web studio: configure, start, watch and export runs in a browser")
     p.add_argument(

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .dora_autograd import ConvOps, DoraInputAxis, DoraOutputAxis, LinearOps, Ops
 from .dora_norm import DORA_AXES, DoraAxis, direction_norm, dora_scale_shape, weight_norm_sq
-from .quantized import frozen_weight, is_quantized, weight_info
+from .quantized import autocast_off, compute_dtype, frozen_weight, is_quantized, weight_info
 from .weights import NORM_EPS, AdapterWeights, merged_weight
 
 AdaptableModule = nn.Linear | nn.Conv2d
@@ -107,11 +107,7 @@ class LoRALayer(nn.Module):
 
     def _compute_operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x, down, up in the dtype the base runs in (autocast's when active), as autocast would pick."""
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-        else:
-            dtype = weight_info(self.base)[1]
+        dtype = compute_dtype(x, weight_info(self.base)[1])
         return x.to(dtype), self.lora_down.to(dtype), self.lora_up.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -248,7 +244,7 @@ class DoRALayer(LoRALayer):
         if bias is not None and bias.dtype != x_c.dtype:
             bias = bias.to(x_c.dtype)
         function = DoraInputAxis if self.spec.dora_axis == "input" else DoraOutputAxis
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             return function.apply(x_c, scale, weight, bias, down, up, gamma, rank_mask, self.ops, self.up_ops)
 
     def to_weights(self) -> AdapterWeights:

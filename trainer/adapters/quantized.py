@@ -19,6 +19,7 @@ attribute, on purpose: read it with ``frozen_weight``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Literal
@@ -67,6 +68,16 @@ class QuantizedWeight:
             self.storage = to_nf4(rows, block_size=NF4_BLOCK, scaler_block_size=math.gcd(blocks, NF4_SCALER_BLOCK))
 
     @staticmethod
+    def stored_bytes(shape: torch.Size, dtype: torch.dtype, precision: Precision) -> int:
+        """What ``nbytes`` will be, from the shape alone: fp8 codes and a float32 scale per row; NF4 half a
+        byte per value, an int8 scale per block and a ``dtype`` factor per block of scales."""
+        values, rows = math.prod(shape), shape[0]
+        if precision == "fp8":
+            return values + 4 * rows
+        blocks, size = values // NF4_BLOCK, torch.empty((), dtype=dtype).element_size()
+        return values // 2 + blocks + blocks // math.gcd(blocks, NF4_SCALER_BLOCK) * size + size
+
+    @staticmethod
     def fits(weight: Tensor, precision: Precision) -> bool:
         """NF4 needs whole blocks of 64 values (every SDXL layer has them); fp8 takes any weight."""
         return precision == "fp8" or weight.numel() % NF4_BLOCK == 0
@@ -89,10 +100,34 @@ class QuantizedWeight:
         return sum(part.numel() * part.element_size() for part in parts)
 
 
-def _compute_dtype(x: Tensor, stored: torch.dtype) -> torch.dtype:
+class PlaceholderWeight(QuantizedWeight):
+    """A stand-in with the storage's size and no values: what the memory estimate quantizes fake tensors to."""
+
+    def __init__(self, weight: Tensor, precision: Precision) -> None:
+        self.precision, self.shape, self.dtype = precision, weight.shape, weight.dtype
+        nbytes = self.stored_bytes(weight.shape, weight.dtype, precision)
+        self.storage = torch.empty(nbytes, dtype=torch.uint8, device=weight.device)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return torch.empty(self.shape, dtype=dtype or self.dtype, device=self.storage.device)
+
+    def nbytes(self) -> int:
+        return self.storage.numel()
+
+
+def compute_dtype(x: Tensor, stored: torch.dtype) -> torch.dtype:
     """What a plain layer would compute in: autocast's dtype when it is on, else the weights' own."""
     device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else stored
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return stored
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled where it exists (not on the meta device, where the memory estimate runs)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _FrozenQuantizedLayer(torch.autograd.Function):
@@ -104,7 +139,7 @@ class _FrozenQuantizedLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, layer: QuantizedLinear | QuantizedConv2d) -> Tensor:
-        dtype = _compute_dtype(x, layer.quantized.dtype)
+        dtype = compute_dtype(x, layer.quantized.dtype)
         ctx.layer, ctx.x_dtype = layer, x.dtype
         x = x.to(dtype)
         weight = layer.quantized.dequantize(dtype)
@@ -133,10 +168,12 @@ class _FrozenQuantizedLayer(torch.autograd.Function):
 class QuantizedLinear(nn.Linear):
     """A frozen ``nn.Linear`` whose weight is stored quantized."""
 
-    def __init__(self, linear: nn.Linear, precision: Precision, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, linear: nn.Linear, precision: Precision, device: torch.device, dtype: torch.dtype, storage=QuantizedWeight
+    ) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.quantized = QuantizedWeight(linear.weight.to(device, dtype), precision)
+        self.quantized = storage(linear.weight.to(device, dtype), precision)
         bias = None if linear.bias is None else nn.Parameter(linear.bias.to(device, dtype), requires_grad=False)
         self.register_parameter("bias", bias)
 
@@ -150,12 +187,14 @@ class QuantizedLinear(nn.Linear):
 class QuantizedConv2d(nn.Conv2d):
     """A frozen ``nn.Conv2d`` (groups 1, zero padding) whose weight is stored quantized."""
 
-    def __init__(self, conv: nn.Conv2d, precision: Precision, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, conv: nn.Conv2d, precision: Precision, device: torch.device, dtype: torch.dtype, storage=QuantizedWeight
+    ) -> None:
         nn.Module.__init__(self)
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
             setattr(self, name, getattr(conv, name))
         self.transposed, self.output_padding, self.padding_mode = False, conv.output_padding, conv.padding_mode
-        self.quantized = QuantizedWeight(conv.weight.to(device, dtype), precision)
+        self.quantized = storage(conv.weight.to(device, dtype), precision)
         bias = None if conv.bias is None else nn.Parameter(conv.bias.to(device, dtype), requires_grad=False)
         self.register_parameter("bias", bias)
 
@@ -201,11 +240,14 @@ def _quantizable(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def quantize_frozen(model: nn.Module, precision: Precision, device: torch.device, dtype: torch.dtype) -> dict:
+def quantize_frozen(
+    model: nn.Module, precision: Precision, device: torch.device, dtype: torch.dtype, storage=QuantizedWeight
+) -> dict:
     """Replace every Linear and Conv2d of ``model`` by its quantized twin on ``device``, one layer at a time.
 
     Each layer is moved and quantized alone, so the full-precision model never has to fit on the device.
-    The rest of the model (norms, embeddings, biases) is left for the caller to move. Returns what was done:
+    The rest of the model (norms, embeddings, biases) is left for the caller to move. ``storage``:
+    ``PlaceholderWeight`` for the memory estimate. Returns what was done:
     ``layers`` quantized, ``kept`` (whose size NF4 cannot block), and bytes ``before`` (in ``dtype``) and
     ``after``.
     """
@@ -217,7 +259,7 @@ def quantize_frozen(model: nn.Module, precision: Precision, device: torch.device
             report["kept"].append(path)
             continue
         quantized_class = QuantizedLinear if isinstance(module, nn.Linear) else QuantizedConv2d
-        replacement = quantized_class(module, precision, device, dtype)
+        replacement = quantized_class(module, precision, device, dtype, storage)
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, replacement)
         report["layers"] += 1

@@ -33,6 +33,7 @@ from trainer.sdxl.configs import (
     SDXL_TEXT_ENCODER_2_CONFIG,
     SDXL_UNET_CONFIG,
     SDXL_VAE_CONFIG,
+    Architecture,
 )
 from trainer.sdxl.sgm_checkpoint import save_sgm_checkpoint
 
@@ -149,6 +150,11 @@ def random_pipeline(
         unet=unet.eval(),
         scheduler=EulerDiscreteScheduler.from_config(scheduler_config),
     )
+
+
+ARCHITECTURE = Architecture(  # what builtin:tiny-sdxl is built from
+    TINY_UNET_CONFIG, TINY_TEXT_ENCODER_1_CONFIG, TINY_TEXT_ENCODER_2_CONFIG, TINY_VAE_CONFIG, SDXL_SCHEDULER_CONFIG
+)
 
 
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:

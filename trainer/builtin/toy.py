@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from trainer.errors import ModelLoadError
-from trainer.sdxl.configs import SDXL_SCHEDULER_CONFIG, SDXL_VAE_CONFIG
+from trainer.sdxl.configs import SDXL_SCHEDULER_CONFIG, SDXL_VAE_CONFIG, Architecture
 from trainer.sdxl.sgm_checkpoint import save_sgm_checkpoint
 
 from .shapes import BACKGROUNDS, COLOURS, COLUMNS, PLAIN_SHAPES, ROWS, SIZES
@@ -128,6 +128,11 @@ TOY_VAE_CONFIG: dict[str, Any] = {
     "norm_num_groups": 8,
     "sample_size": TOY_RESOLUTION,
 }
+
+
+ARCHITECTURE = Architecture(  # what builtin:toy-sdxl is built from
+    TOY_UNET_CONFIG, TOY_TEXT_ENCODER_1_CONFIG, TOY_TEXT_ENCODER_2_CONFIG, TOY_VAE_CONFIG, TOY_SCHEDULER_CONFIG
+)
 
 
 def build_toy_pipeline(seed: int = 0, vae_scaling_factor: float | None = None) -> StableDiffusionXLPipeline:

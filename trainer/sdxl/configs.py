@@ -9,11 +9,16 @@ meta device (or on a real one, with random weights, for benchmarks). The built-i
 from __future__ import annotations
 
 import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from trainer.errors import ModelLoadError
 
 SDXL_UNET_CONFIG: dict[str, Any] = {
     "act_fn": "silu",
@@ -144,3 +149,38 @@ def real_text_encoder_2(device: str | torch.device = "meta") -> CLIPTextModelWit
     """SDXL's OpenCLIP bigG text encoder, as transformers models it, with no weights (meta device)."""
     with torch.device(device):
         return CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The configs that decide a model's modules and shapes (what the memory estimate builds, weightless)."""
+
+    unet: dict[str, Any]
+    text_encoder_1: dict[str, Any]
+    text_encoder_2: dict[str, Any]
+    vae: dict[str, Any]
+    scheduler: dict[str, Any]
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> Architecture:
+        """The configs of a diffusers model folder (or the config folder of a single-file checkpoint)."""
+
+        def read(part: str, name: str = "config.json") -> dict[str, Any]:
+            path = Path(folder) / part / name
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise ModelLoadError.at(path, f"cannot read this model config ({error})") from None
+
+        return cls(
+            read("unet"),
+            read("text_encoder"),
+            read("text_encoder_2"),
+            read("vae"),
+            read("scheduler", "scheduler_config.json"),
+        )
+
+
+SDXL = Architecture(
+    SDXL_UNET_CONFIG, SDXL_TEXT_ENCODER_1_CONFIG, SDXL_TEXT_ENCODER_2_CONFIG, SDXL_VAE_CONFIG, SDXL_SCHEDULER_CONFIG
+)

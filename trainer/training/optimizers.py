@@ -44,6 +44,7 @@ def build_optimizer(
     betas: tuple[float, float],
     eps: float,
     no_decay: Callable[[Parameter], bool] | None,
+    fused: bool | None = None,
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` with one param group per non-empty ``ParamGroup`` (plus its no-decay twin).
 
@@ -63,7 +64,8 @@ def build_optimizer(
     lr = torch_groups[0]["lr"]
 
     if name == "adamw":
-        fused = all(p.is_cuda for p in params)  # one kernel per step instead of a loop over tensors
+        if fused is None:  # one kernel per step instead of a loop over tensors, where it exists
+            fused = all(p.is_cuda for p in params)
         return torch.optim.AdamW(
             torch_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None
         )
@@ -132,10 +134,11 @@ def _torch_param_groups(
     return torch_groups
 
 
-def run_optimizer(settings: OptimizerSettings, adapters: Adapters, total_steps: int):
+def run_optimizer(settings: OptimizerSettings, adapters: Adapters, total_steps: int, fused: bool | None = None):
     """(optimizer, lr schedule) of a run: one group per model part, with its own lr when the settings give one.
 
-    DoRA magnitudes are never weight-decayed: decay would pull ||W'|| toward zero.
+    DoRA magnitudes are never weight-decayed: decay would pull ||W'|| toward zero. ``fused``: AdamW's fused
+    kernel (default: on CUDA); the memory estimate counts a CUDA run's.
     """
     groups = [
         ParamGroup(
@@ -158,6 +161,7 @@ def run_optimizer(settings: OptimizerSettings, adapters: Adapters, total_steps: 
         betas=tuple(settings.betas),
         eps=settings.eps,
         no_decay=lambda p: id(p) in magnitudes,
+        fused=fused,
     )
     scheduler = build_scheduler(
         settings.scheduler, optimizer, warmup_steps=settings.warmup_steps, total_steps=total_steps

@@ -89,11 +89,24 @@ def offload_cached(pipe, latents_cached: bool, captions_cached: bool, device: to
 
 @contextlib.contextmanager
 def on_device(pipe, components: Sequence[str], device: torch.device) -> Iterator[None]:
-    """The offloaded ``components`` on ``device`` for the block (sampling), then back in CPU memory."""
+    """The offloaded ``components`` back for the block (sampling), and in CPU memory again after it.
+
+    The VAE comes back for the whole block (it is small, and diffusers takes the pipeline's device from it);
+    each text encoder only for its own forward, so the two never sit on the device together or beside the
+    VAE's decode, the largest thing sampling does.
+    """
+    hooks = []
     for name in components:
-        getattr(pipe, name).to(device)
+        model = getattr(pipe, name)
+        if name == "vae":
+            model.to(device)
+            continue
+        hooks.append(model.register_forward_pre_hook(lambda module, args: module.to(device)))
+        hooks.append(model.register_forward_hook(lambda module, args, output: module.to(OFFLOAD_DEVICE)))
     try:
         yield
     finally:
+        for hook in hooks:
+            hook.remove()
         for name in components:
             getattr(pipe, name).to(OFFLOAD_DEVICE)
