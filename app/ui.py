@@ -23,6 +23,7 @@ from trainer.data.check import check_dataset, format_report
 from trainer.errors import Problem, StudioError
 from trainer.runs.run_directory import RunDirectory
 
+from .estimate import estimate, format_markdown
 from .export import adapter_summary, verify_adapter
 from .form import (
     FORM_KEYS,
@@ -98,6 +99,15 @@ class Studio:
         except StudioError as error:  # ConfigError and DatasetError both say what to fix
             return _error_box(error.problems), ""
         return "Dataset checked.", format_report(report)
+
+    def estimate_memory(self, *values):
+        """The GPU memory the form's run would need (``dora-studio estimate``), before Start."""
+        config, problems = config_from_form(list(values))
+        if config is None:
+            return _error_box(problems)
+        folder = self.runs_dir / ".estimates"
+        folder.mkdir(exist_ok=True)
+        return format_markdown(estimate(config, folder))
 
     def save_preset(self, *values):
         config, problems = config_from_form(list(values))
@@ -290,9 +300,11 @@ def build(runs_dir: Path) -> gr.Blocks:
                 message = gr.Markdown()
                 with gr.Row():
                     check = gr.Button("Check dataset")
+                    estimate_button = gr.Button("Estimate GPU memory")
                     save = gr.Button("Save as preset")
                     download_preset = gr.DownloadButton("Download preset", visible=False)
                     start = gr.Button("Start", variant="primary")
+                memory = gr.Markdown()
                 report = gr.Code(label="Dataset report", language=None, interactive=False)
             with gr.Tab("Run", id="run"):
                 run = gr.Dropdown(label="Run", choices=[], allow_custom_value=False)
@@ -318,6 +330,7 @@ def build(runs_dir: Path) -> gr.Blocks:
 
         load.click(studio.load_preset, [preset, upload], [*inputs, message])
         check.click(studio.check_data, inputs, [message, report])
+        estimate_button.click(studio.estimate_memory, inputs, memory)
         save.click(studio.save_preset, inputs, [download_preset, message])
         start.click(studio.start, inputs, [message, run, tabs])
         demo.load(studio.initial_run, None, run)

@@ -37,6 +37,18 @@ def text_encoders_run_every_step(config: TrainConfig, captions_vary: bool) -> bo
     return config.network.train_text_encoders or captions_vary or not config.dataset.cache_text_encoder_outputs
 
 
+def quantized_components(config: TrainConfig, captions_vary: bool) -> tuple[str, ...]:
+    """What ``model.base_precision`` stores quantized: the UNet, and the text encoders if they run every step."""
+    if config.model.base_precision == "auto":
+        return ()
+    return ("unet", *(TEXT_ENCODERS if text_encoders_run_every_step(config, captions_vary) else ()))
+
+
+def parked_components(latents_cached: bool, captions_cached: bool) -> tuple[str, ...]:
+    """What training never runs, so it can wait in CPU memory: the VAE and the text encoders, once cached."""
+    return (("vae",) if latents_cached else ()) + (TEXT_ENCODERS if captions_cached else ())
+
+
 def load_pipeline(config: TrainConfig, device: torch.device, captions_vary: bool):
     """The SDXL pipeline on ``device``: frozen weights in the compute dtype (or quantized), the VAE in fp32.
 
@@ -44,12 +56,11 @@ def load_pipeline(config: TrainConfig, device: torch.device, captions_vary: bool
     never have to fit there.
     """
     pipe = load_sdxl_pipeline(resolve_model_path(config.model.path), config.model.config_dir or None)
-    dtype, precision = weight_dtype(config), config.model.base_precision
-    quantized = ["unet"] + (list(TEXT_ENCODERS) if text_encoders_run_every_step(config, captions_vary) else [])
+    dtype, quantized = weight_dtype(config), quantized_components(config, captions_vary)
     for name in ("unet", *TEXT_ENCODERS):
         model = getattr(pipe, name)
-        if precision != "auto" and name in quantized:
-            _quantize(name, model, precision, device, dtype)
+        if name in quantized:
+            _quantize(name, model, config.model.base_precision, device, dtype)
         model.to(device, dtype)
     pipe.vae.to(device, torch.float32)
     for model in (pipe.unet, *(getattr(pipe, name) for name in TEXT_ENCODERS), pipe.vae):
@@ -77,7 +88,7 @@ def _quantize(name: str, model: torch.nn.Module, precision: str, device: torch.d
 
 def offload_cached(pipe, latents_cached: bool, captions_cached: bool, device: torch.device) -> tuple[str, ...]:
     """Move what training will not use to CPU memory; returns the components moved (for sampling)."""
-    parked = (("vae",) if latents_cached else ()) + (TEXT_ENCODERS if captions_cached else ())
+    parked = parked_components(latents_cached, captions_cached)
     if device.type == OFFLOAD_DEVICE.type:
         return ()  # already in CPU memory
     for name in parked:

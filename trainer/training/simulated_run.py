@@ -25,7 +25,13 @@ from trainer.sdxl.objective import training_noise_scheduler
 from .memory import MemoryTracker, storage_bytes
 from .network import inject_network, trainable_parameters
 from .optimizers import run_optimizer
-from .placement import TEXT_ENCODERS, text_encoders_run_every_step, weight_dtype
+from .placement import (
+    TEXT_ENCODERS,
+    parked_components,
+    quantized_components,
+    text_encoders_run_every_step,
+    weight_dtype,
+)
 from .sample_prompts import parse_prompt_line
 from .setup import augment_options
 from .step import draw_step_noise, training_loss
@@ -75,9 +81,10 @@ class SimulatedRun:
         self.config, self.arch, self.notes, self.fused_optimizer = config, arch, [], fused_optimizer
         self.bucket = bucket  # (width, height) of the step
         self.dtype = weight_dtype(config)
-        encoders_every_step = text_encoders_run_every_step(config, is_randomised(augment_options(config).captions))
+        captions_vary = is_randomised(augment_options(config).captions)
+        encoders_every_step = text_encoders_run_every_step(config, captions_vary)
         self.latents_cached = config.dataset.cache_latents and not config.dataset.random_crop
-        self.offloaded = (("vae",) if self.latents_cached else ()) + (() if encoders_every_step else TEXT_ENCODERS)
+        self.offloaded = parked_components(self.latents_cached, captions_cached=not encoders_every_step)
         self.pipe = SimpleNamespace(tokenizer=_Tokenizer(), tokenizer_2=_Tokenizer())
         self.pipe.unet = self._unet()
         self.pipe.text_encoder, self.pipe.text_encoder_2 = (
@@ -86,10 +93,9 @@ class SimulatedRun:
         # training reads the VAE's scaling factor even when its latents come from the cache
         self.pipe.vae = SimpleNamespace(config=SimpleNamespace(**arch.vae)) if self.latents_cached else self._vae()
         on_device = [name for name in ("unet", *TEXT_ENCODERS, "vae") if name not in self.offloaded]
-        if config.model.base_precision != "auto":
-            for name in ("unet", *(TEXT_ENCODERS if encoders_every_step else ())):
-                model = getattr(self.pipe, name)
-                quantize_frozen(model, config.model.base_precision, CPU, self.dtype, storage=PlaceholderWeight)
+        for name in quantized_components(config, captions_vary):
+            model = getattr(self.pipe, name)
+            quantize_frozen(model, config.model.base_precision, CPU, self.dtype, storage=PlaceholderWeight)
         self.base_weights = {name: storage_bytes(model_tensors([getattr(self.pipe, name)])) for name in on_device}
         self.frozen = model_tensors([getattr(self.pipe, name) for name in on_device])
         self.adapters = inject_network(self.pipe, config)
@@ -235,21 +241,22 @@ class SimulatedRun:
         resident_bytes = storage_bytes(resident) - storage_bytes(self._state()) + self.state_bytes
         for model in (self.pipe.unet, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.vae):
             model.eval()
-        phases = []  # bytes beyond the resident ones, at each phase's peak
+        phases = []  # bytes beyond the resident ones at each phase's peak (a visiting encoder's weights included)
 
         def phase(run, visitor: nn.Module | None = None):
-            tracker = MemoryTracker(resident + (model_tensors([visitor]) if visitor is not None else []))
+            visiting = model_tensors([visitor]) if visitor is not None else []
+            tracker = MemoryTracker(resident + visiting)
             with tracker, torch.no_grad():
                 result = run()
-            phases.append(tracker.peak + (storage_bytes(model_tensors([visitor])) if visitor is not None else 0))
+            phases.append(tracker.peak + storage_bytes(visiting))
             return result
 
         ids = torch.zeros(2, TOKENS, dtype=torch.long)  # the prompt and the negative prompt
-        visitor = encoders_visit or None
-        first = phase(lambda: self.pipe.text_encoder(ids, output_hidden_states=True),
-                      visitor and self.pipe.text_encoder)  # fmt: skip
-        second = phase(lambda: self.pipe.text_encoder_2(ids, output_hidden_states=True),
-                       visitor and self.pipe.text_encoder_2)  # fmt: skip
+        first_encoder, second_encoder = self.pipe.text_encoder, self.pipe.text_encoder_2
+        first = phase(lambda: first_encoder(ids, output_hidden_states=True), first_encoder if encoders_visit else None)
+        second = phase(
+            lambda: second_encoder(ids, output_hidden_states=True), second_encoder if encoders_visit else None
+        )
         hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         cond = {"text_embeds": second[0], "time_ids": torch.zeros(2, 6, dtype=self.dtype)}
         latents = torch.zeros(2, 4, height // 8, width // 8, dtype=self.dtype)
