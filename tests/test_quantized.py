@@ -75,6 +75,34 @@ def test_round_trip_and_size(precision):
     assert QuantizedWeight(conv, precision).dequantize().shape == conv.shape  # stored flat, given back whole
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_lookup_gives_torchaos_values_bit_for_bit(dtype):
+    """Our one-lookup NF4 decode (written for speed) against torchao's own ``get_original_weight``."""
+    generator = torch.Generator().manual_seed(7)
+    for shape in [(640, 2048), (64, 32 * 3 * 3)]:
+        stored = QuantizedWeight((torch.randn(shape, generator=generator) * 0.02).to(dtype), "nf4")
+        expected = stored.storage.get_original_weight()
+        assert torch.equal(stored.dequantize(), expected.reshape(shape))
+
+
+def test_qdora_dequantizes_twice_per_step_and_the_norm_once(monkeypatch):
+    """The norm's dequantized weight serves the forward that asked for it; backward dequantizes again."""
+    calls, dequantize = [], QuantizedWeight.dequantize
+
+    def counted(self, dtype=None):
+        calls.append(dtype)
+        return dequantize(self, dtype)
+
+    monkeypatch.setattr(QuantizedWeight, "dequantize", counted)
+    base = nn.Linear(64, 32).requires_grad_(False)
+    layer = make_adapter(_quantized(base, "nf4"), AdapterSpec(rank=4, alpha=4, dora=True))
+    calls.clear()
+    layer(torch.randn(2, 64, requires_grad=True)).sum().backward()
+    assert len(calls) == 2  # the norm (its weight reused by the forward), then backward
+    layer(torch.randn(2, 64, requires_grad=True)).sum().backward()  # a second micro-batch: the norm is cached
+    assert len(calls) == 4
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("name,make_base", LAYER_CASES)
 def test_quantized_layer_is_the_plain_layer_over_its_dequantized_weight(name, make_base, precision):

@@ -7,7 +7,6 @@ magnitude: it shares all of LoRA's plumbing and only changes the forward and the
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -197,13 +196,15 @@ class DoRALayer(LoRALayer):
         self.dora_scale = nn.Parameter(magnitude.clone())
         self._norm_cache_key: tuple | None = None
         self._norm_cache: Tensor | None = None
+        self._dequantized: Tensor | None = None  # the norm's dequantized base, handed on to the same forward
 
-    def direction_norm(self) -> Tensor:
+    def direction_norm(self, keep_dequantized: bool = False) -> Tensor:
         """||V|| along the axis, float32, detached, floored at eps, shaped to broadcast like the scale.
 
         Detached as in the paper (section 4.3): treating ||V|| as a constant in backward saves its gradient
         path (and memory) and barely changes what is learned. Cached on the tensors' version counters, so it
         is computed once per optimizer step, not per micro-batch or per gradient-checkpoint recompute.
+        Over a quantized base, ``keep_dequantized`` keeps the weight it dequantized for the forward that asked.
         """
         down, up = self.lora_down, self.lora_up
         key = (down._version, up._version, down.data_ptr(), up.data_ptr(), *self._base_state())
@@ -212,7 +213,25 @@ class DoRALayer(LoRALayer):
             norm = direction_norm(weight, self.weight_norm_sq, down, up, self.gamma, self.spec.dora_axis)
             self._norm_cache = norm.clamp_min_(NORM_EPS).reshape(self._scale_shape)
             self._norm_cache_key = key
+            if keep_dequantized and is_quantized(self.base):
+                self._dequantized = weight
         return self._norm_cache
+
+    def _dequantizer(self, dtype: torch.dtype):
+        """The base weight as the autograd function reads it over a quantized base: dequantized at each call
+        (forward, backward), except that the first call takes the copy the norm just made, if it made one.
+        Once per optimizer step that saves one of DoRA's three dequantizations (on the CPU, where they are
+        memory-bound, a few seconds per SDXL step)."""
+        fresh, self._dequantized = self._dequantized, None
+
+        def weight() -> Tensor:
+            nonlocal fresh
+            if fresh is None:
+                return frozen_weight(self.base, dtype)
+            dense, fresh = fresh.to(dtype), None
+            return dense
+
+        return weight
 
     def _base_state(self) -> tuple:
         """What changes when the base weight does: a plain one when merged into; a quantized one never."""
@@ -235,10 +254,10 @@ class DoRALayer(LoRALayer):
         magnitude = self.dora_scale.float()
         if self.spec.dora_axis == "output":
             magnitude = magnitude.reshape(self._scale_shape)
-        scale = magnitude / self.direction_norm()
+        scale = magnitude / self.direction_norm(keep_dequantized=True)
         bias = self.base.bias
         if is_quantized(self.base):  # dequantized when the function needs it, in forward and in backward
-            weight = functools.partial(frozen_weight, self.base, x_c.dtype)
+            weight = self._dequantizer(x_c.dtype)
         else:
             weight = frozen_weight(self.base, x_c.dtype)
         if bias is not None and bias.dtype != x_c.dtype:

@@ -87,7 +87,7 @@ class QuantizedWeight:
         return self.storage.device
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        dense = self.storage.dequantize() if self.precision == "fp8" else self.storage.get_original_weight()
+        dense = self.storage.dequantize() if self.precision == "fp8" else _nf4_values(self.storage)
         return dense.reshape(self.shape).to(dtype or self.dtype)
 
     def nbytes(self) -> int:
@@ -98,6 +98,21 @@ class QuantizedWeight:
             names = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean")
             parts = tuple(getattr(self.storage, name) for name in names)
         return sum(part.numel() * part.element_size() for part in parts)
+
+
+def _nf4_values(storage) -> Tensor:
+    """An ``NF4Tensor``'s values, equal bit for bit to its ``get_original_weight()``, in one table lookup.
+
+    Written here because torchao decodes with about ten passes over int64 temporaries, which made an NF4
+    step on the SDXL UNet (CPU, 256 px) twice as slow as it needs to be: 16 ms against 7 ms for a 5120x1280
+    weight. Each byte holds two 4-bit codes, so a 256-row table maps it to both values at once.
+    """
+    nf4 = storage.nf4  # the 16 NormalFloat values, in the original weight's dtype
+    pairs = torch.stack([nf4.repeat_interleave(16), nf4.repeat(16)], dim=1)  # byte -> (high code, low code)
+    scalers = storage.dequantize_scalers(storage.quantized_scalers, storage.quantization_factor,
+                                         storage.scaler_block_size)  # fmt: skip
+    values = F.embedding(storage.quantized_data.int(), pairs).view(-1, storage.block_size)
+    return values.mul_(scalers.to(values.dtype)[:, None])
 
 
 class PlaceholderWeight(QuantizedWeight):
