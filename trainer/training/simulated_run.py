@@ -38,6 +38,7 @@ from .step import draw_step_noise, training_loss
 
 TOKENS = 77
 CPU = torch.device("cpu")  # the tensors' device; under FakeTensorMode their memory is counted, not used
+BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256  # bitsandbytes' Optimizer8bit defaults
 
 
 class _Tokenizer:
@@ -66,6 +67,29 @@ def model_tensors(models: list[nn.Module]) -> list[torch.Tensor]:
         tensors += [*model.parameters(), *model.buffers()]
         tensors += [module.quantized.storage for module in model.modules() if is_quantized(module)]
     return tensors
+
+
+class _AdamW8bitMemory(torch.optim.Optimizer):
+    """bitsandbytes' AdamW8bit as memory alone, because its kernels cannot run on fake tensors.
+
+    The state is what its ``init_state`` makes: two uint8 moments and a float32 absmax per block of 256 values,
+    or float32 moments for tensors under 4,096 values; its fused kernel updates in place (no temporaries).
+    """
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for param in (p for group in self.param_groups for p in group["params"] if p.grad is not None):
+            state = self.state[param]
+            if state:
+                continue
+            small = param.numel() < BNB_MIN_8BIT_SIZE
+            for moment in ("1", "2"):
+                state[f"state{moment}"] = torch.zeros_like(param, dtype=torch.float32 if small else torch.uint8)
+                if not small:
+                    state[f"absmax{moment}"] = torch.zeros(-(-param.numel() // BNB_BLOCK))
 
 
 class SimulatedRun:
@@ -137,7 +161,10 @@ class SimulatedRun:
         (``self.kinds``: the stand-in and how many it stands for); stepping 2,000 parameters one by one on
         fake tensors (Adafactor, Prodigy) would take minutes.
         """
-        optimizer, _ = run_optimizer(self.config.optimizer, self.adapters, total_steps=1000, fused=self.fused_optimizer)
+        if self.config.optimizer.name == "adamw8bit":
+            optimizer = _AdamW8bitMemory(self.trainable.values())
+        else:
+            optimizer, _ = run_optimizer(self.config.optimizer, self.adapters, 1000, fused=self.fused_optimizer)
         kinds: dict[tuple, list[nn.Parameter]] = {}
         for name, param in self.trainable.items():
             kinds.setdefault((tuple(param.shape), param.dtype, name.rsplit("/", 1)[1]), []).append(param)
