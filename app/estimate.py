@@ -35,7 +35,9 @@ def estimate(config: TrainConfig, workdir: Path) -> dict:
         return json.loads(cached.read_text(encoding="utf-8"))
     preset = workdir / f"estimate-{digest}.toml"
     write_bytes_atomically(preset, [text.encode()])
-    command = [sys.executable, "-m", "trainer.cli", "estimate", str(preset), "--json"]
+    command = [sys.executable, "-m", "trainer.cli", "estimate", str(preset)]
+    model_is_here = _model_is_here(config.model.path)
+    command += ([] if model_is_here else ["--architecture", "sdxl"]) + ["--json"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=ESTIMATE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -45,8 +47,15 @@ def estimate(config: TrainConfig, workdir: Path) -> dict:
     except json.JSONDecodeError:
         lines = done.stderr.strip().splitlines()
         return {"error": lines[-1] if lines else "the estimate failed"}
+    result["from_sdxl_configs"] = not model_is_here
     write_bytes_atomically(cached, [json.dumps(result).encode()])
     return result
+
+
+def _model_is_here(path: str) -> bool:
+    """A built-in model or a file/folder on this machine; otherwise (a preset's placeholder path, a model not
+    downloaded yet) the estimate uses SDXL's own configs, as ``estimate --architecture sdxl`` does."""
+    return path.startswith("builtin:") or Path(path).expanduser().exists()
 
 
 def format_markdown(result: dict) -> str:
@@ -64,6 +73,8 @@ def format_markdown(result: dict) -> str:
     verdict += f" of this GPU's {device:.1f} GB." if device else " (no GPU here to compare with)."
     lines = [verdict, "", f"At the largest bucket, {width}x{height}, batch {result['batch_size']}:", "",
              "| on the GPU | |", "|---|---|", *rows]  # fmt: skip
+    if result.get("from_sdxl_configs"):
+        lines += ["", "The model is not on this machine: estimated from SDXL's own configs."]
     if result.get("offloaded"):
         lines += ["", f"In CPU memory while training: {', '.join(result['offloaded'])}."]
     if device and not result.get("fits", True):

@@ -102,9 +102,16 @@ def test_the_studio_runs_the_estimate_once_per_settings(tmp_path, monkeypatch):
 
     monkeypatch.setattr("app.estimate.subprocess.run", run)
     config = from_dict({"dataset": {"path": str(tmp_path)}})
-    assert estimate(config, tmp_path) == RESULT
-    assert estimate(config, tmp_path) == RESULT  # the same form again: from the cache
+    expected = {**RESULT, "from_sdxl_configs": False}
+    assert estimate(config, tmp_path) == expected
+    assert estimate(config, tmp_path) == expected  # the same form again: from the cache
     assert len(calls) == 1 and calls[0][2:4] == ["trainer.cli", "estimate"] and calls[0][-1] == "--json"
     changed = from_dict({"dataset": {"path": str(tmp_path)}, "network": {"rank": 8}})
     estimate(changed, tmp_path)
-    assert len(calls) == 2
+    assert len(calls) == 2 and "--architecture" not in calls[1]  # the model is here: read its own configs
+    not_downloaded = from_dict(
+        {"dataset": {"path": str(tmp_path)}, "model": {"path": str(tmp_path / "sdxl.safetensors")}}
+    )
+    result = estimate(not_downloaded, tmp_path)
+    assert calls[2][-3:] == ["--architecture", "sdxl", "--json"]
+    assert "estimated from SDXL's own configs" in format_markdown(result)
