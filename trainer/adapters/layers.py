@@ -8,6 +8,7 @@ magnitude: it shares all of LoRA's plumbing and only changes the forward and the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -196,42 +197,28 @@ class DoRALayer(LoRALayer):
         self.dora_scale = nn.Parameter(magnitude.clone())
         self._norm_cache_key: tuple | None = None
         self._norm_cache: Tensor | None = None
-        self._dequantized: Tensor | None = None  # the norm's dequantized base, handed on to the same forward
 
-    def direction_norm(self, keep_dequantized: bool = False) -> Tensor:
+    def direction_norm(self) -> Tensor:
         """||V|| along the axis, float32, detached, floored at eps, shaped to broadcast like the scale.
 
         Detached as in the paper (section 4.3): treating ||V|| as a constant in backward saves its gradient
         path (and memory) and barely changes what is learned. Cached on the tensors' version counters, so it
         is computed once per optimizer step, not per micro-batch or per gradient-checkpoint recompute.
-        Over a quantized base, ``keep_dequantized`` keeps the weight it dequantized for the forward that asked.
         """
+        return self._norm_and_base_read()[0]
+
+    def _norm_and_base_read(self) -> tuple[Tensor, Tensor | None]:
+        """``direction_norm``, and the base weight it read when it was computed just now (None when cached):
+        over a quantized base, a dequantized copy the forward can use instead of making another."""
         down, up = self.lora_down, self.lora_up
         key = (down._version, up._version, down.data_ptr(), up.data_ptr(), *self._base_state())
-        if key != self._norm_cache_key or self._norm_cache is None:
-            weight = frozen_weight(self.base)  # over a quantized base: dequantized, for this computation only
-            norm = direction_norm(weight, self.weight_norm_sq, down, up, self.gamma, self.spec.dora_axis)
-            self._norm_cache = norm.clamp_min_(NORM_EPS).reshape(self._scale_shape)
-            self._norm_cache_key = key
-            if keep_dequantized and is_quantized(self.base):
-                self._dequantized = weight
-        return self._norm_cache
-
-    def _dequantizer(self, dtype: torch.dtype):
-        """The base weight as the autograd function reads it over a quantized base: dequantized at each call
-        (forward, backward), except that the first call takes the copy the norm just made, if it made one.
-        Once per optimizer step that saves one of DoRA's three dequantizations (on the CPU, where they are
-        memory-bound, a few seconds per SDXL step)."""
-        fresh, self._dequantized = self._dequantized, None
-
-        def weight() -> Tensor:
-            nonlocal fresh
-            if fresh is None:
-                return frozen_weight(self.base, dtype)
-            dense, fresh = fresh.to(dtype), None
-            return dense
-
-        return weight
+        if key == self._norm_cache_key and self._norm_cache is not None:
+            return self._norm_cache, None
+        weight = frozen_weight(self.base)  # over a quantized base: dequantized, for this computation only
+        norm = direction_norm(weight, self.weight_norm_sq, down, up, self.gamma, self.spec.dora_axis)
+        self._norm_cache = norm.clamp_min_(NORM_EPS).reshape(self._scale_shape)
+        self._norm_cache_key = key
+        return self._norm_cache, weight
 
     def _base_state(self) -> tuple:
         """What changes when the base weight does: a plain one when merged into; a quantized one never."""
@@ -254,10 +241,11 @@ class DoRALayer(LoRALayer):
         magnitude = self.dora_scale.float()
         if self.spec.dora_axis == "output":
             magnitude = magnitude.reshape(self._scale_shape)
-        scale = magnitude / self.direction_norm(keep_dequantized=True)
+        norm, base_read = self._norm_and_base_read()
+        scale = magnitude / norm
         bias = self.base.bias
         if is_quantized(self.base):  # dequantized when the function needs it, in forward and in backward
-            weight = self._dequantizer(x_c.dtype)
+            weight = _dequantizer(self.base, x_c.dtype, first=base_read)
         else:
             weight = frozen_weight(self.base, x_c.dtype)
         if bias is not None and bias.dtype != x_c.dtype:
@@ -281,6 +269,22 @@ class DoRALayer(LoRALayer):
                 f"dora_scale shape {tuple(weights.dora_scale.shape)} does not fit {tuple(self.dora_scale.shape)}"
             )
         self.dora_scale.copy_(weights.dora_scale)
+
+
+def _dequantizer(base: AdaptableModule, dtype: torch.dtype, first: Tensor | None) -> Callable[[], Tensor]:
+    """A quantized base weight as the DoRA autograd function reads it: dequantized at each call (forward,
+    backward), except that the first call takes ``first``, the copy the norm has just made, if it made one.
+    Once per optimizer step that saves one of DoRA's three dequantizations (on the CPU, where they are
+    memory-bound, a few seconds per SDXL step)."""
+
+    def weight() -> Tensor:
+        nonlocal first
+        if first is None:
+            return frozen_weight(base, dtype)
+        dense, first = first.to(dtype), None
+        return dense
+
+    return weight
 
 
 def make_adapter(base: AdaptableModule, spec: AdapterSpec, dtype: torch.dtype = torch.float32) -> LoRALayer:
