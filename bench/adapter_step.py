@@ -35,6 +35,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.third_party import apply_lycoris_dora, apply_peft
+from trainer.training.optimizers import FUSED_ADAMW_DEVICES
+
 METHODS = ("none", "lora", "dora", "dora-output", "peft-lora", "peft-dora", "lycoris-dora")
 BLOCK_CASES = {
     "w640_t1024": (640, 1024),
@@ -146,37 +149,10 @@ def apply_method(method: str, work: Workload, device: torch.device) -> tuple[lis
                 owner = model.get_submodule(parent) if parent else model
                 setattr(owner, child, make_adapter(getattr(owner, child), AdapterSpec(rank, ALPHA, dora, axis)))
     elif method in ("peft-lora", "peft-dora"):
-        from peft import LoraConfig, inject_adapter_in_model
-
-        inject_adapter_in_model(
-            LoraConfig(
-                r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=work.targets, use_dora=method == "peft-dora"
-            ),
-            model,
-        )
+        apply_peft(model, work.targets, rank, ALPHA, dora=method == "peft-dora")
     elif method == "lycoris-dora":
-        from lycoris import LycorisNetwork
-
-        # Only the named Linears: no class targets; fnmatch of a name without wildcards is plain equality.
-        LycorisNetwork.apply_preset(
-            {
-                "enable_conv": False,
-                "target_module": [],
-                "target_name": work.targets,
-                "use_fnmatch": True,
-                "module_algo_map": {},
-                "name_algo_map": {},
-                "exclude_name": [],
-            }
-        )
-        # weight_decompose=True is create_lycoris(dora_wd=True); its DoRA axis defaults to the output one.
-        network = LycorisNetwork(
-            model, multiplier=1.0, lora_dim=rank, alpha=ALPHA, network_module="lora", weight_decompose=True
-        )
-        if len(network.loras) != len(work.targets):
-            raise RuntimeError(f"LyCORIS wrapped {len(network.loras)} modules, expected {len(work.targets)}")
-        network.apply_to()
-        work.keep_alive.append(network.to(device).requires_grad_(True))
+        network = apply_lycoris_dora(model, work.targets, rank, ALPHA).to(device)
+        work.keep_alive.append(network)
         return list(network.parameters()), None
     else:
         raise ValueError(f"unknown method {method!r}")
@@ -251,7 +227,7 @@ def prepare(method: str, case: str, args: argparse.Namespace):
     device = torch.device(args.device)
     work = build_workload(case, device, args.blocks, args.latent_size)
     params, gain = apply_method(method, work, device)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)  # as training does
     for _ in range(WARMUP_STEPS):
         train_step(work, gain, optimizer)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -404,9 +380,8 @@ def headline(results: list[dict]) -> dict:
 
 def adapter_code_digest() -> str:
     """A short hash of our adapter code: it changes often, and a result is only meaningful with its version."""
-    trainer = Path(__file__).resolve().parents[1] / "trainer"
-    files = ("layers.py", "dora_autograd.py", "dora_norm.py", "injection.py")
-    code = b"".join((trainer / name).read_bytes() for name in files if (trainer / name).exists())
+    adapters = Path(__file__).resolve().parents[1] / "trainer" / "adapters"
+    code = b"".join(path.read_bytes() for path in sorted(adapters.glob("*.py")))
     return hashlib.sha256(code).hexdigest()[:12]
 
 

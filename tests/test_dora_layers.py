@@ -140,6 +140,25 @@ def test_matches_explicit_merged_weight_reference(name, make_base, kind):
         assert _rel(getattr(ours, name_).grad, getattr(reference, name_).grad) < 1e-5, name_
 
 
+@pytest.mark.parametrize("shape", [(20,), (5, 20), (2, 3, 5, 20)])
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_linear_adapters_take_any_leading_shape(shape, kind):
+    """The adapter adds into the base's output on 2-D rows; a vector or a 4-D batch comes back in its own shape."""
+    generator = torch.Generator().manual_seed(4)
+    ours = make_adapter(nn.Linear(20, 12), AdapterSpec(rank=3, alpha=5, dora=kind == "dora"))
+    _randomise(ours, generator)
+    reference = copy.deepcopy(ours)
+    x = torch.randn(shape, generator=generator)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_ref = ours(x_ours), _reference_forward(reference, x_ref)
+    assert y_ours.shape == (*shape[:-1], 12)
+    assert _rel(y_ours, y_ref) < 1e-5
+    y_ours.sum().backward()
+    y_ref.sum().backward()
+    assert _rel(x_ours.grad, x_ref.grad) < 1e-5
+    assert _rel(ours.lora_down.grad, reference.lora_down.grad) < 1e-5
+
+
 @pytest.mark.parametrize("function", [DoraInputAxis, DoraOutputAxis])
 @pytest.mark.parametrize("conv", [False, True])
 @pytest.mark.parametrize("masked", [False, True])

@@ -24,6 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _rows(t: Tensor) -> Tensor:
+    """A Linear's activations as 2-D rows (a vector is one row)."""
+    return t.reshape(-1, t.shape[-1])
+
+
 class LinearOps:
     """Linear as the DoRA functions need it: apply, and the input and weight gradients."""
 
@@ -33,13 +38,21 @@ class LinearOps:
     def input_grad(self, x: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
         """sum_k dy_k @ w_k, accumulated in place by the GEMM (beta=1) instead of through temporaries."""
         (w0, dy0), *rest = pairs
-        dx = dy0.flatten(0, -2) @ w0
+        dx = _rows(dy0) @ w0
         for w, dy in rest:
-            dx.addmm_(dy.flatten(0, -2), w)
+            dx.addmm_(_rows(dy), w)
         return dx.reshape(x.shape)
 
     def weight_grad(self, x: Tensor, weight: Tensor, dy: Tensor) -> Tensor:
-        return dy.flatten(0, -2).T @ x.flatten(0, -2)
+        return _rows(dy).T @ _rows(x)
+
+    def add_up(self, out: Tensor, h: Tensor, up: Tensor, alpha: float) -> Tensor:
+        """out += alpha * up(h), accumulated by the GEMM itself (beta=1): no output-sized temporary.
+
+        ``view``, not ``reshape``: a copy would take the update and lose it; a fresh F.linear output is contiguous.
+        """
+        out.view(-1, out.shape[-1]).addmm_(_rows(h), up.T, alpha=alpha)
+        return out
 
     def channel_shape(self, channels: int) -> tuple[int, ...]:
         return (channels,)
@@ -80,6 +93,10 @@ class ConvOps:
 
     def weight_grad(self, x: Tensor, weight: Tensor, dy: Tensor) -> Tensor:
         return self._backward(x, weight, dy, False, True)[1]
+
+    def add_up(self, out: Tensor, h: Tensor, up: Tensor, alpha: float) -> Tensor:
+        """out += alpha * up(h) in place."""
+        return out.add_(self.apply(h, up), alpha=alpha)
 
     def channel_shape(self, channels: int) -> tuple[int, ...]:
         return (1, channels, 1, 1)
@@ -129,8 +146,7 @@ def _lora_forward(ctx, v_input: Tensor, weight, bias, down, up, gamma, rank_mask
     h = ops.apply(v_input, down)
     if rank_mask is not None:
         h = h * rank_mask
-    out = ops.apply(v_input, _dense(weight), bias)
-    out.add_(up_ops.apply(h, up), alpha=gamma)
+    out = up_ops.add_up(ops.apply(v_input, _dense(weight), bias), h, up, gamma)
     ctx.ops, ctx.up_ops, ctx.gamma = ops, up_ops, gamma
     return out, h
 

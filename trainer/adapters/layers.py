@@ -118,7 +118,13 @@ class LoRALayer(nn.Module):
         hidden = self.ops.apply(x_c, down)
         if rank_mask is not None:
             hidden = hidden * rank_mask
-        return self.base(x) + gamma * self.up_ops.apply(hidden, up)
+        # base(x) + gamma * up(hidden) accumulated into the base's output, as DoRA's forward does, rather than
+        # through two output-sized temporaries. A Linear's base runs on 2-D rows: on 3-D input F.linear returns
+        # a view, and an in-place update of a view makes autograd copy the gradient in backward.
+        if isinstance(self.ops, ConvOps):
+            return self.up_ops.add_up(self.base(x), hidden, up, gamma)
+        rows = self.up_ops.add_up(self.base(x.reshape(-1, x.shape[-1])), hidden, up, gamma)
+        return rows.view(*x.shape[:-1], rows.shape[-1])
 
     # -- weights and merging -------------------------------------------------------------------
 
@@ -228,19 +234,15 @@ class DoRALayer(LoRALayer):
 
     @property
     def _scale_shape(self) -> tuple[int, ...]:
-        """Input axis: the magnitude's own shape broadcasts over activations; output axis: channels."""
-        if self.spec.dora_axis == "input":
-            return tuple(self.dora_scale.shape)
-        return self.ops.channel_shape(self.dora_scale.shape[0])
+        """The magnitude shaped to broadcast over activations: one value per input or output channel."""
+        return self.ops.channel_shape(self.dora_scale.numel())
 
     def forward(self, x: Tensor) -> Tensor:
         if self._skip_adapter():
             return self.base(x)
         rank_mask, gamma = self._rank_mask_and_gamma(x)
         x_c, down, up = self._compute_operands(x)
-        magnitude = self.dora_scale.float()
-        if self.spec.dora_axis == "output":
-            magnitude = magnitude.reshape(self._scale_shape)
+        magnitude = self.dora_scale.float().reshape(self._scale_shape)
         norm, base_read = self._norm_and_base_read()
         scale = magnitude / norm
         bias = self.base.bias

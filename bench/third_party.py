@@ -1,0 +1,44 @@
+"""The independent implementations the benches compare against, put on the same target Linears as ours.
+
+PEFT's LoRA / DoRA and LyCORIS's DoRA, each given an explicit list of module paths, so that every method
+adapts exactly the layers our injection picks.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def apply_peft(model: nn.Module, targets: list[str], rank: int, alpha: float, dora: bool) -> None:
+    """PEFT's LoRA (or DoRA: ``use_dora``) on ``targets``, in place; its parameters are left trainable."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, use_dora=dora)
+    inject_adapter_in_model(config, model)
+
+
+def apply_lycoris_dora(model: nn.Module, targets: list[str], rank: int, alpha: float) -> nn.Module:
+    """LyCORIS's DoRA (``weight_decompose``, its output axis) on ``targets``; returns the network, which is
+    not a submodule of ``model``: the caller keeps it alive and trains its parameters."""
+    from lycoris import LycorisNetwork
+
+    # Only the named Linears: no class targets; fnmatch of a name without wildcards is plain equality.
+    LycorisNetwork.apply_preset(
+        {
+            "enable_conv": False,
+            "target_module": [],
+            "target_name": targets,
+            "use_fnmatch": True,
+            "module_algo_map": {},
+            "name_algo_map": {},
+            "exclude_name": [],
+        }
+    )
+    # weight_decompose=True is create_lycoris(dora_wd=True); its DoRA axis defaults to the output one.
+    network = LycorisNetwork(
+        model, multiplier=1.0, lora_dim=rank, alpha=alpha, network_module="lora", weight_decompose=True
+    )
+    if len(network.loras) != len(targets):
+        raise RuntimeError(f"LyCORIS wrapped {len(network.loras)} modules, expected {len(targets)}")
+    network.apply_to()
+    return network.requires_grad_(True)
