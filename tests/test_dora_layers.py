@@ -163,7 +163,7 @@ def test_linear_adapters_take_any_leading_shape(shape, kind):
 @pytest.mark.parametrize("conv", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 def test_gradcheck_float64(function, conv, masked):
-    """Finite differences on the custom functions, with the scale an input: the detached-norm semantics."""
+    """Finite differences on the custom functions, the norm a constant input: the detached-norm semantics."""
     generator = torch.Generator().manual_seed(4)
 
     def rand(*shape):
@@ -175,19 +175,20 @@ def test_gradcheck_float64(function, conv, masked):
         x, weight = rand(2, in_ch, 5, 4), rand(out_ch, in_ch, 3, 3).detach()
         down, up = rand(rank, in_ch, 3, 3), rand(out_ch, rank, 1, 1)
         channels = in_ch if function is DoraInputAxis else out_ch
-        scale = (torch.rand(1, channels, 1, 1, generator=generator, dtype=torch.float64) + 0.5).requires_grad_()
+        norm = torch.rand(1, channels, 1, 1, generator=generator, dtype=torch.float64) + 0.5
         mask = (torch.rand(2, rank, 1, 1, generator=generator) > 0.3).double() if masked else None
     else:
         ops = up_ops = LinearOps()
         x, weight = rand(2, 3, in_ch), rand(out_ch, in_ch).detach()
         down, up = rand(rank, in_ch), rand(out_ch, rank)
         channels = in_ch if function is DoraInputAxis else out_ch
-        scale = (torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5).requires_grad_()
+        norm = torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5
         mask = (torch.rand(2, 1, rank, generator=generator) > 0.3).double() if masked else None
     bias = rand(out_ch)
+    magnitude = rand(channels)  # the layer's dora_scale shape does not matter: it is reshaped like the norm
     assert torch.autograd.gradcheck(
-        lambda *t: function.apply(t[0], t[1], weight, t[2], t[3], t[4], 0.7, mask, ops, up_ops),
-        (x, scale, bias, down, up),
+        lambda *t: function.apply(t[0], t[1], norm, weight, t[2], t[3], t[4], 0.7, mask, ops, up_ops),
+        (x, magnitude, bias, down, up),
     )
 
 

@@ -104,8 +104,20 @@ class ConvOps:
 
 Ops = LinearOps | ConvOps
 
-# Positions of the differentiable inputs of both functions' forward(x, scale, weight, bias, down, up, ...).
-_X, _SCALE, _BIAS, _DOWN, _UP = 0, 1, 3, 4, 5
+# Positions of the differentiable inputs of both functions' forward(x, magnitude, norm, weight, bias, down, up, ...).
+_X, _MAGNITUDE, _BIAS, _DOWN, _UP = 0, 1, 4, 5, 6
+
+
+def _scale(ctx, magnitude: Tensor, norm: Tensor) -> Tensor:
+    """c = m / ||V|| in the norm's dtype (float32), shaped like the norm; computed here rather than by autograd,
+    which would add two nodes per layer (the division and the reshape) for what the backward does in one line."""
+    ctx.magnitude_shape, ctx.magnitude_dtype = magnitude.shape, magnitude.dtype
+    return magnitude.to(norm.dtype).reshape(norm.shape) / norm
+
+
+def _magnitude_grad(ctx, d_scale: Tensor, norm: Tensor) -> Tensor:
+    """dL/dm = dL/dc / ||V||, the norm being a constant (the paper's section 4.3)."""
+    return d_scale.div_(norm).reshape(ctx.magnitude_shape).to(ctx.magnitude_dtype)
 
 
 def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
@@ -120,10 +132,9 @@ def _bias_grad(dy: Tensor, bias: Tensor, ops: Ops) -> Tensor:
 def _up_backward(ctx, dz: Tensor, up: Tensor, h: Tensor, rank_mask: Tensor | None):
     """d(up) and d(h) from the gradient of V x = W x + gamma * up(h); d(h) already carries gamma and mask."""
     up_ops, gamma = ctx.up_ops, ctx.gamma
-    d_up = up_ops.weight_grad(h, up, dz) * gamma if ctx.needs_input_grad[_UP] else None
-    dh = up_ops.input_grad(h, [(up, dz)])
-    dh = dh * (gamma if rank_mask is None else gamma * rank_mask)
-    return d_up, dh
+    d_up = up_ops.weight_grad(h, up, dz).mul_(gamma) if ctx.needs_input_grad[_UP] else None
+    dh = up_ops.input_grad(h, [(up, dz)]).mul_(gamma)
+    return d_up, (dh if rank_mask is None else dh.mul_(rank_mask))
 
 
 def _dense(weight: Tensor | Callable[[], Tensor]) -> Tensor:
@@ -159,29 +170,32 @@ class DoraInputAxis(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops):
-        y, h = _lora_forward(ctx, (x * scale).to(x.dtype), weight, bias, down, up, gamma, rank_mask, ops, up_ops)
-        ctx.save_for_backward(x, scale, _saved_weight(ctx, weight), bias, down, up, h, rank_mask)
+    def forward(ctx, x, magnitude, norm, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops):
+        scale = _scale(ctx, magnitude, norm)
+        scaled_x = x * scale if x.dtype == scale.dtype else (x * scale).to(x.dtype)
+        y, h = _lora_forward(ctx, scaled_x, weight, bias, down, up, gamma, rank_mask, ops, up_ops)
+        ctx.save_for_backward(x, scale, norm, _saved_weight(ctx, weight), bias, down, up, h, rank_mask)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, scale, weight, bias, down, up, h, rank_mask = ctx.saved_tensors
+        x, scale, norm, weight, bias, down, up, h, rank_mask = ctx.saved_tensors
         weight = _weight_in_backward(ctx, weight)
         needs = ctx.needs_input_grad
         d_up, dh = _up_backward(ctx, dy, up, h, rank_mask)
-        # scale broadcasts over down's input-channel dim: (in,) against (r, in), (1, in, 1, 1) against (r, in, kh, kw).
-        d_down = (ctx.ops.weight_grad(x, down, dh) * scale).to(down.dtype) if needs[_DOWN] else None
-        dx = d_scale = d_bias = None
-        if needs[_X] or needs[_SCALE]:
+        d_down = dx = d_magnitude = d_bias = None
+        if needs[_DOWN]:  # scale broadcasts over down's input channels: (in,) on (r, in), (1, in, 1, 1) on 4-D
+            d_down = ctx.ops.weight_grad(x, down, dh)
+            d_down = d_down.mul_(scale) if d_down.dtype == scale.dtype else (d_down * scale).to(down.dtype)
+        if needs[_X] or needs[_MAGNITUDE]:
             d_scaled_x = ctx.ops.input_grad(x, [(weight, dy), (down, dh)])
-            if needs[_SCALE]:
-                d_scale = _sum_to(d_scaled_x * x, scale.shape)
+            if needs[_MAGNITUDE]:
+                d_magnitude = _magnitude_grad(ctx, _sum_to(d_scaled_x * x, scale.shape), norm)
             if needs[_X]:
                 dx = d_scaled_x.mul_(scale) if d_scaled_x.dtype == scale.dtype else (d_scaled_x * scale).to(x.dtype)
         if needs[_BIAS]:
             d_bias = _bias_grad(dy, bias, ctx.ops)
-        return dx, d_scale, None, d_bias, d_down, d_up, None, None, None, None
+        return dx, d_magnitude, None, None, d_bias, d_down, d_up, None, None, None, None
 
 
 class DoraOutputAxis(torch.autograd.Function):
@@ -192,31 +206,33 @@ class DoraOutputAxis(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops):
+    def forward(ctx, x, magnitude, norm, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops):
+        scale = _scale(ctx, magnitude, norm)
         unscaled, h = _lora_forward(ctx, x, weight, None, down, up, gamma, rank_mask, ops, up_ops)
         y = unscaled.mul_(scale) if unscaled.dtype == scale.dtype else (unscaled * scale).to(unscaled.dtype)
         if bias is not None:
             y.add_(bias.reshape(ops.channel_shape(bias.shape[0])))
-        ctx.save_for_backward(x, scale, _saved_weight(ctx, weight), bias, down, up, h, rank_mask, y)
+        ctx.save_for_backward(x, scale, norm, _saved_weight(ctx, weight), bias, down, up, h, rank_mask, y)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, scale, weight, bias, down, up, h, rank_mask, y = ctx.saved_tensors
+        x, scale, norm, weight, bias, down, up, h, rank_mask, y = ctx.saved_tensors
         weight = _weight_in_backward(ctx, weight)
         needs = ctx.needs_input_grad
-        d_scale = d_bias = None
-        dy_sum = _sum_to(dy, scale.shape) if needs[_SCALE] or needs[_BIAS] else None
-        if needs[_SCALE]:
+        d_magnitude = d_bias = None
+        dy_sum = _sum_to(dy, scale.shape) if needs[_MAGNITUDE] or needs[_BIAS] else None
+        if needs[_MAGNITUDE]:
             shifted_sum = _sum_to(dy * y, scale.shape)
             if bias is not None:
                 shifted_sum = shifted_sum - bias.float().reshape(scale.shape) * dy_sum
             # A channel whose magnitude is exactly 0 has lost its unscaled output; its m gets no gradient.
             d_scale = torch.where(scale == 0, 0.0, shifted_sum / torch.where(scale == 0, 1.0, scale))
+            d_magnitude = _magnitude_grad(ctx, d_scale, norm)
         if needs[_BIAS]:
             d_bias = dy_sum.reshape(bias.shape).to(bias.dtype)
-        d_unscaled = (dy * scale).to(dy.dtype)
+        d_unscaled = dy * scale if dy.dtype == scale.dtype else (dy * scale).to(dy.dtype)
         d_up, dh = _up_backward(ctx, d_unscaled, up, h, rank_mask)
         d_down = ctx.ops.weight_grad(x, down, dh) if needs[_DOWN] else None
         dx = ctx.ops.input_grad(x, [(weight, d_unscaled), (down, dh)]) if needs[_X] else None
-        return dx, d_scale, None, d_bias, d_down, d_up, None, None, None, None
+        return dx, d_magnitude, None, None, d_bias, d_down, d_up, None, None, None, None

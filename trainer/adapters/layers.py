@@ -242,9 +242,7 @@ class DoRALayer(LoRALayer):
             return self.base(x)
         rank_mask, gamma = self._rank_mask_and_gamma(x)
         x_c, down, up = self._compute_operands(x)
-        magnitude = self.dora_scale.float().reshape(self._scale_shape)
         norm, base_read = self._norm_and_base_read()
-        scale = magnitude / norm
         bias = self.base.bias
         if is_quantized(self.base):  # dequantized when the function needs it, in forward and in backward
             weight = _dequantizer(self.base, x_c.dtype, first=base_read)
@@ -254,7 +252,9 @@ class DoRALayer(LoRALayer):
             bias = bias.to(x_c.dtype)
         function = DoraInputAxis if self.spec.dora_axis == "input" else DoraOutputAxis
         with autocast_off(x.device.type):
-            return function.apply(x_c, scale, weight, bias, down, up, gamma, rank_mask, self.ops, self.up_ops)
+            return function.apply(
+                x_c, self.dora_scale, norm, weight, bias, down, up, gamma, rank_mask, self.ops, self.up_ops
+            )
 
     def to_weights(self) -> AdapterWeights:
         weights = super().to_weights()

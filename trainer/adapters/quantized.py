@@ -139,8 +139,8 @@ def compute_dtype(x: Tensor, stored: torch.dtype) -> torch.dtype:
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast disabled where it exists (not on the meta device, where the memory estimate runs)."""
-    if torch.amp.is_autocast_available(device_type):
+    """Autocast disabled where it is on (a no-op context otherwise: entering autocast costs per layer)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
