@@ -36,7 +36,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.third_party import apply_lycoris_dora, apply_peft
-from trainer.training.optimizers import FUSED_ADAMW_DEVICES
+from trainer.training.optimizers import adamw_kernels
 
 METHODS = ("none", "lora", "dora", "dora-output", "peft-lora", "peft-dora", "lycoris-dora")
 BLOCK_CASES = {
@@ -142,12 +142,15 @@ def apply_method(method: str, work: Workload, device: torch.device) -> tuple[lis
 
             inject_adapters(model, "unet", NetworkSpec(dora=dora, rank=rank, alpha=ALPHA, dora_axis=axis), "attn")
         else:
-            from trainer.adapters.layers import AdapterSpec, make_adapter
+            from trainer.adapters.layers import AdapterSpec, DoRALayer, DoRANormGroup, make_adapter
 
+            layers = []
             for path in work.targets:
                 parent, _, child = path.rpartition(".")
                 owner = model.get_submodule(parent) if parent else model
-                setattr(owner, child, make_adapter(getattr(owner, child), AdapterSpec(rank, ALPHA, dora, axis)))
+                layers.append(make_adapter(getattr(owner, child), AdapterSpec(rank, ALPHA, dora, axis)))
+                setattr(owner, child, layers[-1])
+            DoRANormGroup(layer for layer in layers if isinstance(layer, DoRALayer))  # as inject_adapters does
     elif method in ("peft-lora", "peft-dora"):
         apply_peft(model, work.targets, rank, ALPHA, dora=method == "peft-dora")
     elif method == "lycoris-dora":
@@ -227,7 +230,7 @@ def prepare(method: str, case: str, args: argparse.Namespace):
     device = torch.device(args.device)
     work = build_workload(case, device, args.blocks, args.latent_size)
     params, gain = apply_method(method, work, device)
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)  # as training does
+    optimizer = torch.optim.AdamW(params, lr=1e-4, **adamw_kernels(params))  # as training does
     for _ in range(WARMUP_STEPS):
         train_step(work, gain, optimizer)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

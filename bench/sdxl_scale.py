@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.third_party import apply_lycoris_dora, apply_peft
-from trainer.training.optimizers import FUSED_ADAMW_DEVICES
+from trainer.training.optimizers import adamw_kernels
 
 METHODS = ("lora", "dora", "dora-output", "peft-lora", "peft-dora", "lycoris-dora", "qlora-fp8", "qdora-fp8",
            "qlora-nf4", "qdora-nf4")  # fmt: skip
@@ -87,7 +87,7 @@ def training_step(unet, params: list[torch.nn.Parameter], args: argparse.Namespa
     unet.train()
     if args.checkpointing:
         unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)  # as training does
+    optimizer = torch.optim.AdamW(params, lr=1e-4, **adamw_kernels(params))  # as training does
     config, latent = unet.config, args.size // 8
     pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     generator = torch.Generator(device).manual_seed(1)

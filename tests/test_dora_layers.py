@@ -11,7 +11,7 @@ from torch import nn
 
 from trainer.adapters.dora_autograd import ConvOps, DoraInputAxis, DoraOutputAxis, LinearOps
 from trainer.adapters.dora_norm import direction_norm, weight_norm, weight_norm_sq
-from trainer.adapters.layers import AdapterSpec, DoRALayer, LoRALayer, make_adapter
+from trainer.adapters.layers import AdapterSpec, DoRALayer, DoRANormGroup, LoRALayer, make_adapter
 
 LAYER_CASES = [
     ("linear", lambda: nn.Linear(20, 12)),
@@ -241,6 +241,33 @@ def test_norm_cache_follows_optimizer_steps():
         layer(x).square().sum().backward()
         optimizer.step()
         assert _rel(layer(x), _reference_forward(layer, x)) < 1e-5
+
+
+@pytest.mark.parametrize("axis", ["input", "output"])
+def test_a_group_computes_each_norm_exactly_as_the_layer_alone(axis):
+    """Layers of one shape share one batched computation; each norm is bit for bit the per-layer one, and an
+    optimizer step on some of the layers makes exactly those stale again."""
+    generator = torch.Generator().manual_seed(6)
+    bases = [nn.Linear(24, 16) for _ in range(4)] + [nn.Linear(16, 40), nn.Conv2d(6, 8, 3, padding=1)]
+    spec = AdapterSpec(rank=4, alpha=8, dora=True, dora_axis=axis)
+    grouped = [make_adapter(base, spec) for base in bases]
+    for layer in grouped:
+        _randomise(layer, generator)
+    alone = copy.deepcopy(grouped)
+    group = DoRANormGroup(grouped)
+    assert all(layer.norm_group is group for layer in grouped)
+    for ours, reference in zip(grouped, alone):
+        assert torch.equal(ours.direction_norm(), reference.direction_norm())
+    with torch.no_grad():
+        for layers in (grouped, alone):
+            layers[1].lora_up.add_(0.5)
+            layers[5].lora_down.mul_(2)
+    kept = [layer._norm_cache for layer in grouped]
+    grouped[1].direction_norm()  # one stale layer asks: the group refreshes every stale one, and nothing else
+    assert [layer._norm_cache_key == layer._norm_key() for layer in grouped] == [True] * 6
+    assert [layer._norm_cache is old for layer, old in zip(grouped, kept)] == [True, False, True, True, True, False]
+    for ours, reference in zip(grouped, alone):
+        assert torch.equal(ours.direction_norm(), reference.direction_norm())
 
 
 def test_dropouts_only_in_training():

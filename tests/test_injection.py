@@ -31,6 +31,8 @@ def test_preset_counts_on_real_sdxl(real_models, part, preset, expected):
     try:
         assert len(adapters) == expected
         assert all(isinstance(layer, DoRALayer) for layer in adapters.values())
+        groups = {id(layer.norm_group) for layer in adapters.values()}  # the part's norms are computed together
+        assert len(groups) == 1 and next(iter(adapters.values())).norm_group.layers == list(adapters.values())
         assert sum(isinstance(m, LoRALayer) for m in model.modules()) == expected
     finally:
         assert remove_adapters(model) == expected

@@ -72,22 +72,44 @@ def _rows_times(weight2d: Tensor, other: Tensor, transpose_w: bool) -> Tensor:
 
 @torch.no_grad()
 def direction_norm(weight: Tensor, weight_sq: Tensor, down: Tensor, up: Tensor, gamma: float, axis: DoraAxis) -> Tensor:
-    """||V|| along ``axis`` (shape (in,) or (out,)), float32, given the cached ||W||^2 from weight_norm_sq.
+    """||V|| along ``axis`` (shape (in,) or (out,)), float32, given the cached ||W||^2 from weight_norm_sq."""
+    return direction_norms([weight], [weight_sq], [down], [up], gamma, axis)[0]
+
+
+@torch.no_grad()
+def direction_norms(
+    weights: list[Tensor],
+    weight_sqs: list[Tensor],
+    downs: list[Tensor],
+    ups: list[Tensor],
+    gamma: float,
+    axis: DoraAxis,
+) -> Tensor:
+    """``direction_norm`` of layers with the same shapes, stacked: (layers, in) or (layers, out).
 
     Both cross and quadratic terms come from one rank-sized product T, e.g. for the input axis
     T = W^T up + (g/2) down^T (up^T up), and ||V_j||^2 = ||W_j||^2 + 2g <down_j, T_j>.
+    Only W's product is taken layer by layer (each W is read once); the rank-sized rest runs batched, a
+    handful of kernels for all the layers instead of a dozen per layer. One layer is a batch of one, so a
+    layer's norm is the same number whichever way it is computed.
     """
-    w2d = weight.detach().flatten(1)
-    a = down.detach().float().flatten(1)  # (r, k)
-    b = up.detach().float().flatten(1)  # (out, r)
+    a = torch.stack([down.detach().float().flatten(1) for down in downs])  # (n, r, k)
+    b = torch.stack([up.detach().float().flatten(1) for up in ups])  # (n, out, r)
+    weight_sq = torch.stack(weight_sqs)
     if axis == "input":
-        t = torch.addmm(_rows_times(w2d, b, transpose_w=True), a.T, b.T @ b, alpha=gamma / 2)  # (k, r)
-        per_column = (a.T * t).sum(dim=1)
-        if per_column.shape[0] != weight.shape[1]:  # conv: fold kernel positions into their input channel
-            per_column = _per_input_channel(per_column, weight.shape[1])
+        w_products = torch.stack(
+            [_rows_times(w.detach().flatten(1), b_i, transpose_w=True) for w, b_i in zip(weights, b)]
+        )
+        t = torch.baddbmm(w_products, a.mT, b.mT @ b, alpha=gamma / 2)  # (n, k, r)
+        per_column = (a.mT * t).sum(dim=2)
+        if per_column.shape[1] != weight_sq.shape[1]:  # conv: fold kernel positions into their input channel
+            per_column = per_column.reshape(*weight_sq.shape, -1).sum(dim=2)
         norm_sq = torch.add(weight_sq, per_column, alpha=2 * gamma)
     else:
-        t = torch.addmm(_rows_times(w2d, a.T, transpose_w=False), b, a @ a.T, alpha=gamma / 2)  # (out, r)
-        norm_sq = torch.add(weight_sq, (b * t).sum(dim=1), alpha=2 * gamma)
+        w_products = torch.stack(
+            [_rows_times(w.detach().flatten(1), a_i.T, transpose_w=False) for w, a_i in zip(weights, a)]
+        )
+        t = torch.baddbmm(w_products, b, a @ a.mT, alpha=gamma / 2)  # (n, out, r)
+        norm_sq = torch.add(weight_sq, (b * t).sum(dim=2), alpha=2 * gamma)
     # The sum can dip below zero by rounding when V's column is ~0; the floor keeps the scale finite.
     return norm_sq.clamp_min_(0).sqrt_()

@@ -23,7 +23,7 @@ from trainer.sdxl.naming import (
 )
 
 from .dora_norm import DoraAxis
-from .layers import AdapterSpec, LoRALayer, make_adapter
+from .layers import AdapterSpec, DoRALayer, DoRANormGroup, LoRALayer, make_adapter
 from .weights import AdapterWeights
 
 UnetTargets = Literal["attn", "attn+conv"]
@@ -115,6 +115,7 @@ def inject_adapters(
         layer = make_adapter(base, network.spec_for(base), dtype)
         _replace_module(model, path, layer)
         adapters[stem] = layer
+    DoRANormGroup(layer for layer in adapters.values() if isinstance(layer, DoRALayer))
     return adapters
 
 

@@ -8,14 +8,15 @@ magnitude: it shares all of LoRA's plumbing and only changes the forward and the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .dora_autograd import ConvOps, DoraInputAxis, DoraOutputAxis, LinearOps, Ops
-from .dora_norm import DORA_AXES, DoraAxis, direction_norm, dora_scale_shape, weight_norm_sq
+from .dora_norm import DORA_AXES, DoraAxis, direction_norm, direction_norms, dora_scale_shape, weight_norm_sq
 from .quantized import autocast_off, compute_dtype, frozen_weight, is_quantized, weight_info
 from .weights import NORM_EPS, AdapterWeights, merged_weight
 
@@ -203,6 +204,7 @@ class DoRALayer(LoRALayer):
         self.dora_scale = nn.Parameter(magnitude.clone())
         self._norm_cache_key: tuple | None = None
         self._norm_cache: Tensor | None = None
+        self.norm_group: DoRANormGroup | None = None  # set by DoRANormGroup; not a submodule
 
     def direction_norm(self) -> Tensor:
         """||V|| along the axis, float32, detached, floored at eps, shaped to broadcast like the scale.
@@ -216,15 +218,26 @@ class DoRALayer(LoRALayer):
     def _norm_and_base_read(self) -> tuple[Tensor, Tensor | None]:
         """``direction_norm``, and the base weight it read when it was computed just now (None when cached):
         over a quantized base, a dequantized copy the forward can use instead of making another."""
-        down, up = self.lora_down, self.lora_up
-        key = (down._version, up._version, down.data_ptr(), up.data_ptr(), *self._base_state())
-        if key == self._norm_cache_key and self._norm_cache is not None:
+        key = self._norm_key()
+        if key == self._norm_cache_key:
+            return self._norm_cache, None
+        if self.norm_group is not None and not is_quantized(self.base):
+            self.norm_group.refresh()  # this layer's norm, with every other stale one of its group
             return self._norm_cache, None
         weight = frozen_weight(self.base)  # over a quantized base: dequantized, for this computation only
+        down, up = self.lora_down, self.lora_up
         norm = direction_norm(weight, self.weight_norm_sq, down, up, self.gamma, self.spec.dora_axis)
-        self._norm_cache = norm.clamp_min_(NORM_EPS).reshape(self._scale_shape)
-        self._norm_cache_key = key
+        self._keep_norm(norm.clamp_min_(NORM_EPS), key)
         return self._norm_cache, weight
+
+    def _norm_key(self) -> tuple:
+        """What the norm depends on: the adapter tensors (an optimizer step bumps their versions) and the base."""
+        down, up = self.lora_down, self.lora_up
+        return (down._version, up._version, down.data_ptr(), up.data_ptr(), *self._base_state())
+
+    def _keep_norm(self, norm: Tensor, key: tuple) -> None:
+        """Cache ||V|| (already floored at eps) for the adapter and base state ``key`` describes."""
+        self._norm_cache, self._norm_cache_key = norm.reshape(self._scale_shape), key
 
     def _base_state(self) -> tuple:
         """What changes when the base weight does: a plain one when merged into; a quantized one never."""
@@ -271,6 +284,44 @@ class DoRALayer(LoRALayer):
                 f"dora_scale shape {tuple(weights.dora_scale.shape)} does not fit {tuple(self.dora_scale.shape)}"
             )
         self.dora_scale.copy_(weights.dora_scale)
+
+
+class DoRANormGroup:
+    """DoRA layers whose once-per-step norms are computed together.
+
+    When one layer of the group finds its norm stale (the first forward after an optimizer step), every stale
+    layer is refreshed, those of one shape in one batched computation (``dora_norm.direction_norms``): a few
+    kernels per shape instead of a dozen per layer, which is most of DoRA's fixed cost per step on small
+    layers and, on a GPU, thousands of kernel launches. Layers over a quantized base keep their own path, which
+    hands the forward the weight it dequantized.
+    """
+
+    def __init__(self, layers: Iterable[DoRALayer]):
+        self.layers = list(layers)
+        for layer in self.layers:
+            layer.norm_group = self
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        batches: dict[tuple, list[tuple[DoRALayer, tuple]]] = defaultdict(list)
+        for layer in self.layers:
+            if is_quantized(layer.base) or (key := layer._norm_key()) == layer._norm_cache_key:
+                continue
+            weight, down = layer.base.weight, layer.lora_down
+            kind = (weight.shape, weight.dtype, weight.device, down.shape, layer.gamma, layer.spec.dora_axis)
+            batches[kind].append((layer, key))
+        for kind, members in batches.items():
+            layers = [layer for layer, _ in members]
+            norms = direction_norms(
+                [layer.base.weight for layer in layers],
+                [layer.weight_norm_sq for layer in layers],
+                [layer.lora_down for layer in layers],
+                [layer.lora_up for layer in layers],
+                gamma=kind[4],
+                axis=kind[5],
+            )
+            for (layer, key), norm in zip(members, norms.clamp_min_(NORM_EPS)):
+                layer._keep_norm(norm, key)
 
 
 def _dequantizer(base: AdaptableModule, dtype: torch.dtype, first: Tensor | None) -> Callable[[], Tensor]:
