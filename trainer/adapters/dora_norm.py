@@ -61,7 +61,7 @@ def _rows_times(weight2d: Tensor, other: Tensor, transpose_w: bool) -> Tensor:
     """W^T @ other (transpose_w) or W @ other, in float32, reading a low-precision W in row chunks.
 
     Both are (large x small) products with the rank as the narrow dimension: the BLAS kernels run them at
-    up to 1.6x the rate of the (rank x large) product ``other^T @ W`` (bench/dora_norm_gemm.py).
+    up to 1.6x the rate of the (rank x large) product ``other^T @ W`` (docs/benchmarks.md: SDXL 1.22 s -> 0.88 s).
     """
     if weight2d.dtype == torch.float32:  # one GEMM, no generator: this runs per layer per optimizer step
         return weight2d.T @ other if transpose_w else weight2d @ other

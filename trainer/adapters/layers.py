@@ -255,7 +255,12 @@ class DoRALayer(LoRALayer):
             return self.base(x)
         rank_mask, gamma = self._rank_mask_and_gamma(x)
         x_c, down, up = self._compute_operands(x)
-        norm, base_read = self._norm_and_base_read()
+        if torch.compiler.is_compiling():  # the cache check would split the graph: refresh_norms ran before
+            if self._norm_cache is None:
+                raise RuntimeError("a compiled forward needs refresh_norms(layers) first: no DoRA norm is cached")
+            norm, base_read = self._norm_cache, None
+        else:
+            norm, base_read = self._norm_and_base_read()
         bias = self.base.bias
         if is_quantized(self.base):  # dequantized when the function needs it, in forward and in backward
             weight = _dequantizer(self.base, x_c.dtype, first=base_read)
@@ -322,6 +327,15 @@ class DoRANormGroup:
             )
             for (layer, key), norm in zip(members, norms.clamp_min_(NORM_EPS)):
                 layer._keep_norm(norm, key)
+
+
+def refresh_norms(layers: Iterable[LoRALayer]) -> None:
+    """Bring every DoRA layer's cached norm up to date now. A compiled forward (``training.compile``) reads the
+    cache without checking it, as the check (version counters, data pointers) cannot be traced: call this
+    after each optimizer step, before the forward."""
+    for layer in layers:
+        if isinstance(layer, DoRALayer):
+            layer.direction_norm()
 
 
 def _dequantizer(base: AdaptableModule, dtype: torch.dtype, first: Tensor | None) -> Callable[[], Tensor]:

@@ -183,6 +183,11 @@ class TrainingSettings:
         "bf16", "compute precision (fp16 keeps the VAE in fp32)", choices=("no", "fp16", "bf16")
     )
     gradient_checkpointing: bool = setting(False, "recompute activations in backward: much less memory, ~25% slower")
+    compile: bool = setting(
+        False,
+        "torch.compile the UNet: for CUDA, where it fuses kernels; the first steps take minutes to compile",
+        advanced=True,
+    )
     seed: int = setting(42, "seed for everything random (same seed, same run)", minimum=0)
     noise_offset: float = setting(
         0.0, "noise offset (0.03-0.1 helps very dark/bright images)", minimum=0.0, advanced=True

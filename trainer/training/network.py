@@ -6,10 +6,11 @@ saving is a walk over them (``training.saving``) and a resume state names each p
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from trainer.adapters.injection import NetworkSpec, inject_adapters
-from trainer.adapters.layers import LoRALayer
+from trainer.adapters.layers import LoRALayer, refresh_norms
 from trainer.config.schema import NetworkSettings, TrainConfig
 from trainer.errors import ConfigError
 from trainer.sdxl.naming import Part
@@ -55,3 +56,15 @@ def trainable_parameters(adapters: Adapters) -> dict[str, nn.Parameter]:
         for stem, layer in layers.items()
         for name, param in layer.named_parameters(recurse=False)
     }
+
+
+def compile_unet(unet: nn.Module, adapters: Adapters) -> None:
+    """``training.compile``: torch.compile the UNet in place, so module names (the file's keys) stay as they are.
+
+    Compiled, a DoRA layer reads its norm from the cache unchecked (the check cannot be traced), so a forward
+    pre-hook kept out of the compiled graph refreshes the norms first, before every forward: after each
+    optimizer step, and for the samples too.
+    """
+    layers = [layer for part in adapters.values() for layer in part.values()]
+    unet.register_forward_pre_hook(torch.compiler.disable(lambda module, args: refresh_norms(layers)))
+    unet.compile()

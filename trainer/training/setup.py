@@ -27,7 +27,7 @@ from trainer.files import default_cache_dir
 from trainer.sdxl.objective import training_noise_scheduler
 from trainer.sdxl.text_encoding import encode_captions
 
-from .network import Adapters, inject_network, trainable_parameters
+from .network import Adapters, compile_unet, inject_network, trainable_parameters
 from .optimizers import run_optimizer
 from .placement import load_pipeline, offload_cached, text_encoders_run_every_step
 from .sample_prompts import SamplePrompt, parse_prompt_line, read_prompt_file
@@ -209,6 +209,8 @@ def prepare_session(
         if config.network.train_text_encoders:
             pipe.text_encoder.gradient_checkpointing_enable()
             pipe.text_encoder_2.gradient_checkpointing_enable()
+    if config.training.compile:
+        compile_unet(pipe.unet, adapters)
     latent_cache, examples = _latent_cache(config, pipe, examples, augment, on_caching)
     text_cache = _text_cache(config, pipe, examples, augment, device)
     offloaded = offload_cached(pipe, latent_cache is not None, text_cache is not None, device)
