@@ -39,8 +39,8 @@ def _float_row_chunks(weight2d: Tensor):
 
 
 def _per_input_channel(per_column: Tensor, in_channels: int) -> Tensor:
-    """Sum flattened (in * kh * kw) column values over the kernel positions of each input channel."""
-    return per_column.reshape(in_channels, -1).sum(dim=1)
+    """Sum flattened (in * kh * kw) column values (the last dim) over the kernel positions of each input channel."""
+    return per_column.reshape(*per_column.shape[:-1], in_channels, -1).sum(dim=-1)
 
 
 def weight_norm_sq(weight: Tensor, axis: DoraAxis) -> Tensor:
@@ -103,7 +103,7 @@ def direction_norms(
         t = torch.baddbmm(w_products, a.mT, b.mT @ b, alpha=gamma / 2)  # (n, k, r)
         per_column = (a.mT * t).sum(dim=2)
         if per_column.shape[1] != weight_sq.shape[1]:  # conv: fold kernel positions into their input channel
-            per_column = per_column.reshape(*weight_sq.shape, -1).sum(dim=2)
+            per_column = _per_input_channel(per_column, weight_sq.shape[1])
         norm_sq = torch.add(weight_sq, per_column, alpha=2 * gamma)
     else:
         w_products = torch.stack(

@@ -315,15 +315,15 @@ class DoRANormGroup:
             weight, down = layer.base.weight, layer.lora_down
             kind = (weight.shape, weight.dtype, weight.device, down.shape, layer.gamma, layer.spec.dora_axis)
             batches[kind].append((layer, key))
-        for kind, members in batches.items():
+        for members in batches.values():
             layers = [layer for layer, _ in members]
             norms = direction_norms(
                 [layer.base.weight for layer in layers],
                 [layer.weight_norm_sq for layer in layers],
                 [layer.lora_down for layer in layers],
                 [layer.lora_up for layer in layers],
-                gamma=kind[4],
-                axis=kind[5],
+                gamma=layers[0].gamma,  # the same for the whole batch: both are part of its kind
+                axis=layers[0].spec.dora_axis,
             )
             for (layer, key), norm in zip(members, norms.clamp_min_(NORM_EPS)):
                 layer._keep_norm(norm, key)
