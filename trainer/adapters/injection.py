@@ -6,6 +6,7 @@ wraps them, keyed by kohya stem, and restores the original modules on removal.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from trainer.sdxl.naming import (
 )
 
 from .dora_norm import DoraAxis
-from .layers import AdapterSpec, DoRALayer, DoRANormGroup, LoRALayer, make_adapter
+from .layers import AdaptableModule, AdapterSpec, DoRALayer, DoRANormGroup, LoRALayer, make_adapter
+from .quantized import weight_info
+from .vera import SharedProjections, projections_for
 from .weights import AdapterWeights
 
 UnetTargets = Literal["attn", "attn+conv"]
@@ -42,6 +45,9 @@ class NetworkSpec:
     dora_axis: DoraAxis = "input"
     module_dropout: float = 0.0
     rank_dropout: float = 0.0
+    vera: bool = False  # factors from shared random projections: VeRA, or DVoRA with dora
+    vera_seed: int = 0  # the projections' seed, recorded in the file
+    vera_d_initial: float = 0.1
 
     def spec_for(self, module: nn.Module) -> AdapterSpec:
         """kohya's rule: 3x3 (and larger) convs use conv_rank/conv_alpha, Linear and 1x1 use rank/alpha."""
@@ -55,6 +61,8 @@ class NetworkSpec:
             dora_axis=self.dora_axis,
             module_dropout=self.module_dropout,
             rank_dropout=self.rank_dropout,
+            vera=self.vera,
+            vera_d_initial=self.vera_d_initial,
         )
 
 
@@ -107,16 +115,28 @@ def inject_adapters(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, LoRALayer]:
     """Wrap every selected module of ``model`` in place; returns stem -> adapter layer."""
-    adapters: dict[str, LoRALayer] = {}
-    for stem, path in select_targets(model, part, unet_targets, include, exclude).items():
-        base = model.get_submodule(path)
+    paths = select_targets(model, part, unet_targets, include, exclude)
+    bases = {stem: model.get_submodule(path) for stem, path in paths.items()}
+    for path, base in zip(paths.values(), bases.values()):
         if isinstance(base, LoRALayer):
             raise RuntimeError(f"{path} already has an adapter; remove_adapters() first")
-        layer = make_adapter(base, network.spec_for(base), dtype)
-        _replace_module(model, path, layer)
+    projections = _shared_projections(network, bases.values()) if network.vera and bases else None
+    adapters: dict[str, LoRALayer] = {}
+    for stem, base in bases.items():
+        layer = make_adapter(base, network.spec_for(base), dtype, projections)
+        _replace_module(model, paths[stem], layer)
         adapters[stem] = layer
     DoRANormGroup(layer for layer in adapters.values() if isinstance(layer, DoRALayer))
     return adapters
+
+
+def _shared_projections(network: NetworkSpec, bases: Iterable[AdaptableModule]) -> SharedProjections:
+    """One pair of VeRA projections for a part, just large enough for every layer it adapts (as PEFT sizes them)."""
+    layers = []
+    for base in bases:
+        (out_ch, in_ch, *kernel), _, device = weight_info(base)
+        layers.append((network.spec_for(base).rank, math.prod((in_ch, *kernel)), out_ch))
+    return projections_for(network.vera_seed, layers, device)
 
 
 def remove_adapters(model: nn.Module) -> int:

@@ -1,8 +1,9 @@
-"""LoRA and DoRA layers around a frozen nn.Linear or nn.Conv2d.
+"""LoRA, DoRA, VeRA and DVoRA layers around a frozen nn.Linear or nn.Conv2d.
 
 A layer owns its adapter parameters in the kohya file's shapes (so saving is a rename), knows how to
 compute its merged weight, and can merge into / unmerge from the base exactly. DoRA is LoRA plus a
-magnitude: it shares all of LoRA's plumbing and only changes the forward and the merge.
+magnitude: it shares all of LoRA's plumbing and only changes the forward and the merge. VeRA only changes
+where the two factors come from (``factors()``), so DVoRA is DoRA over VeRA's factors with no code of its own.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from torch import Tensor, nn
 from .dora_autograd import ConvOps, DoraInputAxis, DoraOutputAxis, LinearOps, Ops
 from .dora_norm import DORA_AXES, DoraAxis, direction_norm, direction_norms, dora_scale_shape, weight_norm_sq
 from .quantized import autocast_off, compute_dtype, frozen_weight, is_quantized, weight_info
+from .vera import SharedProjections, recover_vectors
 from .weights import NORM_EPS, AdapterWeights, merged_weight
 
 AdaptableModule = nn.Linear | nn.Conv2d
+# How far a file's VeRA factors may be from exact row scalings of the projections: an fp16 file rounds at ~1e-3.
+VERA_LOAD_TOLERANCE = 1e-2
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class AdapterSpec:
     dora_axis: DoraAxis = "input"
     module_dropout: float = 0.0  # probability of skipping the whole adapter for a training step
     rank_dropout: float = 0.0  # probability of zeroing each rank channel per sample (kohya semantics)
+    vera: bool = False  # factors from shared random projections (VeRA; with dora, DVoRA): adapters.vera
+    vera_d_initial: float = 0.1  # VeRA's d starts here (b starts at zero), as in PEFT
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -74,11 +80,32 @@ class LoRALayer(nn.Module):
         factory = dict(device=device, dtype=dtype)
         down_shape = (rank, in_ch, *kernel)
         up_shape = (out_ch, rank) if not kernel else (out_ch, rank, 1, 1)
-        self.lora_down = nn.Parameter(torch.empty(down_shape, **factory))
-        self.lora_up = nn.Parameter(torch.zeros(up_shape, **factory))
+        self.down_shape, self.up_shape = down_shape, up_shape
+        self._make_factors(factory)
+        self._merged_from: Tensor | None = None
+
+    def _make_factors(self, factory: dict) -> None:
+        """The trainable parameters the factors come from: here the factors themselves."""
+        self.lora_down = nn.Parameter(torch.empty(self.down_shape, **factory))
+        self.lora_up = nn.Parameter(torch.zeros(self.up_shape, **factory))
         # Same init as kohya, LyCORIS and PEFT (nn.Linear's default), so learning rates transfer.
         nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
-        self._merged_from: Tensor | None = None
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(down, up) in the file's shapes, differentiable: the update is gamma * up @ down."""
+        return self.lora_down, self.lora_up
+
+    def _factor_parameters(self) -> tuple[Tensor, ...]:
+        """What the factors are computed from: an optimizer step changes these (their version counters)."""
+        return self.lora_down, self.lora_up
+
+    @torch.no_grad()
+    def _load_factors(self, down: Tensor, up: Tensor) -> None:
+        for name, tensor in (("lora_down", down), ("lora_up", up)):
+            target = getattr(self, name)
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(f"{name} shape {tuple(tensor.shape)} does not fit this layer's {tuple(target.shape)}")
+            target.copy_(tensor)
 
     @property
     def gamma(self) -> float:
@@ -109,7 +136,8 @@ class LoRALayer(nn.Module):
     def _compute_operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x, down, up in the dtype the base runs in (autocast's when active), as autocast would pick."""
         dtype = compute_dtype(x, weight_info(self.base)[1])
-        return x.to(dtype), self.lora_down.to(dtype), self.lora_up.to(dtype)
+        down, up = self.factors()
+        return x.to(dtype), down.to(dtype), up.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._skip_adapter():
@@ -131,7 +159,8 @@ class LoRALayer(nn.Module):
 
     def to_weights(self) -> AdapterWeights:
         """The adapter as the file stores it (detached)."""
-        return AdapterWeights(down=self.lora_down.detach(), up=self.lora_up.detach(), alpha=float(self.spec.alpha))
+        down, up = self.factors()
+        return AdapterWeights(down=down.detach(), up=up.detach(), alpha=float(self.spec.alpha))
 
     @torch.no_grad()
     def load_weights(self, weights: AdapterWeights) -> None:
@@ -139,12 +168,7 @@ class LoRALayer(nn.Module):
         if weights.is_dora != isinstance(self, DoRALayer):
             kind = "DoRA" if weights.is_dora else "LoRA"
             raise ValueError(f"file holds {kind} weights but this layer is {type(self).__name__}")
-        pairs = [("lora_down", weights.down), ("lora_up", weights.up)]
-        for name, tensor in pairs:
-            target = getattr(self, name)
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise ValueError(f"{name} shape {tuple(tensor.shape)} does not fit this layer's {tuple(target.shape)}")
-            target.copy_(tensor)
+        self._load_factors(weights.down, weights.up)
         if not math.isclose(weights.alpha, self.spec.alpha, rel_tol=1e-6):
             raise ValueError(f"alpha {weights.alpha} differs from this layer's {self.spec.alpha}")
 
@@ -225,15 +249,16 @@ class DoRALayer(LoRALayer):
             self.norm_group.refresh()  # this layer's norm, with every other stale one of its group
             return self._norm_cache, None
         weight = frozen_weight(self.base)  # over a quantized base: dequantized, for this computation only
-        down, up = self.lora_down, self.lora_up
+        with torch.no_grad():
+            down, up = self.factors()
         norm = direction_norm(weight, self.weight_norm_sq, down, up, self.gamma, self.spec.dora_axis)
         self._keep_norm(norm.clamp_min_(NORM_EPS), key)
         return self._norm_cache, weight
 
     def _norm_key(self) -> tuple:
         """What the norm depends on: the adapter tensors (an optimizer step bumps their versions) and the base."""
-        down, up = self.lora_down, self.lora_up
-        return (down._version, up._version, down.data_ptr(), up.data_ptr(), *self._base_state())
+        tensors = self._factor_parameters()
+        return (*(t._version for t in tensors), *(t.data_ptr() for t in tensors), *self._base_state())
 
     def _keep_norm(self, norm: Tensor, key: tuple) -> None:
         """Cache ||V|| (already floored at eps) for the adapter and base state ``key`` describes."""
@@ -308,25 +333,79 @@ class DoRANormGroup:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        batches: dict[tuple, list[tuple[DoRALayer, tuple]]] = defaultdict(list)
+        batches: dict[tuple, list[tuple[DoRALayer, tuple, tuple[Tensor, Tensor]]]] = defaultdict(list)
         for layer in self.layers:
             if is_quantized(layer.base) or (key := layer._norm_key()) == layer._norm_cache_key:
                 continue
-            weight, down = layer.base.weight, layer.lora_down
-            kind = (weight.shape, weight.dtype, weight.device, down.shape, layer.gamma, layer.spec.dora_axis)
-            batches[kind].append((layer, key))
+            weight = layer.base.weight
+            kind = (weight.shape, weight.dtype, weight.device, layer.down_shape, layer.gamma, layer.spec.dora_axis)
+            batches[kind].append((layer, key, layer.factors()))
         for members in batches.values():
-            layers = [layer for layer, _ in members]
+            layers = [layer for layer, _, _ in members]
             norms = direction_norms(
                 [layer.base.weight for layer in layers],
                 [layer.weight_norm_sq for layer in layers],
-                [layer.lora_down for layer in layers],
-                [layer.lora_up for layer in layers],
+                [down for _, _, (down, _) in members],
+                [up for _, _, (_, up) in members],
                 gamma=layers[0].gamma,  # the same for the whole batch: both are part of its kind
                 axis=layers[0].spec.dora_axis,
             )
-            for (layer, key), norm in zip(members, norms.clamp_min_(NORM_EPS)):
+            for (layer, key, _), norm in zip(members, norms.clamp_min_(NORM_EPS)):
                 layer._keep_norm(norm, key)
+
+
+class VeRALayer(LoRALayer):
+    """VeRA: the factors are ``down = diag(d) A`` and ``up = diag(b) B``, slices of the part's shared frozen
+    projections (``adapters.vera``); only d (over the rank) and b (over the outputs) train. b starts at zero,
+    so a fresh adapter is the identity. Everything else, DoRA's magnitude included (``DVoRALayer``), is
+    LoRA's: the forward and the once-per-step norm take the factors as LoRA's, rank-sized, never weight-sized.
+    """
+
+    def __init__(
+        self,
+        base: AdaptableModule,
+        spec: AdapterSpec,
+        projections: SharedProjections,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__(base, spec, dtype)
+        if not projections.fits(spec.rank, self.down_shape, self.up_shape[0]):
+            raise ValueError(
+                f"shared projections of rank {projections.rank}, {projections.in_features} in, "
+                f"{projections.out_features} out are too small for a rank-{spec.rank} layer of {self.down_shape}"
+            )
+        self.vera_projections = projections  # the same module in every layer of the part
+
+    def _make_factors(self, factory: dict) -> None:
+        self.vera_d = nn.Parameter(torch.full((self.spec.rank,), self.spec.vera_d_initial, **factory))
+        self.vera_b = nn.Parameter(torch.zeros(self.up_shape[0], **factory))
+
+    def _bases(self) -> tuple[Tensor, Tensor]:
+        projections = self.vera_projections
+        return projections.down_basis(self.spec.rank, self.down_shape), projections.up_basis(
+            self.spec.rank, self.up_shape
+        )
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        down_basis, up_basis = self._bases()
+        trailing = [1] * (len(self.down_shape) - 1)
+        down = self.vera_d.reshape(-1, *trailing) * down_basis
+        up = self.vera_b.reshape(-1, *trailing) * up_basis
+        return down, up
+
+    def _factor_parameters(self) -> tuple[Tensor, ...]:
+        return self.vera_d, self.vera_b
+
+    @torch.no_grad()
+    def _load_factors(self, down: Tensor, up: Tensor) -> None:
+        """d and b back from a file's factors; refused when they are not scaled rows of this layer's projections."""
+        d, b = recover_vectors(down, up, *self._bases(), tolerance=VERA_LOAD_TOLERANCE)
+        self.vera_d.copy_(d)
+        self.vera_b.copy_(b)
+
+
+class DVoRALayer(VeRALayer, DoRALayer):
+    """DVoRA (the DoRA paper, section 5.3): DoRA's magnitude over VeRA's factors."""
 
 
 def refresh_norms(layers: Iterable[LoRALayer]) -> None:
@@ -354,6 +433,15 @@ def _dequantizer(base: AdaptableModule, dtype: torch.dtype, first: Tensor | None
     return weight
 
 
-def make_adapter(base: AdaptableModule, spec: AdapterSpec, dtype: torch.dtype = torch.float32) -> LoRALayer:
-    """The adapter class the spec asks for, wrapped around ``base``."""
-    return (DoRALayer if spec.dora else LoRALayer)(base, spec, dtype)
+def make_adapter(
+    base: AdaptableModule,
+    spec: AdapterSpec,
+    dtype: torch.dtype = torch.float32,
+    projections: SharedProjections | None = None,
+) -> LoRALayer:
+    """The adapter class the spec asks for, wrapped around ``base``; VeRA kinds slice ``projections``."""
+    if not spec.vera:
+        return (DoRALayer if spec.dora else LoRALayer)(base, spec, dtype)
+    if projections is None:
+        raise ValueError("a VeRA or DVoRA adapter needs the part's shared projections")
+    return (DVoRALayer if spec.dora else VeRALayer)(base, spec, projections, dtype)

@@ -37,6 +37,7 @@ def setting(
     return field(default=default, metadata=metadata)
 
 
+ADAPTER_KINDS = ("dora", "lora", "dvora", "vera")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -122,7 +123,11 @@ class DatasetSettings:
 
 @dataclass
 class NetworkSettings:
-    kind: str = setting("dora", "adapter type", choices=("dora", "lora"))
+    kind: str = setting(
+        "dora",
+        "adapter type; vera and dvora train vectors over shared random matrices (use a high rank, e.g. 256)",
+        choices=ADAPTER_KINDS,
+    )
     dora_axis: str = setting(
         "input",
         "DoRA magnitude per input column (kohya, LyCORIS, front ends) or per output row (PEFT)",
@@ -145,6 +150,22 @@ class NetworkSettings:
     rank_dropout: float = setting(
         0.0, "chance each rank channel is dropped in a step", minimum=0.0, maximum=0.999, advanced=True
     )
+    vera_seed: int = setting(
+        0, "vera/dvora: seed of the shared random matrices (the file records it)", minimum=0, advanced=True
+    )
+    vera_d_initial: float = setting(
+        0.1, "vera/dvora: starting value of each layer's rank-wise scaling vector d (VeRA's)", advanced=True
+    )
+
+    @property
+    def has_magnitude(self) -> bool:
+        """DoRA's magnitude trains (dora, dvora)."""
+        return self.kind in ("dora", "dvora")
+
+    @property
+    def uses_projections(self) -> bool:
+        """The factors are VeRA's scaled shared projections (vera, dvora)."""
+        return self.kind in ("vera", "dvora")
 
 
 @dataclass

@@ -12,6 +12,8 @@ from typing import Literal
 
 from trainer.adapters.dora_norm import DORA_AXES, DoraAxis
 
+VERA_KEY = "dora_studio.vera"  # a VeRA / DVoRA file's record (build_metadata's ``vera``)
+
 
 def build_metadata(
     *,
@@ -36,12 +38,15 @@ def build_metadata(
     resolution: tuple[int, int],
     title: str,
     prediction_type: Literal["epsilon", "v"] = "epsilon",
+    vera: Mapping[str, object] | None = None,
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """kohya ``ss_*`` + ModelSpec metadata (docs/adapter-format.md section 5); timestamps are Unix seconds.
 
     The DoRA axis goes in twice: ``wd_on_output`` in ``ss_network_args`` (what LyCORIS/kohya read)
-    and ``dora_studio.dora_axis``, because no loader infers it reliably from shapes alone.
+    and ``dora_studio.dora_axis``, because no loader infers it reliably from shapes alone. ``vera``: a VeRA or
+    DVoRA file's record (kind, d_initial, and per part the shared projections' seed, sizes and digest), kept
+    as JSON under ``dora_studio.vera``; the tensors are a plain LoRA or DoRA file's.
     """
     if (network_kind == "dora") != (dora_axis is not None) or (dora_axis is not None and dora_axis not in DORA_AXES):
         raise ValueError(f"network_kind {network_kind!r} needs dora_axis in {DORA_AXES} for DoRA, None for LoRA")
@@ -83,4 +88,6 @@ def build_metadata(
     }
     if dora_axis is not None:
         metadata["dora_studio.dora_axis"] = dora_axis
+    if vera is not None:
+        metadata[VERA_KEY] = json.dumps(vera, sort_keys=True)
     return metadata | dict(extra or {})

@@ -21,7 +21,7 @@ Adapters = dict[Part, dict[str, LoRALayer]]  # part -> kohya stem -> adapter lay
 def network_spec(settings: NetworkSettings) -> NetworkSpec:
     """The settings' [network] section as the adapter package takes it."""
     return NetworkSpec(
-        dora=settings.kind == "dora",
+        dora=settings.has_magnitude,
         rank=settings.rank,
         alpha=settings.alpha,
         conv_rank=settings.conv_rank,
@@ -29,6 +29,9 @@ def network_spec(settings: NetworkSettings) -> NetworkSpec:
         dora_axis=settings.dora_axis,
         module_dropout=settings.module_dropout,
         rank_dropout=settings.rank_dropout,
+        vera=settings.uses_projections,
+        vera_seed=settings.vera_seed,
+        vera_d_initial=settings.vera_d_initial,
     )
 
 

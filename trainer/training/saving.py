@@ -8,11 +8,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from trainer.adapters.injection import adapter_weights
-from trainer.config.schema import TrainConfig
+from trainer.config.schema import NetworkSettings, TrainConfig
 from trainer.kohya.adapter_file import DTYPES, save_adapter
 from trainer.kohya.metadata import build_metadata
 
 from .network import Adapters
+
+
+def vera_record(adapters: Adapters, net: NetworkSettings) -> dict:
+    """What a VeRA / DVoRA file records so its shared projections can be rebuilt and checked, per part."""
+    projections = {
+        part: next(iter(layers.values())).vera_projections.describe() for part, layers in adapters.items() if layers
+    }
+    return {"kind": net.kind, "d_initial": net.vera_d_initial, "projections": projections}
 
 
 def save_network(
@@ -35,12 +43,12 @@ def save_network(
     weights = {stem: w for layers in adapters.values() for stem, w in adapter_weights(layers).items()}
     has_conv = net.unet_targets == "attn+conv"
     metadata = build_metadata(
-        network_kind=net.kind,
+        network_kind="dora" if net.has_magnitude else "lora",
         dim=net.rank,
         alpha=net.alpha,
         conv_dim=net.conv_rank if has_conv else None,
         conv_alpha=net.conv_alpha if has_conv else None,
-        dora_axis=net.dora_axis if net.kind == "dora" else None,
+        dora_axis=net.dora_axis if net.has_magnitude else None,
         output_name=config.saving.output_name,
         base_model_name=Path(config.model.path).name,
         steps=steps,
@@ -56,6 +64,7 @@ def save_network(
         resolution=(config.dataset.resolution, config.dataset.resolution),
         title=config.saving.output_name,
         prediction_type="v" if config.model.prediction_type == "v_prediction" else "epsilon",
+        vera=vera_record(adapters, net) if net.uses_projections else None,
         extra={
             "dora_studio.network": json.dumps(
                 {"unet_targets": net.unet_targets, "include": net.include, "exclude": net.exclude}
