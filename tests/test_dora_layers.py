@@ -243,10 +243,12 @@ def test_norm_cache_follows_optimizer_steps():
         assert _rel(layer(x), _reference_forward(layer, x)) < 1e-5
 
 
+@pytest.mark.parametrize("batch_bytes", [64 * 2**20, 1], ids=["one-batch", "chunked"])
 @pytest.mark.parametrize("axis", ["input", "output"])
-def test_a_group_computes_each_norm_exactly_as_the_layer_alone(axis):
-    """Layers of one shape share one batched computation; each norm is bit for bit the per-layer one, and an
-    optimizer step on some of the layers makes exactly those stale again."""
+def test_a_group_computes_each_norm_exactly_as_the_layer_alone(axis, batch_bytes, monkeypatch):
+    """Layers of one shape share one batched computation (in chunks of at most NORM_BATCH_BYTES of factors);
+    each norm is bit for bit the per-layer one, and an optimizer step on some layers makes exactly those stale."""
+    monkeypatch.setattr("trainer.adapters.layers.NORM_BATCH_BYTES", batch_bytes)
     generator = torch.Generator().manual_seed(6)
     bases = [nn.Linear(24, 16) for _ in range(4)] + [nn.Linear(16, 40), nn.Conv2d(6, 8, 3, padding=1)]
     spec = AdapterSpec(rank=4, alpha=8, dora=True, dora_axis=axis)

@@ -299,3 +299,54 @@ def test_dora_magnitudes_are_never_weight_decayed(tiny_dir, small_dataset, tmp_p
     assert {id(p) for p in groups["unet/no_decay"]["params"]} == magnitudes
     assert groups["unet/no_decay"]["weight_decay"] == 0 and groups["unet"]["weight_decay"] == 0.1
     assert not magnitudes & {id(p) for p in groups["unet"]["params"]}
+
+
+def test_dvora_run_resumes_bit_identically_and_its_file_loads_as_dora_and_as_dvora(
+    tiny_dir, small_dataset, tmp_path, capsys
+):
+    """DVoRA end to end: trains only d, b and the magnitude; resumes bit for bit; the file is a DoRA file every
+    front end merges to our weights, and ``inspect`` rebuilds its projections (and refuses an edited record)."""
+    from safetensors import safe_open
+
+    from trainer.cli import main
+    from trainer.kohya.adapter_file import save_adapter
+    from trainer.kohya.metadata import VERA_KEY
+
+    data = settings(
+        tiny_dir,
+        small_dataset,
+        tmp_path / "cache",
+        network={"kind": "dvora", "rank": 8, "alpha": 8.0},
+        sampling={"prompts": []},
+    )
+    straight = train(data, tmp_path / "straight")
+    interrupted = tmp_path / "interrupted"
+    _stop_when(interrupted, 3)
+    with pytest.raises(StopRequested):
+        train(data, interrupted)
+    resumed = train(data, interrupted, resume="auto")
+    ours, theirs = load_file(resumed), load_file(straight)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+    state = next((interrupted / "state").iterdir()) / "tensors.safetensors"
+    with safe_open(state, "pt") as tensors:
+        names = {key.rsplit("/", 1)[-1] for key in tensors.keys() if key.startswith("param/") or "/lora_unet_" in key}
+    assert {"vera_d", "vera_b", "dora_scale"} <= names and not names & {"lora_down", "lora_up"}
+
+    loaded = load_adapter(straight)
+    assert len(loaded.adapters) == 722 and all(w.is_dora and w.rank == 8 for w in loaded.adapters.values())
+    assert any(w.up.abs().max() > 0 for w in loaded.adapters.values())
+    parts = pipeline_parts(load_sdxl_pipeline(tiny_dir))
+    report = verify_match(
+        match_stems(canonical_stems(loaded, parts).adapters, model_stem_targets(parts)), tolerance=1e-5
+    )
+    assert report.ok
+
+    assert main(["inspect", str(straight)]) == 0
+    assert "dvora projections (unet seed 0, rank 8" in capsys.readouterr().out
+    record = json.loads(loaded.metadata[VERA_KEY])
+    record["projections"]["unet"]["seed"] = 1
+    edited = tmp_path / "edited.safetensors"
+    save_adapter(edited, loaded.adapters, loaded.metadata | {VERA_KEY: json.dumps(record)})
+    assert main(["inspect", str(edited)]) == 2
+    assert "seed 1 no longer gives the matrices the file was trained with" in capsys.readouterr().err

@@ -228,3 +228,21 @@ def test_projections_rebuild_from_their_record_and_refuse_a_changed_one():
         SharedProjections.rebuild(record | {"seed": 12})
     with pytest.raises(ValueError, match="lacks sha256"):
         SharedProjections.rebuild({k: v for k, v in record.items() if k != "sha256"})
+
+
+def test_dvora_keeps_no_factor_between_forward_and_backward():
+    """At VeRA's ranks the factors are large; DoRA's backward computes them again rather than holding them."""
+    layer = _layer(CASES["linear"], True)
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = layer(_input(layer.base, torch.Generator().manual_seed(0)))
+    shared = {layer.vera_projections.vera_A.data_ptr(), layer.vera_projections.vera_B.data_ptr()}  # slices: no memory
+    factors = [t for t in saved if tuple(t.shape) in (layer.down_shape, layer.up_shape) and t.data_ptr() not in shared]
+    assert saved and not factors
+    y.sum().backward()
+    assert layer.vera_d.grad is not None and layer.vera_b.grad is not None

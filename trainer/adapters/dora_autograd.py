@@ -9,7 +9,8 @@ and V x = W x + gamma * up(down(x)). Nothing weight-sized is built. Plain autogr
 scaled input (input axis) or the unscaled output (output axis) for the magnitude gradient: one extra
 activation per layer. These functions save only what LoRA saves (x and the rank-r hidden h) and get the
 rest back in backward: the scaled input is recomputed from x (elementwise, cheap), the unscaled output is
-taken from y itself, which the next op usually keeps anyway. Over a quantized base (``adapters.quantized``)
+taken from y itself, which the next op usually keeps anyway. Factors that are cheap to recompute (VeRA's) arrive
+with a function that does, and are not saved either. Over a quantized base (``adapters.quantized``)
 the weight arrives as a function that dequantizes it; it is called in forward and again in backward, so no
 dequantized weight is kept between them.
 """
@@ -152,6 +153,18 @@ def _weight_in_backward(ctx, saved: Tensor | None) -> Tensor:
     return saved if ctx.dequantize is None else ctx.dequantize()
 
 
+def _saved_factors(ctx, down: Tensor, up: Tensor, factors: Callable[[], tuple[Tensor, Tensor]] | None):
+    """What save_for_backward keeps of the factors: the tensors, or nothing when ``factors`` can compute them
+    again (VeRA's, each a scaling of a shared matrix: at VeRA's ranks, keeping them for every layer between
+    forward and backward would hold gigabytes on SDXL; recomputing them is one rank-sized multiply)."""
+    ctx.factors = factors
+    return (None, None) if factors is not None else (down, up)
+
+
+def _factors_in_backward(ctx, down: Tensor | None, up: Tensor | None) -> tuple[Tensor, Tensor]:
+    return (down, up) if ctx.factors is None else ctx.factors()
+
+
 def _lora_forward(ctx, v_input: Tensor, weight, bias, down, up, gamma, rank_mask, ops, up_ops) -> Tensor:
     """V x + b = W x + b + gamma * up(mask * down(x)), saving the rank-r hidden for backward."""
     h = ops.apply(v_input, down)
@@ -170,17 +183,21 @@ class DoraInputAxis(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, magnitude, norm, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops):
+    def forward(
+        ctx, x, magnitude, norm, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops, factors=None
+    ):
         scale = _scale(ctx, magnitude, norm)
         scaled_x = x * scale if x.dtype == scale.dtype else (x * scale).to(x.dtype)
         y, h = _lora_forward(ctx, scaled_x, weight, bias, down, up, gamma, rank_mask, ops, up_ops)
-        ctx.save_for_backward(x, scale, norm, _saved_weight(ctx, weight), bias, down, up, h, rank_mask)
+        saved = _saved_weight(ctx, weight), *_saved_factors(ctx, down, up, factors)
+        ctx.save_for_backward(x, scale, norm, *saved, bias, h, rank_mask)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, scale, norm, weight, bias, down, up, h, rank_mask = ctx.saved_tensors
+        x, scale, norm, weight, down, up, bias, h, rank_mask = ctx.saved_tensors
         weight = _weight_in_backward(ctx, weight)
+        down, up = _factors_in_backward(ctx, down, up)
         needs = ctx.needs_input_grad
         d_up, dh = _up_backward(ctx, dy, up, h, rank_mask)
         d_down = dx = d_magnitude = d_bias = None
@@ -195,7 +212,7 @@ class DoraInputAxis(torch.autograd.Function):
                 dx = d_scaled_x.mul_(scale) if d_scaled_x.dtype == scale.dtype else (d_scaled_x * scale).to(x.dtype)
         if needs[_BIAS]:
             d_bias = _bias_grad(dy, bias, ctx.ops)
-        return dx, d_magnitude, None, None, d_bias, d_down, d_up, None, None, None, None
+        return dx, d_magnitude, None, None, d_bias, d_down, d_up, None, None, None, None, None
 
 
 class DoraOutputAxis(torch.autograd.Function):
@@ -206,19 +223,23 @@ class DoraOutputAxis(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, magnitude, norm, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops):
+    def forward(
+        ctx, x, magnitude, norm, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops, factors=None
+    ):
         scale = _scale(ctx, magnitude, norm)
         unscaled, h = _lora_forward(ctx, x, weight, None, down, up, gamma, rank_mask, ops, up_ops)
         y = unscaled.mul_(scale) if unscaled.dtype == scale.dtype else (unscaled * scale).to(unscaled.dtype)
         if bias is not None:
             y.add_(bias.reshape(ops.channel_shape(bias.shape[0])))
-        ctx.save_for_backward(x, scale, norm, _saved_weight(ctx, weight), bias, down, up, h, rank_mask, y)
+        saved = _saved_weight(ctx, weight), *_saved_factors(ctx, down, up, factors)
+        ctx.save_for_backward(x, scale, norm, *saved, bias, h, rank_mask, y)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, scale, norm, weight, bias, down, up, h, rank_mask, y = ctx.saved_tensors
+        x, scale, norm, weight, down, up, bias, h, rank_mask, y = ctx.saved_tensors
         weight = _weight_in_backward(ctx, weight)
+        down, up = _factors_in_backward(ctx, down, up)
         needs = ctx.needs_input_grad
         d_magnitude = d_bias = None
         dy_sum = _sum_to(dy, scale.shape) if needs[_MAGNITUDE] or needs[_BIAS] else None
@@ -235,4 +256,4 @@ class DoraOutputAxis(torch.autograd.Function):
         d_up, dh = _up_backward(ctx, d_unscaled, up, h, rank_mask)
         d_down = ctx.ops.weight_grad(x, down, dh) if needs[_DOWN] else None
         dx = ctx.ops.input_grad(x, [(weight, d_unscaled), (down, dh)]) if needs[_X] else None
-        return dx, d_magnitude, None, None, d_bias, d_down, d_up, None, None, None, None
+        return dx, d_magnitude, None, None, d_bias, d_down, d_up, None, None, None, None, None

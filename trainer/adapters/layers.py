@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +19,13 @@ from torch import Tensor, nn
 from .dora_autograd import ConvOps, DoraInputAxis, DoraOutputAxis, LinearOps, Ops
 from .dora_norm import DORA_AXES, DoraAxis, direction_norm, direction_norms, dora_scale_shape, weight_norm_sq
 from .quantized import autocast_off, compute_dtype, frozen_weight, is_quantized, weight_info
-from .vera import SharedProjections, recover_vectors
+from .vera import LOAD_TOLERANCE, SharedProjections, recover_vectors
 from .weights import NORM_EPS, AdapterWeights, merged_weight
 
 AdaptableModule = nn.Linear | nn.Conv2d
-# How far a file's VeRA factors may be from exact row scalings of the projections: an fp16 file rounds at ~1e-3.
-VERA_LOAD_TOLERANCE = 1e-2
+# The factors one batched norm computation stacks, at most: all the layers of a shape at LoRA's ranks (SDXL's
+# largest batch, 372 layers of 1280x1280, is 58 MB at rank 16); VeRA's ranks (256 and up) would stack gigabytes.
+NORM_BATCH_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,11 @@ class LoRALayer(nn.Module):
     def _factor_parameters(self) -> tuple[Tensor, ...]:
         """What the factors are computed from: an optimizer step changes these (their version counters)."""
         return self.lora_down, self.lora_up
+
+    def _factors_again(self, dtype: torch.dtype) -> Callable[[], tuple[Tensor, Tensor]] | None:
+        """How DoRA's backward gets the factors without keeping them from the forward; None: keep them (they are
+        the parameters themselves, nothing extra)."""
+        return None
 
     @torch.no_grad()
     def _load_factors(self, down: Tensor, up: Tensor) -> None:
@@ -296,7 +302,18 @@ class DoRALayer(LoRALayer):
         function = DoraInputAxis if self.spec.dora_axis == "input" else DoraOutputAxis
         with autocast_off(x.device.type):
             return function.apply(
-                x_c, self.dora_scale, norm, weight, bias, down, up, gamma, rank_mask, self.ops, self.up_ops
+                x_c,
+                self.dora_scale,
+                norm,
+                weight,
+                bias,
+                down,
+                up,
+                gamma,
+                rank_mask,
+                self.ops,
+                self.up_ops,
+                self._factors_again(x_c.dtype),
             )
 
     def to_weights(self) -> AdapterWeights:
@@ -333,25 +350,37 @@ class DoRANormGroup:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        batches: dict[tuple, list[tuple[DoRALayer, tuple, tuple[Tensor, Tensor]]]] = defaultdict(list)
+        batches: dict[tuple, list[tuple[DoRALayer, tuple]]] = defaultdict(list)
         for layer in self.layers:
             if is_quantized(layer.base) or (key := layer._norm_key()) == layer._norm_cache_key:
                 continue
             weight = layer.base.weight
             kind = (weight.shape, weight.dtype, weight.device, layer.down_shape, layer.gamma, layer.spec.dora_axis)
-            batches[kind].append((layer, key, layer.factors()))
+            batches[kind].append((layer, key))
         for members in batches.values():
-            layers = [layer for layer, _, _ in members]
-            norms = direction_norms(
-                [layer.base.weight for layer in layers],
-                [layer.weight_norm_sq for layer in layers],
-                [down for _, _, (down, _) in members],
-                [up for _, _, (_, up) in members],
-                gamma=layers[0].gamma,  # the same for the whole batch: both are part of its kind
-                axis=layers[0].spec.dora_axis,
-            )
-            for (layer, key, _), norm in zip(members, norms.clamp_min_(NORM_EPS)):
-                layer._keep_norm(norm, key)
+            for chunk in _chunks(members, per_chunk=max(1, NORM_BATCH_BYTES // _factor_bytes(members[0][0]))):
+                layers = [layer for layer, _ in chunk]
+                factors = [layer.factors() for layer in layers]  # VeRA's are computed: only a chunk's at once
+                norms = direction_norms(
+                    [layer.base.weight for layer in layers],
+                    [layer.weight_norm_sq for layer in layers],
+                    [down for down, _ in factors],
+                    [up for _, up in factors],
+                    gamma=layers[0].gamma,  # the same for the whole batch: both are part of its kind
+                    axis=layers[0].spec.dora_axis,
+                )
+                for (layer, key), norm in zip(chunk, norms.clamp_min_(NORM_EPS)):
+                    layer._keep_norm(norm, key)
+
+
+def _factor_bytes(layer: LoRALayer) -> int:
+    """What one layer adds to a norm batch: its two factors in float32 (stacked once more inside)."""
+    return 4 * (math.prod(layer.down_shape) + math.prod(layer.up_shape))
+
+
+def _chunks(items: list, per_chunk: int) -> Iterator[list]:
+    for start in range(0, len(items), per_chunk):
+        yield items[start : start + per_chunk]
 
 
 class VeRALayer(LoRALayer):
@@ -396,10 +425,18 @@ class VeRALayer(LoRALayer):
     def _factor_parameters(self) -> tuple[Tensor, ...]:
         return self.vera_d, self.vera_b
 
+    def _factors_again(self, dtype: torch.dtype) -> Callable[[], tuple[Tensor, Tensor]]:
+        @torch.no_grad()
+        def factors() -> tuple[Tensor, Tensor]:  # the same arithmetic as the forward's, so the same values
+            down, up = self.factors()
+            return down.to(dtype), up.to(dtype)
+
+        return factors
+
     @torch.no_grad()
     def _load_factors(self, down: Tensor, up: Tensor) -> None:
         """d and b back from a file's factors; refused when they are not scaled rows of this layer's projections."""
-        d, b = recover_vectors(down, up, *self._bases(), tolerance=VERA_LOAD_TOLERANCE)
+        d, b = recover_vectors(down, up, *self._bases(), tolerance=LOAD_TOLERANCE)
         self.vera_d.copy_(d)
         self.vera_b.copy_(b)
 

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 # What the file records of each part's projections (the ``dora_studio.vera`` metadata, trainer.kohya.metadata).
 PROJECTION_FIELDS = ("seed", "rank", "in_features", "out_features", "sha256")
+# How far a file's factors may be from exact row scalings of the projections: an fp16 file rounds at ~1e-3.
+LOAD_TOLERANCE = 1e-2
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:

@@ -7,6 +7,7 @@ from collections import Counter
 from trainer.sdxl.naming import parse_stem_part
 
 from .adapter_file import LoadedAdapter
+from .vera_file import read_vera_file
 
 # The metadata a user asks about first; the rest is in --json.
 KEY_METADATA = (
@@ -24,12 +25,15 @@ KEY_METADATA = (
     "modelspec.architecture",
     "modelspec.title",
     "dora_studio.dora_axis",
+    "dora_studio.vera",
     "sshs_model_hash",
 )
 
 
-def summarize(loaded: LoadedAdapter) -> dict:
-    """Counts, ranks, alphas, kinds and axes per part (unet / te1 / te2), file dtypes, key metadata."""
+def summarize(loaded: LoadedAdapter, source: str = "the file") -> dict:
+    """Counts, ranks, alphas, kinds and axes per part (unet / te1 / te2), file dtypes, key metadata, and for a
+    VeRA / DVoRA file its record, checked (``kohya.vera_file``; refused, naming ``source``, when it fails)."""
+    vera = read_vera_file(loaded, source)
     parts: dict[str, dict] = {}
     for stem, weights in loaded.adapters.items():
         try:
@@ -47,6 +51,7 @@ def summarize(loaded: LoadedAdapter) -> dict:
         "dtypes": dict(Counter(loaded.dtypes.values())),
         "metadata": {k: loaded.metadata[k] for k in KEY_METADATA if k in loaded.metadata},
         "unknown_keys": loaded.unknown_keys,
+        "vera": vera.summary() if vera else None,
     }
 
 
@@ -61,6 +66,13 @@ def format_summary(summary: dict) -> str:
             f"alpha {counts(entry['alphas'])}"
         )
     lines.append(f"tensor dtypes: {counts(summary['dtypes'])}")
+    if vera := summary["vera"]:
+        parts = "; ".join(
+            f"{part} seed {p['seed']}, rank {p['rank']}, {p['in_features']} in, {p['out_features']} out"
+            for part, p in vera["projections"].items()
+        )
+        lines.append(f"{vera['kind']} projections ({parts}): rebuilt from the file's record, digests match")
+        lines.append(f"  every stem's factors are scaled rows of them ({vera['stems_checked']} stems checked)")
     if summary["metadata"]:
         lines.append("metadata:")
         lines += [f"  {k}: {v}" for k, v in summary["metadata"].items()]
