@@ -136,7 +136,7 @@ def test_cross_setting_rules():
         with_dataset(
             dataset={"resolution": 4096, "max_bucket_side": 2048, "background_colour": "white"},
             optimizer={"betas": [0.9, 1.5]},
-            saving={"output_name": "runs/a"},
+            saving={"output_name": "runs/a", "export_rank": 16},
             network={"include": ["(unclosed"]},
         )
     )
@@ -148,6 +148,7 @@ def test_cross_setting_rules():
         "network.include",
     ):
         assert key in message
+    assert "saving.export_rank: 16 is not below network.rank (16)" in message
 
 
 def test_unknown_keys_and_sections():
@@ -441,7 +442,7 @@ def test_settings_markdown_has_one_row_per_setting():
     assert rows == all_keys()
     assert "| `network.rank` | `16` |" in settings_markdown()
     assert "| `optimizer.unet_lr` | `(unset)` |" in settings_markdown()
-    assert "(one of: dora, lora)" in settings_markdown()
+    assert "(one of: dora, lora, dvora, vera)" in settings_markdown()
 
 
 def test_settings_text_lists_every_setting():

@@ -350,3 +350,35 @@ def test_dvora_run_resumes_bit_identically_and_its_file_loads_as_dora_and_as_dvo
     save_adapter(edited, loaded.adapters, loaded.metadata | {VERA_KEY: json.dumps(record)})
     assert main(["inspect", str(edited)]) == 2
     assert "seed 1 no longer gives the matrices the file was trained with" in capsys.readouterr().err
+
+
+def test_vera_run_saved_at_a_lower_rank_records_what_the_cut_cost(tiny_dir, small_dataset, tmp_path, capsys):
+    """saving.export_rank: a rank-8 VeRA run saved at rank 4 by SVD; the file says so and still verifies."""
+    from trainer.cli import main
+    from trainer.kohya.metadata import EXPORT_RANK_KEY, VERA_KEY
+
+    data = settings(
+        tiny_dir,
+        small_dataset,
+        tmp_path / "cache",
+        network={"kind": "vera", "rank": 8, "alpha": 8.0},
+        optimizer={"learning_rate": 1e-2},
+        training={"epochs": 1},
+        sampling={"prompts": []},
+        saving={"export_rank": 4},
+    )
+    loaded = load_adapter(train(data, tmp_path / "run"))
+    assert all(w.rank == 4 and not w.is_dora and w.gamma == 1.0 for w in loaded.adapters.values())
+    meta = loaded.metadata
+    assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 4.0 and VERA_KEY not in meta
+    record = json.loads(meta[EXPORT_RANK_KEY])
+    assert record["rank"] == 4 and record["trained_rank"] == 8 and record["kind"] == "vera"
+    assert record["layers_cut"] == 722 and 0 < record["update_error_mean"] <= record["update_error_max"] < 1
+    assert set(record) == {"rank", "trained_rank", "kind", "layers_cut", "update_error_max", "update_error_mean"}
+    parts = pipeline_parts(load_sdxl_pipeline(tiny_dir))
+    report = verify_match(
+        match_stems(canonical_stems(loaded, parts).adapters, model_stem_targets(parts)), tolerance=1e-5
+    )
+    assert report.ok
+    assert main(["inspect", str(tmp_path / "run/adapters/test.safetensors")]) == 0
+    assert EXPORT_RANK_KEY in capsys.readouterr().out

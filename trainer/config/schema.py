@@ -242,6 +242,14 @@ class SamplingSettings:
 class SavingSettings:
     output_name: str = setting("adapter", "adapter file name (without .safetensors)")
     save_dtype: str = setting("fp16", "precision of the saved adapter", choices=("fp16", "bf16", "fp32"))
+    export_rank: int = setting(
+        0,
+        "cut each layer's update to this rank by SVD in the saved file (0: the trained rank); for vera/dvora's "
+        "large ranks, whose files are too big to share; the error is recorded in the file",
+        minimum=0,
+        maximum=1024,
+        advanced=True,
+    )
     every_n_epochs: int = setting(1, "save an adapter after every N epochs (0: only at the end)", minimum=0)
     every_n_steps: int = setting(0, "also save every N steps (0: never)", minimum=0, advanced=True)
     keep_last: int = setting(0, "keep only the newest N intermediate adapters (0: keep all)", minimum=0, advanced=True)
@@ -299,6 +307,14 @@ class TrainConfig:
                     "model.zero_terminal_snr",
                     'needs model.prediction_type = "v_prediction" (with '
                     "epsilon the last timestep has nothing to predict: Lin et al. 2023, section 3.2)",
+                )
+            )
+        if self.saving.export_rank >= self.network.rank:
+            found.append(
+                Problem(
+                    "saving.export_rank",
+                    f"{self.saving.export_rank} is not below network.rank ({self.network.rank}): "
+                    "set it lower, or 0 to save the trained rank",
                 )
             )
         part_lrs = {self.optimizer.unet_lr, self.optimizer.text_encoder_1_lr, self.optimizer.text_encoder_2_lr}

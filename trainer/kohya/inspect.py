@@ -26,6 +26,7 @@ KEY_METADATA = (
     "modelspec.title",
     "dora_studio.dora_axis",
     "dora_studio.vera",
+    "dora_studio.export_rank",
     "sshs_model_hash",
 )
 

@@ -13,6 +13,8 @@ from typing import Literal
 from trainer.adapters.dora_norm import DORA_AXES, DoraAxis
 
 VERA_KEY = "dora_studio.vera"  # a VeRA / DVoRA file's record (build_metadata's ``vera``)
+# A file saved below its trained rank (saving.export_rank): the rank it was cut to and what the cut cost.
+EXPORT_RANK_KEY = "dora_studio.export_rank"
 
 
 def build_metadata(

@@ -8,9 +8,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from trainer.adapters.injection import adapter_weights
+from trainer.adapters.low_rank import truncate_rank
+from trainer.adapters.weights import AdapterWeights
 from trainer.config.schema import NetworkSettings, TrainConfig
 from trainer.kohya.adapter_file import DTYPES, save_adapter
-from trainer.kohya.metadata import build_metadata
+from trainer.kohya.metadata import EXPORT_RANK_KEY, build_metadata
 
 from .network import Adapters
 
@@ -21,6 +23,33 @@ def vera_record(adapters: Adapters, net: NetworkSettings) -> dict:
         part: next(iter(layers.values())).vera_projections.describe() for part, layers in adapters.items() if layers
     }
     return {"kind": net.kind, "d_initial": net.vera_d_initial, "projections": projections}
+
+
+def cut_to_export_rank(adapters: Adapters, rank: int) -> tuple[dict[str, AdapterWeights], dict | None]:
+    """Every layer's file weights, cut to ``rank`` by SVD when it is set (``saving.export_rank``), and what the
+    cut cost: the largest and the mean error relative to each layer's trained update (``truncate_rank``)."""
+    weights = {stem: w for layers in adapters.values() for stem, w in adapter_weights(layers).items()}
+    if not rank:
+        return weights, None
+    errors = []
+    for stem, full in weights.items():
+        weights[stem], error = truncate_rank(full, rank)
+        if weights[stem] is not full:
+            errors.append(error)
+    record = {
+        "rank": rank,
+        "layers_cut": len(errors),
+        "update_error_max": max(errors, default=0.0),
+        "update_error_mean": sum(errors) / max(len(errors), 1),
+    }
+    return weights, record
+
+
+def _file_rank(rank: int, alpha: float, cut: dict | None) -> tuple[int, float]:
+    """(rank, alpha) as the file has them: a cut lowers a rank above its own and keeps alpha / rank."""
+    if cut is None or rank <= cut["rank"]:
+        return rank, alpha
+    return cut["rank"], alpha / rank * cut["rank"]
 
 
 def save_network(
@@ -40,14 +69,16 @@ def save_network(
     (``data.scan.DatasetScan.folder_counts`` and ``tag_frequency``).
     """
     net, opt = config.network, config.optimizer
-    weights = {stem: w for layers in adapters.values() for stem, w in adapter_weights(layers).items()}
+    weights, cut = cut_to_export_rank(adapters, config.saving.export_rank)
+    rank, alpha = _file_rank(net.rank, net.alpha, cut)
+    conv_rank, conv_alpha = _file_rank(net.conv_rank, net.conv_alpha, cut)
     has_conv = net.unet_targets == "attn+conv"
     metadata = build_metadata(
         network_kind="dora" if net.has_magnitude else "lora",
-        dim=net.rank,
-        alpha=net.alpha,
-        conv_dim=net.conv_rank if has_conv else None,
-        conv_alpha=net.conv_alpha if has_conv else None,
+        dim=rank,
+        alpha=alpha,
+        conv_dim=conv_rank if has_conv else None,
+        conv_alpha=conv_alpha if has_conv else None,
         dora_axis=net.dora_axis if net.has_magnitude else None,
         output_name=config.saving.output_name,
         base_model_name=Path(config.model.path).name,
@@ -64,11 +95,13 @@ def save_network(
         resolution=(config.dataset.resolution, config.dataset.resolution),
         title=config.saving.output_name,
         prediction_type="v" if config.model.prediction_type == "v_prediction" else "epsilon",
-        vera=vera_record(adapters, net) if net.uses_projections else None,
+        # Cut factors are no longer VeRA's scaled projections: the record would not check, the run's state resumes.
+        vera=vera_record(adapters, net) if net.uses_projections and not cut else None,
         extra={
             "dora_studio.network": json.dumps(
                 {"unet_targets": net.unet_targets, "include": net.include, "exclude": net.exclude}
             )
-        },
+        }
+        | ({EXPORT_RANK_KEY: json.dumps(cut | {"trained_rank": net.rank, "kind": net.kind})} if cut else {}),
     )
     save_adapter(path, weights, metadata, DTYPES[config.saving.save_dtype])
