@@ -1,7 +1,8 @@
-"""What the Export tab says about an adapter: the ``inspect`` summary and the ``verify`` result.
+"""What the Export tab says about an adapter and a run: ``inspect``, ``verify`` and ``analyze --run``.
 
-Verification loads the base model, so it runs as ``dora-studio verify`` in its own process (the UI never
-holds a model) and its result is kept beside the adapter as ``NAME.verify.json`` to be shown again.
+Verification and analysis load the base model, so they run as ``dora-studio verify`` and ``analyze`` in their
+own process (the UI never holds a model). Their results are kept to be shown again: ``NAME.verify.json``
+beside the adapter, ``analysis/decomposition.json`` and its PNG in the run folder.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from pathlib import Path
 from trainer.errors import AdapterFileError
 from trainer.files import write_bytes_atomically
 from trainer.kohya.adapter_file import load_adapter
+from trainer.kohya.analyze import PLOT_FILE, RESULT_FILE
 from trainer.kohya.inspect import format_summary, summarize
 from trainer.runs.run_directory import RunDirectory
 
 VERIFY_TIMEOUT_S = 1800
+ANALYZE_TIMEOUT_S = 3600  # every checkpoint of a long run, merged layer by layer on the CPU
+SHOWN_BLOCKS = 6
 
 
 def adapter_summary(path: Path) -> str:
@@ -57,3 +61,42 @@ def verify_adapter(run: RunDirectory, path: Path, now: bool) -> str:
         result = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "verify failed"}
     write_bytes_atomically(cache, [json.dumps(result).encode()])
     return _format(result)
+
+
+def _format_analysis(result: dict) -> str:
+    """The slope per layer type and the most turned blocks of the last checkpoint, for the tab."""
+    axis, last = result["axis"], result["last"]
+    lines = [f"{len(result['checkpoints'])} checkpoints, {result['kind']} ({axis} axis)", "", "slope of ΔM against ΔD:"]
+    for kind, fits in result["by_type"].items():
+        fit = fits[axis]
+        lines.append(f"  {kind:<6}" + ("-" if fit["slope"] is None else f"{fit['slope']:.3g} (r {fit['r']:+.2f})"))
+    lines += ["", f"{last['file']}, most turned blocks:"]
+    lines += [
+        f"  {block['name']:<22}ΔD {block[axis]['dD']:.2e}  ΔM {block[axis]['dM']:.2e}"
+        for block in last["by_block"][:SHOWN_BLOCKS]
+    ]
+    return "\n".join(lines)
+
+
+def _cli_error(stderr: str) -> str:
+    """The command's own ``error:`` message (the lines from it on), not the library chatter before it."""
+    lines = stderr.strip().splitlines()
+    starts = [index for index, line in enumerate(lines) if line.startswith("error: ")]
+    return "\n".join(lines[starts[-1] :]) if starts else (lines[-1] if lines else "analyze failed")
+
+
+def analyze_run(run: RunDirectory, now: bool) -> tuple[str | None, str]:
+    """The run's decomposition plot and its summary, as stored; with ``now``, analyze every adapter it saved
+    first (``analyze --run`` stores them in the run folder)."""
+    if now:
+        command = [sys.executable, "-m", "trainer.cli", "analyze", "--run", str(run.root), "--json"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=ANALYZE_TIMEOUT_S)
+        if done.returncode != 0:
+            return None, _cli_error(done.stderr)
+        result = json.loads(done.stdout)
+    else:
+        try:
+            result = json.loads((run.analysis_dir / RESULT_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None, "Not analyzed yet."
+    return str(run.analysis_dir / PLOT_FILE), _format_analysis(result)

@@ -24,7 +24,7 @@ from trainer.errors import Problem, StudioError
 from trainer.runs.run_directory import RunDirectory
 
 from .estimate import estimate, format_markdown
-from .export import adapter_summary, verify_adapter
+from .export import adapter_summary, analyze_run, verify_adapter
 from .form import (
     FORM_KEYS,
     build_form,
@@ -256,6 +256,10 @@ class Studio:
         found = self._adapter(name, adapter)
         return verify_adapter(*found, now=True) if found else "Choose an adapter first."
 
+    def analysis(self, name: str | None, now: bool) -> tuple[str | None, str]:
+        """The run's ΔM-against-ΔD plot and per-block text (``dora-studio analyze --run``); ``now``: analyze first."""
+        return analyze_run(self._run(name), now) if name else (None, "Choose a run first.")
+
     # -- API (plain types, for scripts and gradio_client) -------------------------------------------
 
     def api_start(self, preset_toml: str) -> str:
@@ -320,12 +324,15 @@ def build(runs_dir: Path) -> gr.Blocks:
                 prompt = gr.Dropdown(label="Compare one prompt across epochs", choices=[])
                 compare = gr.Gallery(label="Same prompt, oldest first", columns=6, height="auto")
                 log = gr.Textbox(label="Log (last lines)", lines=12, max_lines=12, autoscroll=True)
-            with gr.Tab("Export", id="export"):
+            with gr.Tab("Export", id="export") as export_tab:
                 adapter = gr.Dropdown(label="Adapter", choices=[])
                 summary = gr.Code(label="inspect", language=None, interactive=False)
                 download = gr.DownloadButton("Download", visible=False)
                 verify = gr.Button("Verify against the base model (ComfyUI, Forge, A1111, InvokeAI)")
                 verified = gr.Code(label="verify", language=None, interactive=False)
+                analyze = gr.Button("Analyze the run: which layers changed, in magnitude or in direction (DoRA paper)")
+                analysis_plot = gr.Image(label="ΔM against ΔD per layer type", interactive=False)
+                analysis = [analysis_plot, gr.Code(label="analyze", language=None, interactive=False)]
         last_signature = gr.Textbox(visible=False)
 
         load.click(studio.load_preset, [preset, upload], [*inputs, message])
@@ -344,6 +351,9 @@ def build(runs_dir: Path) -> gr.Blocks:
         resume.click(studio.resume, run, control)
         adapter.change(studio.show_adapter, [run, adapter], [summary, download, verified])
         verify.click(studio.verify, [run, adapter], verified)
+        analyze.click(lambda name: studio.analysis(name, now=True), run, analysis)
+        export_tab.select(lambda name: studio.analysis(name, now=False), run, analysis)  # the stored one
+        run.change(lambda name: studio.analysis(name, now=False), run, analysis)
         gr.api(studio.api_start, api_name="start_run")
         gr.api(studio.api_status, api_name="run_status")
         gr.api(studio.api_stop, api_name="stop_run")

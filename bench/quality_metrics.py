@@ -7,9 +7,8 @@ area; the drawing "is" the shape whose silhouette overlaps it best (intersection
 of a sample is its concept margin (IoU with the zqx ring minus the best IoU of a plain shape), and
 whether the ring beat every plain shape.
 
-Weight decomposition (DoRA paper, section 3, figure 2): per layer, how far the fine-tuned weight moved
-in magnitude (mean |‖W'_j‖ − ‖W0_j‖| over vectors j) and in direction (mean 1 − cos(W'_j, W0_j)). Full
-fine-tuning and DoRA show a negative relation between the two across layers and steps; LoRA a positive one.
+Weight decomposition (DoRA paper, section 3, figure 2): ``trainer.adapters.decomposition``, which
+``dora-studio analyze`` shares; imported here for ``bench/quality.py``.
 """
 
 from __future__ import annotations
@@ -18,9 +17,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
+from trainer.adapters.decomposition import decomposition_change as decomposition_change
+from trainer.adapters.decomposition import slope_and_correlation as slope_and_correlation
 from trainer.builtin.shapes import BACKGROUNDS, COLOURS, CONCEPT_SHAPE, PLAIN_SHAPES, Scene, silhouette
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour that counts as drawn on
@@ -105,26 +105,3 @@ def read_picture(image: Image.Image, background: str, shapes: tuple[str, ...] = 
     centre = (float(columns.mean()) + 0.5, float(rows.mean()) + 0.5)
     position = Scene(image.size, best, colour, background, "small", centre, 1.0).position
     return Reading(best, colour, position)
-
-
-def decomposition_change(base: torch.Tensor, tuned: torch.Tensor, axis: str) -> tuple[float, float]:
-    """(ΔM, ΔD) of one layer: mean magnitude change and mean direction change (1 − cosine) of its vectors.
-
-    ``axis`` "output": the vectors are the rows of the [out, in] weight (one per output feature, PEFT's
-    norm); "input": the columns (one per input feature, kohya's and LyCORIS's). Conv kernels are
-    flattened to [out, in*k*k] first, as DoRA does.
-    """
-    base, tuned = base.double().flatten(1), tuned.double().flatten(1)
-    dim = 1 if axis == "output" else 0
-    magnitude = (torch.linalg.vector_norm(tuned, dim=dim) - torch.linalg.vector_norm(base, dim=dim)).abs().mean()
-    direction = 1 - torch.nn.functional.cosine_similarity(tuned, base, dim=dim).mean()
-    return float(magnitude), float(direction)
-
-
-def slope_and_correlation(direction: list[float], magnitude: list[float]) -> tuple[float, float]:
-    """Least-squares slope of ΔM against ΔD and Pearson's r: the paper's sign test of how a method learns."""
-    x, y = np.asarray(direction), np.asarray(magnitude)
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
-        return float("nan"), float("nan")
-    slope = float(np.polyfit(x, y, 1)[0])
-    return slope, float(np.corrcoef(x, y)[0, 1])

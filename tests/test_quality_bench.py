@@ -1,5 +1,6 @@
-"""``bench/quality.py``: its exact measures on pictures and weights whose answer is known, and its
-``--quick`` form end to end (a smoke test: the numbers of so short a run mean nothing)."""
+"""``bench/quality.py``: its exact measures on pictures whose answer is known, and its ``--quick`` form end
+to end (a smoke test: the numbers of so short a run mean nothing). Its weight measures are tested with
+``dora-studio analyze``, which shares them (tests/test_analyze.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from trainer.builtin.shapes import CONCEPT_SHAPE, PLAIN_SHAPES, Scene, paint
@@ -20,7 +20,7 @@ from trainer.builtin.toy_pretrain import random_scene
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
-from quality_metrics import decomposition_change, match_shape, read_picture, slope_and_correlation  # noqa: E402
+from quality_metrics import match_shape, read_picture  # noqa: E402
 
 
 @pytest.mark.parametrize("shape", [CONCEPT_SHAPE, *PLAIN_SHAPES])
@@ -49,29 +49,6 @@ def test_pictures_are_read_in_caption_words():
 def test_a_blank_picture_draws_nothing():
     match = match_shape(Image.new("RGB", (128, 128), (255, 255, 255)), "white")
     assert match.best is None and match.concept_iou == 0.0 and match.concept_margin == 0.0
-
-
-def test_decomposition_separates_magnitude_from_direction():
-    torch.manual_seed(0)
-    base = torch.randn(6, 5)
-    rows = torch.tensor([1.5, 0.5, 2.0, 1.0, 1.0, 3.0])
-    scaled_rows = base * rows[:, None]  # every output row keeps its direction
-    magnitude, direction = decomposition_change(base, scaled_rows, "output")
-    assert direction == pytest.approx(0.0, abs=1e-12)
-    assert magnitude == pytest.approx(float(((rows - 1).abs() * base.norm(dim=1)).mean()))
-    assert decomposition_change(base, scaled_rows, "input")[1] > 0.01  # columns do turn
-    turned = base.clone()
-    turned[:, [0, 1]] = turned[:, [1, 0]]  # same norms per row, new directions
-    magnitude, direction = decomposition_change(base, turned, "output")
-    assert magnitude == pytest.approx(0.0, abs=1e-6)
-    cosine = torch.nn.functional.cosine_similarity(base.double(), turned.double(), dim=1)
-    assert direction == pytest.approx(float((1 - cosine).mean()))
-
-
-def test_slope_and_correlation():
-    slope, r = slope_and_correlation([0.1, 0.2, 0.3, 0.4], [1.0, 0.8, 0.6, 0.4])
-    assert slope == pytest.approx(-2.0) and r == pytest.approx(-1.0)
-    assert all(math.isnan(v) for v in slope_and_correlation([0.1], [0.2]))
 
 
 def test_quality_bench_quick(tmp_path):

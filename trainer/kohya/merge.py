@@ -80,6 +80,12 @@ def match_stems(adapters: Mapping[str, AdapterWeights], targets: Mapping[str, St
     return result
 
 
+def match_pipeline(loaded: LoadedAdapter, pipe) -> StemMatch:
+    """The file's stems against every Linear/Conv2d of an SDXL pipeline (diffusers-underscore stems renamed)."""
+    parts = pipeline_parts(pipe)
+    return match_stems(canonical_stems(loaded, parts).adapters, model_stem_targets(parts))
+
+
 def require_full_match(match: StemMatch, adapter_file: Path, model: str | Path) -> None:
     """Refuse to merge a file whose stems the model does not have: front ends would drop them silently."""
     if not match.unmatched and not match.misfit:

@@ -5,8 +5,9 @@ Layout: ``config.toml`` (fully resolved settings), ``status.json`` (state, progr
 and ``prompts.json``), ``adapters/`` (``NAME-epochNNN``, ``NAME-stepNNNNNN`` and the final ``NAME``, each
 ``.safetensors``), ``state/``, ``train.log``, and ``commands/``, where anyone may drop a file named ``stop``,
 ``save`` or ``sample`` for the trainer to act on at its next step. A run the studio started also has
-``preset.toml`` (what it asked for) and ``console.log`` (the trainer process's own output). Files other
-processes read are replaced atomically. This module is the only place these names are spelled.
+``preset.toml`` (what it asked for) and ``console.log`` (the trainer process's own output); a run analysed
+with ``dora-studio analyze --run`` has ``analysis/``. Files other processes read are replaced atomically.
+This module is the only place these names are spelled.
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ class RunDirectory:
     def tensorboard_dir(self) -> Path:
         return self.root / "tensorboard"
 
+    @property
+    def analysis_dir(self) -> Path:
+        return self.root / "analysis"
+
     def is_run(self) -> bool:
         """Whether the folder holds a run (one being started, running, or done)."""
         return any(path.is_file() for path in (self.status_path, self.config_path, self.preset_path))
@@ -141,6 +146,11 @@ class RunDirectory:
         """The epoch and step adapters of ``output_name`` (not the final one), oldest first."""
         found = self.adapters_dir.glob(f"{output_name}-*.safetensors")
         return sorted(found, key=lambda path: path.stat().st_mtime)
+
+    def saved_adapters(self, output_name: str) -> list[Path]:
+        """Every adapter of ``output_name`` the run saved, as checkpoints: epoch and step files, then the final one."""
+        final = self.adapter_path(output_name, "final")
+        return self.intermediate_adapters(output_name) + ([final] if final.is_file() else [])
 
     @staticmethod
     def verify_result_path(adapter: Path) -> Path:
