@@ -1,7 +1,8 @@
 """The whole SDXL UNet (its real config, random weights, nothing downloaded): step time and memory per method.
 
 Our LoRA and DoRA (both axes), PEFT's LoRA and DoRA, LyCORIS's DoRA, and our QLoRA / QDoRA over an fp8 and an
-NF4 base, each on the 722 attention Linears at rank 16, batch 1, AdamW (fused, as training runs it).
+NF4 base, each on the 722 attention Linears at rank 16, batch 1, AdamW (fused, as training runs it); and VeRA
+(ours and PEFT's) and our DVoRA at VeRA's usual rank, 256 (``vera``, ``dvora``, ``peft-vera``).
 
 Two ways to run:
 * one process per (method, checkpointing), for memory: one the machine cannot hold is reported as out of
@@ -37,13 +38,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.third_party import apply_lycoris_dora, apply_peft
+from bench.third_party import apply_lycoris_dora, apply_peft, apply_peft_vera
 from trainer.training.optimizers import adamw_kernels
 
 METHODS = ("lora", "dora", "dora-output", "peft-lora", "peft-dora", "lycoris-dora", "qlora-fp8", "qdora-fp8",
-           "qlora-nf4", "qdora-nf4")  # fmt: skip
+           "qlora-nf4", "qdora-nf4", "vera", "dvora", "peft-vera")  # fmt: skip
 CHECKPOINTED = ("lora", "dora", "peft-dora", "qdora-fp8", "qdora-nf4")  # also run with gradient checkpointing
 RANK, ALPHA, GB = 16, 16.0, 1e9
+VERA_RANK = 256  # VeRA's and DVoRA's: its factors are shared, so its ranks are LoRA's times 16 and more
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -66,7 +68,9 @@ def apply(method: str, unet, device: torch.device, dtype: torch.dtype) -> list[t
     from trainer.adapters.quantized import quantize_frozen
 
     targets = target_module_paths(unet, "unet", "attn")
-    if method.startswith("peft-"):
+    if method == "peft-vera":
+        apply_peft_vera(unet, targets, VERA_RANK)
+    elif method.startswith("peft-"):
         apply_peft(unet, targets, RANK, ALPHA, dora=method == "peft-dora")
     elif method == "lycoris-dora":
         network = apply_lycoris_dora(unet, targets, RANK, ALPHA).to(device, dtype)
@@ -76,7 +80,10 @@ def apply(method: str, unet, device: torch.device, dtype: torch.dtype) -> list[t
         if method.startswith("q"):
             quantize_frozen(unet, method.rsplit("-", 1)[1], device, dtype)
         axis = "output" if method == "dora-output" else "input"
-        inject_adapters(unet, "unet", NetworkSpec(dora="dora" in method, rank=RANK, alpha=ALPHA, dora_axis=axis))
+        vera = method in ("vera", "dvora")
+        rank = VERA_RANK if vera else RANK  # alpha = rank for VeRA: no scale, as PEFT's VeRA
+        spec = NetworkSpec(dora="dora" in method, rank=rank, alpha=rank if vera else ALPHA, dora_axis=axis, vera=vera)
+        inject_adapters(unet, "unet", spec)
     return [p for p in unet.parameters() if p.requires_grad]
 
 
@@ -237,7 +244,7 @@ def main() -> None:
 
 def _title(args: argparse.Namespace) -> str:
     model = "tiny UNet" if args.quick else "SDXL UNet"
-    return f"{model}, {args.size} px, {args.dtype}, {args.device}, batch 1, rank {RANK}"
+    return f"{model}, {args.size} px, {args.dtype}, {args.device}, batch 1, rank {RANK} (VeRA kinds {VERA_RANK})"
 
 
 def _paired_table(rows: list[dict], args: argparse.Namespace) -> None:

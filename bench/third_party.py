@@ -1,6 +1,6 @@
 """The independent implementations the benches compare against, put on the same target Linears as ours.
 
-PEFT's LoRA / DoRA and LyCORIS's DoRA, each given an explicit list of module paths, so that every method
+PEFT's LoRA / DoRA / VeRA and LyCORIS's DoRA, each given an explicit list of module paths, so that every method
 adapts exactly the layers our injection picks.
 """
 
@@ -15,6 +15,19 @@ def apply_peft(model: nn.Module, targets: list[str], rank: int, alpha: float, do
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, use_dora=dora)
     inject_adapter_in_model(config, model)
+
+
+def apply_peft_vera(model: nn.Module, targets: list[str], rank: int, seed: int = 0) -> None:
+    """PEFT's VeRA on ``targets``, in place (its own init: d = 0.1, b = 0; the shared matrices from ``seed``).
+
+    PEFT keeps VeRA's shared matrices on its tuner, which ``inject_adapter_in_model`` refuses; the tuner is built
+    directly and kept on the model as a plain attribute (not a submodule: it holds the model itself).
+    """
+    from peft import VeraConfig
+    from peft.tuners.vera import VeraModel
+
+    config = VeraConfig(r=rank, target_modules=targets, projection_prng_key=seed, vera_dropout=0.0)
+    object.__setattr__(model, "peft_vera_tuner", VeraModel(model, config, "default"))
 
 
 def apply_lycoris_dora(model: nn.Module, targets: list[str], rank: int, alpha: float) -> nn.Module:
