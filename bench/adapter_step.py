@@ -142,7 +142,9 @@ def apply_method(method: str, work: Workload, device: torch.device) -> tuple[lis
 
             inject_adapters(model, "unet", NetworkSpec(dora=dora, rank=rank, alpha=ALPHA, dora_axis=axis), "attn")
         else:
-            from trainer.adapters.layers import AdapterSpec, DoRALayer, DoRANormGroup, make_adapter
+            from trainer.adapters.injection import make_adapter
+            from trainer.adapters.layers import AdapterSpec, DoRALayer
+            from trainer.adapters.norm_group import DoRANormGroup
 
             layers = []
             for path in work.targets:

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.adapters.layers import AdapterSpec, DoRALayer, DoRANormGroup, make_adapter
+from trainer.adapters.injection import make_adapter
+from trainer.adapters.layers import AdapterSpec, DoRALayer
+from trainer.adapters.norm_group import DoRANormGroup
 from trainer.training.network import compile_unet
 
 STEPS = 3

@@ -11,7 +11,9 @@ from torch import nn
 
 from trainer.adapters.dora_autograd import ConvOps, DoraInputAxis, DoraOutputAxis, LinearOps
 from trainer.adapters.dora_norm import direction_norm, weight_norm, weight_norm_sq
-from trainer.adapters.layers import AdapterSpec, DoRALayer, DoRANormGroup, LoRALayer, make_adapter
+from trainer.adapters.injection import make_adapter
+from trainer.adapters.layers import AdapterSpec, DoRALayer, LoRALayer
+from trainer.adapters.norm_group import DoRANormGroup
 
 LAYER_CASES = [
     ("linear", lambda: nn.Linear(20, 12)),
@@ -248,7 +250,7 @@ def test_norm_cache_follows_optimizer_steps():
 def test_a_group_computes_each_norm_exactly_as_the_layer_alone(axis, batch_bytes, monkeypatch):
     """Layers of one shape share one batched computation (in chunks of at most NORM_BATCH_BYTES of factors);
     each norm is bit for bit the per-layer one, and an optimizer step on some layers makes exactly those stale."""
-    monkeypatch.setattr("trainer.adapters.layers.NORM_BATCH_BYTES", batch_bytes)
+    monkeypatch.setattr("trainer.adapters.norm_group.NORM_BATCH_BYTES", batch_bytes)
     generator = torch.Generator().manual_seed(6)
     bases = [nn.Linear(24, 16) for _ in range(4)] + [nn.Linear(16, 40), nn.Conv2d(6, 8, 3, padding=1)]
     spec = AdapterSpec(rank=4, alpha=8, dora=True, dora_axis=axis)

@@ -18,7 +18,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-from trainer.adapters.layers import AdapterSpec, make_adapter
+from trainer.adapters.injection import make_adapter
+from trainer.adapters.layers import AdapterSpec
 from trainer.cli import main
 from trainer.config.parsing import from_dict
 from trainer.runs.run_directory import RunDirectory

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from test_training import _stop_when, metrics, settings, small_dataset, train  # noqa: F401 (a fixture)
 from torch import nn
 
-from trainer.adapters.layers import AdapterSpec, make_adapter
+from trainer.adapters.injection import make_adapter
+from trainer.adapters.layers import AdapterSpec
 from trainer.adapters.quantized import (
     QuantizedConv2d,
     QuantizedLinear,

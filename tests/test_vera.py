@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.adapters.dora_norm import weight_norm
-from trainer.adapters.injection import NetworkSpec, inject_adapters
-from trainer.adapters.layers import AdapterSpec, DVoRALayer, VeRALayer, make_adapter
-from trainer.adapters.vera import SharedProjections, projections_for, recover_vectors
+from trainer.adapters.injection import NetworkSpec, inject_adapters, make_adapter
+from trainer.adapters.layers import AdapterSpec
+from trainer.adapters.vera import DVoRALayer, SharedProjections, VeRALayer, projections_for, recover_vectors
 from trainer.adapters.weights import merged_weight
 
 

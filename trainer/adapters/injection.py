@@ -24,9 +24,10 @@ from trainer.sdxl.naming import (
 )
 
 from .dora_norm import DoraAxis
-from .layers import AdaptableModule, AdapterSpec, DoRALayer, DoRANormGroup, LoRALayer, make_adapter
+from .layers import AdaptableModule, AdapterSpec, DoRALayer, LoRALayer
+from .norm_group import DoRANormGroup
 from .quantized import weight_info
-from .vera import SharedProjections, projections_for
+from .vera import DVoRALayer, SharedProjections, VeRALayer, projections_for
 from .weights import AdapterWeights
 
 UnetTargets = Literal["attn", "attn+conv"]
@@ -128,6 +129,20 @@ def inject_adapters(
         adapters[stem] = layer
     DoRANormGroup(layer for layer in adapters.values() if isinstance(layer, DoRALayer))
     return adapters
+
+
+def make_adapter(
+    base: AdaptableModule,
+    spec: AdapterSpec,
+    dtype: torch.dtype = torch.float32,
+    projections: SharedProjections | None = None,
+) -> LoRALayer:
+    """The adapter class the spec asks for, wrapped around ``base``; VeRA kinds slice ``projections``."""
+    if not spec.vera:
+        return (DoRALayer if spec.dora else LoRALayer)(base, spec, dtype)
+    if projections is None:
+        raise ValueError("a VeRA or DVoRA adapter needs the part's shared projections")
+    return (DVoRALayer if spec.dora else VeRALayer)(base, spec, projections, dtype)
 
 
 def _shared_projections(network: NetworkSpec, bases: Iterable[AdaptableModule]) -> SharedProjections:

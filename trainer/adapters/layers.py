@@ -1,4 +1,4 @@
-"""LoRA, DoRA, VeRA and DVoRA layers around a frozen nn.Linear or nn.Conv2d.
+"""LoRA and DoRA layers around a frozen nn.Linear or nn.Conv2d (VeRA's and DVoRA's build on them: ``adapters.vera``).
 
 A layer owns its adapter parameters in the kohya file's shapes (so saving is a rename), knows how to
 compute its merged weight, and can merge into / unmerge from the base exactly. DoRA is LoRA plus a
@@ -9,23 +9,22 @@ where the two factors come from (``factors()``), so DVoRA is DoRA over VeRA's fa
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .dora_autograd import ConvOps, DoraInputAxis, DoraOutputAxis, LinearOps, Ops
-from .dora_norm import DORA_AXES, DoraAxis, direction_norm, direction_norms, dora_scale_shape, weight_norm_sq
-from .quantized import autocast_off, compute_dtype, frozen_weight, is_quantized, weight_info
-from .vera import LOAD_TOLERANCE, SharedProjections, recover_vectors
+from .dora_norm import DORA_AXES, DoraAxis, direction_norm, dora_scale_shape, weight_norm_sq
+from .quantized import autocast_off, compute_dtype, dequantizer, frozen_weight, is_quantized, weight_info
 from .weights import NORM_EPS, AdapterWeights, merged_weight
 
+if TYPE_CHECKING:
+    from .norm_group import DoRANormGroup
+
 AdaptableModule = nn.Linear | nn.Conv2d
-# The factors one batched norm computation stacks, at most: all the layers of a shape at LoRA's ranks (SDXL's
-# largest batch, 372 layers of 1280x1280, is 58 MB at rank 16); VeRA's ranks (256 and up) would stack gigabytes.
-NORM_BATCH_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -294,7 +293,7 @@ class DoRALayer(LoRALayer):
             norm, base_read = self._norm_and_base_read()
         bias = self.base.bias
         if is_quantized(self.base):  # dequantized when the function needs it, in forward and in backward
-            weight = _dequantizer(self.base, x_c.dtype, first=base_read)
+            weight = dequantizer(self.base, x_c.dtype, first=base_read)
         else:
             weight = frozen_weight(self.base, x_c.dtype)
         if bias is not None and bias.dtype != x_c.dtype:
@@ -331,154 +330,3 @@ class DoRALayer(LoRALayer):
                 f"dora_scale shape {tuple(weights.dora_scale.shape)} does not fit {tuple(self.dora_scale.shape)}"
             )
         self.dora_scale.copy_(weights.dora_scale)
-
-
-class DoRANormGroup:
-    """DoRA layers whose once-per-step norms are computed together.
-
-    When one layer of the group finds its norm stale (the first forward after an optimizer step), every stale
-    layer is refreshed, those of one shape in one batched computation (``dora_norm.direction_norms``): a few
-    kernels per shape instead of a dozen per layer, which is most of DoRA's fixed cost per step on small
-    layers and, on a GPU, thousands of kernel launches. Layers over a quantized base keep their own path, which
-    hands the forward the weight it dequantized.
-    """
-
-    def __init__(self, layers: Iterable[DoRALayer]):
-        self.layers = list(layers)
-        for layer in self.layers:
-            layer.norm_group = self
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        batches: dict[tuple, list[tuple[DoRALayer, tuple]]] = defaultdict(list)
-        for layer in self.layers:
-            if is_quantized(layer.base) or (key := layer._norm_key()) == layer._norm_cache_key:
-                continue
-            weight = layer.base.weight
-            kind = (weight.shape, weight.dtype, weight.device, layer.down_shape, layer.gamma, layer.spec.dora_axis)
-            batches[kind].append((layer, key))
-        for members in batches.values():
-            for chunk in _chunks(members, per_chunk=max(1, NORM_BATCH_BYTES // _factor_bytes(members[0][0]))):
-                layers = [layer for layer, _ in chunk]
-                factors = [layer.factors() for layer in layers]  # VeRA's are computed: only a chunk's at once
-                norms = direction_norms(
-                    [layer.base.weight for layer in layers],
-                    [layer.weight_norm_sq for layer in layers],
-                    [down for down, _ in factors],
-                    [up for _, up in factors],
-                    gamma=layers[0].gamma,  # the same for the whole batch: both are part of its kind
-                    axis=layers[0].spec.dora_axis,
-                )
-                for (layer, key), norm in zip(chunk, norms.clamp_min_(NORM_EPS)):
-                    layer._keep_norm(norm, key)
-
-
-def _factor_bytes(layer: LoRALayer) -> int:
-    """What one layer adds to a norm batch: its two factors in float32 (stacked once more inside)."""
-    return 4 * (math.prod(layer.down_shape) + math.prod(layer.up_shape))
-
-
-def _chunks(items: list, per_chunk: int) -> Iterator[list]:
-    for start in range(0, len(items), per_chunk):
-        yield items[start : start + per_chunk]
-
-
-class VeRALayer(LoRALayer):
-    """VeRA: the factors are ``down = diag(d) A`` and ``up = diag(b) B``, slices of the part's shared frozen
-    projections (``adapters.vera``); only d (over the rank) and b (over the outputs) train. b starts at zero,
-    so a fresh adapter is the identity. Everything else, DoRA's magnitude included (``DVoRALayer``), is
-    LoRA's: the forward and the once-per-step norm take the factors as LoRA's, rank-sized, never weight-sized.
-    """
-
-    def __init__(
-        self,
-        base: AdaptableModule,
-        spec: AdapterSpec,
-        projections: SharedProjections,
-        dtype: torch.dtype = torch.float32,
-    ):
-        super().__init__(base, spec, dtype)
-        if not projections.fits(spec.rank, self.down_shape, self.up_shape[0]):
-            raise ValueError(
-                f"shared projections of rank {projections.rank}, {projections.in_features} in, "
-                f"{projections.out_features} out are too small for a rank-{spec.rank} layer of {self.down_shape}"
-            )
-        self.vera_projections = projections  # the same module in every layer of the part
-
-    def _make_factors(self, factory: dict) -> None:
-        self.vera_d = nn.Parameter(torch.full((self.spec.rank,), self.spec.vera_d_initial, **factory))
-        self.vera_b = nn.Parameter(torch.zeros(self.up_shape[0], **factory))
-
-    def _bases(self) -> tuple[Tensor, Tensor]:
-        projections = self.vera_projections
-        return projections.down_basis(self.spec.rank, self.down_shape), projections.up_basis(
-            self.spec.rank, self.up_shape
-        )
-
-    def factors(self) -> tuple[Tensor, Tensor]:
-        down_basis, up_basis = self._bases()
-        trailing = [1] * (len(self.down_shape) - 1)
-        down = self.vera_d.reshape(-1, *trailing) * down_basis
-        up = self.vera_b.reshape(-1, *trailing) * up_basis
-        return down, up
-
-    def _factor_parameters(self) -> tuple[Tensor, ...]:
-        return self.vera_d, self.vera_b
-
-    def _factors_again(self, dtype: torch.dtype) -> Callable[[], tuple[Tensor, Tensor]]:
-        @torch.no_grad()
-        def factors() -> tuple[Tensor, Tensor]:  # the same arithmetic as the forward's, so the same values
-            down, up = self.factors()
-            return down.to(dtype), up.to(dtype)
-
-        return factors
-
-    @torch.no_grad()
-    def _load_factors(self, down: Tensor, up: Tensor) -> None:
-        """d and b back from a file's factors; refused when they are not scaled rows of this layer's projections."""
-        d, b = recover_vectors(down, up, *self._bases(), tolerance=LOAD_TOLERANCE)
-        self.vera_d.copy_(d)
-        self.vera_b.copy_(b)
-
-
-class DVoRALayer(VeRALayer, DoRALayer):
-    """DVoRA (the DoRA paper, section 5.3): DoRA's magnitude over VeRA's factors."""
-
-
-def refresh_norms(layers: Iterable[LoRALayer]) -> None:
-    """Bring every DoRA layer's cached norm up to date now. A compiled forward (``training.compile``) reads the
-    cache without checking it, as the check (version counters, data pointers) cannot be traced: call this
-    after each optimizer step, before the forward."""
-    for layer in layers:
-        if isinstance(layer, DoRALayer):
-            layer.direction_norm()
-
-
-def _dequantizer(base: AdaptableModule, dtype: torch.dtype, first: Tensor | None) -> Callable[[], Tensor]:
-    """A quantized base weight as the DoRA autograd function reads it: dequantized at each call (forward,
-    backward), except that the first call takes ``first``, the copy the norm has just made, if it made one.
-    Once per optimizer step that saves one of DoRA's three dequantizations (on the CPU, where they are
-    memory-bound, a few seconds per SDXL step)."""
-
-    def weight() -> Tensor:
-        nonlocal first
-        if first is None:
-            return frozen_weight(base, dtype)
-        dense, first = first.to(dtype), None
-        return dense
-
-    return weight
-
-
-def make_adapter(
-    base: AdaptableModule,
-    spec: AdapterSpec,
-    dtype: torch.dtype = torch.float32,
-    projections: SharedProjections | None = None,
-) -> LoRALayer:
-    """The adapter class the spec asks for, wrapped around ``base``; VeRA kinds slice ``projections``."""
-    if not spec.vera:
-        return (DoRALayer if spec.dora else LoRALayer)(base, spec, dtype)
-    if projections is None:
-        raise ValueError("a VeRA or DVoRA adapter needs the part's shared projections")
-    return (DVoRALayer if spec.dora else VeRALayer)(base, spec, projections, dtype)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -281,3 +282,19 @@ def quantize_frozen(
         report["before"] += module.weight.numel() * torch.empty((), dtype=dtype).element_size()
         report["after"] += replacement.quantized.nbytes()
     return report
+
+
+def dequantizer(base: nn.Module, dtype: torch.dtype, first: Tensor | None) -> Callable[[], Tensor]:
+    """A quantized base weight as the DoRA autograd function reads it: dequantized at each call (forward,
+    backward), except that the first call takes ``first``, the copy the norm has just made, if it made one.
+    Once per optimizer step that saves one of DoRA's three dequantizations (on the CPU, where they are
+    memory-bound, a few seconds per SDXL step)."""
+
+    def weight() -> Tensor:
+        nonlocal first
+        if first is None:
+            return frozen_weight(base, dtype)
+        dense, first = first.to(dtype), None
+        return dense
+
+    return weight

@@ -1,4 +1,5 @@
-"""VeRA's shared random projections (Kopiczko et al. 2024), which VeRA and DVoRA layers slice their factors from.
+"""VeRA (Kopiczko et al. 2024) and DVoRA (the DoRA paper's DoRA over VeRA): shared random projections, and the
+layers that slice their factors from them.
 
 VeRA keeps one frozen pair of random matrices A (r x in) and B (out x r) for a whole model and trains, per layer,
 only two vectors: d over the rank and b over the outputs. A layer's update is ``diag(b) B diag(d) A``, i.e. a
@@ -9,17 +10,19 @@ The matrices are drawn exactly as PEFT's VeRA draws them (``peft.tuners.vera.mod
 generator seeded with the seed, A first, then B, Kaiming-uniform with gain sqrt(2)), so the same seed and
 sizes give PEFT's matrices bit for bit. A layer smaller than the largest takes the top-left slice, as PEFT does;
 a convolution's kernel is flattened to (in * kh * kw) first. The file records the seed, the sizes and a digest
-of the matrices, so they can be rebuilt and checked (``check_projections``) rather than trusted.
+of the matrices, so they can be rebuilt and checked (``SharedProjections.rebuild``) rather than trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from .layers import AdaptableModule, AdapterSpec, DoRALayer, LoRALayer
 
 # What the file records of each part's projections (the ``dora_studio.vera`` metadata, trainer.kohya.metadata).
 PROJECTION_FIELDS = ("seed", "rank", "in_features", "out_features", "sha256")
@@ -131,3 +134,65 @@ def recover_vectors(
             )
         vectors.append(scale)
     return vectors[0], vectors[1]
+
+
+class VeRALayer(LoRALayer):
+    """VeRA: the factors are ``down = diag(d) A`` and ``up = diag(b) B``, slices of the part's shared frozen
+    projections (``adapters.vera``); only d (over the rank) and b (over the outputs) train. b starts at zero,
+    so a fresh adapter is the identity. Everything else, DoRA's magnitude included (``DVoRALayer``), is
+    LoRA's: the forward and the once-per-step norm take the factors as LoRA's, rank-sized, never weight-sized.
+    """
+
+    def __init__(
+        self,
+        base: AdaptableModule,
+        spec: AdapterSpec,
+        projections: SharedProjections,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__(base, spec, dtype)
+        if not projections.fits(spec.rank, self.down_shape, self.up_shape[0]):
+            raise ValueError(
+                f"shared projections of rank {projections.rank}, {projections.in_features} in, "
+                f"{projections.out_features} out are too small for a rank-{spec.rank} layer of {self.down_shape}"
+            )
+        self.vera_projections = projections  # the same module in every layer of the part
+
+    def _make_factors(self, factory: dict) -> None:
+        self.vera_d = nn.Parameter(torch.full((self.spec.rank,), self.spec.vera_d_initial, **factory))
+        self.vera_b = nn.Parameter(torch.zeros(self.up_shape[0], **factory))
+
+    def _bases(self) -> tuple[Tensor, Tensor]:
+        projections = self.vera_projections
+        return projections.down_basis(self.spec.rank, self.down_shape), projections.up_basis(
+            self.spec.rank, self.up_shape
+        )
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        down_basis, up_basis = self._bases()
+        trailing = [1] * (len(self.down_shape) - 1)
+        down = self.vera_d.reshape(-1, *trailing) * down_basis
+        up = self.vera_b.reshape(-1, *trailing) * up_basis
+        return down, up
+
+    def _factor_parameters(self) -> tuple[Tensor, ...]:
+        return self.vera_d, self.vera_b
+
+    def _factors_again(self, dtype: torch.dtype) -> Callable[[], tuple[Tensor, Tensor]]:
+        @torch.no_grad()
+        def factors() -> tuple[Tensor, Tensor]:  # the same arithmetic as the forward's, so the same values
+            down, up = self.factors()
+            return down.to(dtype), up.to(dtype)
+
+        return factors
+
+    @torch.no_grad()
+    def _load_factors(self, down: Tensor, up: Tensor) -> None:
+        """d and b back from a file's factors; refused when they are not scaled rows of this layer's projections."""
+        d, b = recover_vectors(down, up, *self._bases(), tolerance=LOAD_TOLERANCE)
+        self.vera_d.copy_(d)
+        self.vera_b.copy_(b)
+
+
+class DVoRALayer(VeRALayer, DoRALayer):
+    """DVoRA (the DoRA paper, section 5.3): DoRA's magnitude over VeRA's factors."""

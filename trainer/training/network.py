@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from trainer.adapters.injection import NetworkSpec, inject_adapters
-from trainer.adapters.layers import LoRALayer, refresh_norms
+from trainer.adapters.layers import LoRALayer
+from trainer.adapters.norm_group import refresh_norms
 from trainer.config.schema import NetworkSettings, TrainConfig
 from trainer.errors import ConfigError
 from trainer.sdxl.naming import Part
