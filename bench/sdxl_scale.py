@@ -82,7 +82,8 @@ def apply(method: str, unet, device: torch.device, dtype: torch.dtype) -> list[t
         axis = "output" if method == "dora-output" else "input"
         vera = method in ("vera", "dvora")
         rank = VERA_RANK if vera else RANK  # alpha = rank for VeRA: no scale, as PEFT's VeRA
-        spec = NetworkSpec(dora="dora" in method, rank=rank, alpha=rank if vera else ALPHA, dora_axis=axis, vera=vera)
+        dora = "dora" in method or method == "dvora"
+        spec = NetworkSpec(dora=dora, rank=rank, alpha=rank if vera else ALPHA, dora_axis=axis, vera=vera)
         inject_adapters(unet, "unet", spec)
     return [p for p in unet.parameters() if p.requires_grad]
 

@@ -130,10 +130,10 @@ def _bias_grad(dy: Tensor, bias: Tensor, ops: Ops) -> Tensor:
     return dy.sum_to_size(ops.channel_shape(bias.shape[0])).reshape(bias.shape)
 
 
-def _up_backward(ctx, dz: Tensor, up: Tensor, h: Tensor, rank_mask: Tensor | None):
+def _up_backward(ctx, dz: Tensor, up: Tensor, h: Tensor, rank_mask: Tensor | None, need_up: bool):
     """d(up) and d(h) from the gradient of V x = W x + gamma * up(h); d(h) already carries gamma and mask."""
     up_ops, gamma = ctx.up_ops, ctx.gamma
-    d_up = up_ops.weight_grad(h, up, dz).mul_(gamma) if ctx.needs_input_grad[_UP] else None
+    d_up = up_ops.weight_grad(h, up, dz).mul_(gamma) if need_up else None
     dh = up_ops.input_grad(h, [(up, dz)]).mul_(gamma)
     return d_up, (dh if rank_mask is None else dh.mul_(rank_mask))
 
@@ -199,7 +199,7 @@ class DoraInputAxis(torch.autograd.Function):
         weight = _weight_in_backward(ctx, weight)
         down, up = _factors_in_backward(ctx, down, up)
         needs = ctx.needs_input_grad
-        d_up, dh = _up_backward(ctx, dy, up, h, rank_mask)
+        d_up, dh = _up_backward(ctx, dy, up, h, rank_mask, needs[_UP])
         d_down = dx = d_magnitude = d_bias = None
         if needs[_DOWN]:  # scale broadcasts over down's input channels: (in,) on (r, in), (1, in, 1, 1) on 4-D
             d_down = ctx.ops.weight_grad(x, down, dh)
@@ -253,7 +253,34 @@ class DoraOutputAxis(torch.autograd.Function):
         if needs[_BIAS]:
             d_bias = dy_sum.reshape(bias.shape).to(bias.dtype)
         d_unscaled = dy * scale if dy.dtype == scale.dtype else (dy * scale).to(dy.dtype)
-        d_up, dh = _up_backward(ctx, d_unscaled, up, h, rank_mask)
+        d_up, dh = _up_backward(ctx, d_unscaled, up, h, rank_mask, needs[_UP])
         d_down = ctx.ops.weight_grad(x, down, dh) if needs[_DOWN] else None
         dx = ctx.ops.input_grad(x, [(weight, d_unscaled), (down, dh)]) if needs[_X] else None
         return dx, d_magnitude, None, None, d_bias, d_down, d_up, None, None, None, None, None
+
+
+class LoraRecomputedFactors(torch.autograd.Function):
+    """y = W x + b + gamma * up(down(x)) for factors that are computed, not stored (VeRA's): the same forward as
+    LoRA's, but the factors are computed again in backward instead of being kept from the forward (plain
+    autograd would keep both for every layer: gigabytes at VeRA's ranks on SDXL). Argument order as DoRA's,
+    without the magnitude and the norm."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops, factors):
+        y, h = _lora_forward(ctx, x, weight, bias, down, up, gamma, rank_mask, ops, up_ops)
+        saved = _saved_weight(ctx, weight), *_saved_factors(ctx, down, up, factors)
+        ctx.save_for_backward(x, *saved, bias, h, rank_mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, down, up, bias, h, rank_mask = ctx.saved_tensors
+        down, up = _factors_in_backward(ctx, down, up)
+        needs = ctx.needs_input_grad
+        d_up, dh = _up_backward(ctx, dy, up, h, rank_mask, needs[4])
+        d_down = ctx.ops.weight_grad(x, down, dh) if needs[3] else None
+        dx = None
+        if needs[0]:
+            dx = ctx.ops.input_grad(x, [(_weight_in_backward(ctx, weight), dy), (down, dh)])
+        d_bias = _bias_grad(dy, bias, ctx.ops) if needs[2] else None
+        return dx, None, d_bias, d_down, d_up, None, None, None, None, None

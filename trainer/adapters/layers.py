@@ -160,6 +160,16 @@ class LoRALayer(nn.Module):
         rows = self.up_ops.add_up(self.base(x.reshape(-1, x.shape[-1])), hidden, up, gamma)
         return rows.view(*x.shape[:-1], rows.shape[-1])
 
+    def _frozen_operands(self, dtype: torch.dtype, base_read: Tensor | None = None) -> tuple:
+        """The base weight as the autograd functions take it (over a quantized base: what dequantizes it, in
+        forward and again in backward, starting from ``base_read`` if the norm just made one) and its bias."""
+        bias = self.base.bias
+        if is_quantized(self.base):
+            weight = dequantizer(self.base, dtype, first=base_read)
+        else:
+            weight = frozen_weight(self.base, dtype)
+        return weight, bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+
     # -- weights and merging -------------------------------------------------------------------
 
     def to_weights(self) -> AdapterWeights:
@@ -291,13 +301,7 @@ class DoRALayer(LoRALayer):
             norm, base_read = self._norm_cache, None
         else:
             norm, base_read = self._norm_and_base_read()
-        bias = self.base.bias
-        if is_quantized(self.base):  # dequantized when the function needs it, in forward and in backward
-            weight = dequantizer(self.base, x_c.dtype, first=base_read)
-        else:
-            weight = frozen_weight(self.base, x_c.dtype)
-        if bias is not None and bias.dtype != x_c.dtype:
-            bias = bias.to(x_c.dtype)
+        weight, bias = self._frozen_operands(x_c.dtype, base_read)
         function = DoraInputAxis if self.spec.dora_axis == "input" else DoraOutputAxis
         with autocast_off(x.device.type):
             return function.apply(

@@ -22,7 +22,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .dora_autograd import LoraRecomputedFactors
 from .layers import AdaptableModule, AdapterSpec, DoRALayer, LoRALayer
+from .quantized import autocast_off
 
 # What the file records of each part's projections (the ``dora_studio.vera`` metadata, trainer.kohya.metadata).
 PROJECTION_FIELDS = ("seed", "rank", "in_features", "out_features", "sha256")
@@ -178,6 +180,19 @@ class VeRALayer(LoRALayer):
     def _factor_parameters(self) -> tuple[Tensor, ...]:
         return self.vera_d, self.vera_b
 
+    def forward(self, x: Tensor) -> Tensor:
+        """LoRA's forward, through a function that computes the factors again in backward instead of keeping them."""
+        if self._skip_adapter():
+            return self.base(x)
+        rank_mask, gamma = self._rank_mask_and_gamma(x)
+        x_c, down, up = self._compute_operands(x)
+        weight, bias = DoRALayer._frozen_operands(self, x_c.dtype)
+        with autocast_off(x.device.type):
+            factors = self._factors_again(x_c.dtype)
+            return LoraRecomputedFactors.apply(
+                x_c, weight, bias, down, up, gamma, rank_mask, self.ops, self.up_ops, factors
+            )
+
     def _factors_again(self, dtype: torch.dtype) -> Callable[[], tuple[Tensor, Tensor]]:
         @torch.no_grad()
         def factors() -> tuple[Tensor, Tensor]:  # the same arithmetic as the forward's, so the same values
@@ -196,3 +211,5 @@ class VeRALayer(LoRALayer):
 
 class DVoRALayer(VeRALayer, DoRALayer):
     """DVoRA (the DoRA paper, section 5.3): DoRA's magnitude over VeRA's factors."""
+
+    forward = DoRALayer.forward  # DoRA's, which computes the factors again in backward too
