@@ -1,19 +1,23 @@
-"""DoRA against LoRA on the toy model: rank robustness, held-out loss, concept score, weight decomposition.
+"""DoRA against LoRA, VeRA and DVoRA on the toy model: rank robustness, held-out loss, concept score, weight
+decomposition.
 
 Each run is the quick start (``presets/quickstart.toml``: the ``zqx`` ring of ``datasets_example/``, batch 4,
 learning rate 1e-3 held constant, attention and convolutions) on ``builtin:toy-sdxl`` (v-prediction, zero
 terminal SNR, as it was pretrained) with one adapter variant, rank (convolutions too) and seed, alpha =
-rank, trained in-process by the real trainer for the same number of steps. Then, on a held-out set of new zqx
-pictures drawn by ``trainer.builtin.shapes`` (a seed the dataset never used):
+rank, trained in-process by the real trainer for the same number of steps. VeRA and DVoRA run at their own
+ranks (their factors are shared random matrices: VeRA's paper uses 256 and more) and their own learning rate
+(``VERA_LEARNING_RATE``: only vectors train), and the tables give every variant's trainable-parameter count.
+Then, on a held-out set of new zqx pictures drawn by ``trainer.builtin.shapes`` (a seed the dataset never used):
 
 - held-out loss: the denoising loss at fixed noise and timesteps (lower is better);
 - concept score: samples from held-out captions, read exactly by ``quality_metrics.match_shape``: how much
   better a ring silhouette fits them than any shape the base model knows (the concept margin), and how
   often the ring fits best;
 - weight decomposition (the paper's section 3): per layer and saved checkpoint, magnitude change ΔM and
-  direction change ΔD of the merged weights; the slope and correlation of ΔM against ΔD, and a PNG.
+  direction change ΔD of the merged weights; the slope and correlation of ΔM against ΔD, pooled over all
+  layers and, as the paper plots it, per layer type (one type across layers and checkpoints), and a PNG.
 
-    python bench/quality.py               # ranks 2 4 8 16, LoRA / DoRA input axis / DoRA output axis, 3 seeds
+    python bench/quality.py               # ranks 2 4 8 16 (VeRA, DVoRA: 64 256), every variant, 3 seeds
     python bench/quality.py --seeds 1     # one seed per cell: a third of the time
     python bench/quality.py --quick       # a smoke test of all of it in about a minute (numbers mean nothing)
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import tempfile
@@ -32,25 +37,36 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from quality_metrics import CANDIDATES, decomposition_change, match_shape, slope_and_correlation
+from quality_metrics import CANDIDATES, match_shape, slope_and_correlation
 
-from trainer.adapters.weights import merged_weight
+from trainer.adapters.injection import remove_adapters
 from trainer.builtin.resolve import resolve_builtin
 from trainer.builtin.shapes import CONCEPT_SHAPE, paint
 from trainer.builtin.toy_pretrain import encode_pictures, random_scene, to_tensor
 from trainer.config.presets import load_config
 from trainer.kohya.adapter_file import load_adapter
+from trainer.kohya.analyze import analyze_match
 from trainer.kohya.merge import canonical_stems, match_stems, merge_matched, model_stem_targets, pipeline_parts
 from trainer.runs.run_directory import RunDirectory
 from trainer.sdxl.model_files import load_sdxl_pipeline
 from trainer.sdxl.objective import add_noise, prediction_target, training_noise_scheduler
 from trainer.sdxl.text_encoding import encode_captions
 from trainer.training.loop import Trainer
+from trainer.training.network import inject_network, trainable_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "presets" / "quickstart.toml"
 MODEL = "builtin:toy-sdxl"
-VARIANTS = {"LoRA": ("lora", "input"), "DoRA input axis": ("dora", "input"), "DoRA output axis": ("dora", "output")}
+VARIANTS = {
+    "LoRA": ("lora", "input"),
+    "DoRA input axis": ("dora", "input"),
+    "DoRA output axis": ("dora", "output"),
+    "VeRA": ("vera", "input"),
+    "DVoRA": ("dvora", "input"),
+}
+SHARED = ("VeRA", "DVoRA")  # factors from shared random matrices: their own ranks and learning rate
+VERA_LEARNING_RATE = 1e-2  # VeRA's paper trains its vectors at 10x LoRA's rate and more
+TYPES = ("q", "k", "v", "out", "ff")  # the layer types the per-type slopes are given for
 HELD_OUT_SEED = 777  # the example dataset draws with 20240611, the toy model's pretraining with 0
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 GUIDANCE = 5.0
@@ -59,6 +75,7 @@ GUIDANCE = 5.0
 @dataclass(frozen=True)
 class Plan:
     ranks: tuple[int, ...]
+    vera_ranks: tuple[int, ...]
     seeds: tuple[int, ...]
     steps: int
     checkpoint_every: int
@@ -68,15 +85,29 @@ class Plan:
 
 
 FULL = Plan(
-    ranks=(2, 4, 8, 16), seeds=(0, 1, 2), steps=64, checkpoint_every=16, held_out=24, samples=12, sample_steps=20
+    ranks=(2, 4, 8, 16),
+    vera_ranks=(64, 256),
+    seeds=(0, 1, 2),
+    steps=64,
+    checkpoint_every=16,
+    held_out=24,
+    samples=12,
+    sample_steps=20,
 )
-QUICK = Plan(ranks=(4,), seeds=(0,), steps=4, checkpoint_every=2, held_out=4, samples=2, sample_steps=4)
+QUICK = Plan(
+    ranks=(4,), vera_ranks=(16,), seeds=(0,), steps=4, checkpoint_every=2, held_out=4, samples=2, sample_steps=4
+)
 
 
-def train(variant: str, rank: int, seed: int, plan: Plan, work: Path) -> list[tuple[int, Path]]:
-    """One quick-start run; returns its saved adapters as (step, path), oldest first."""
+def ranks_of(variant: str, plan: Plan) -> tuple[int, ...]:
+    return plan.vera_ranks if variant in SHARED else plan.ranks
+
+
+def overrides(variant: str, rank: int, seed: int) -> list[str]:
+    """The settings of one run on top of the quick start's."""
     kind, axis = VARIANTS[variant]
-    overrides = [
+    rate = [f"optimizer.learning_rate={VERA_LEARNING_RATE}"] if variant in SHARED else []
+    return [
         f"model.path={MODEL}",
         "model.prediction_type=v_prediction",
         "model.zero_terminal_snr=true",
@@ -87,6 +118,13 @@ def train(variant: str, rank: int, seed: int, plan: Plan, work: Path) -> list[tu
         f"network.conv_rank={rank}",
         f"network.conv_alpha={rank}",
         f"training.seed={seed}",
+        *rate,
+    ]
+
+
+def train(variant: str, rank: int, seed: int, plan: Plan, work: Path) -> list[tuple[int, Path]]:
+    """One quick-start run; returns its saved adapters as (step, path), oldest first."""
+    settings = overrides(variant, rank, seed) + [
         f"training.max_steps={plan.steps}",
         "training.epochs=1000",
         "sampling.at_start=false",
@@ -98,7 +136,7 @@ def train(variant: str, rank: int, seed: int, plan: Plan, work: Path) -> list[tu
         f"dataset.latent_cache_dir={work / 'latents'}",
     ]
     run = RunDirectory(work / f"{variant}-r{rank}-s{seed}".replace(" ", "-"))
-    Trainer(load_config(PRESET, overrides), run, show_progress=False).run_training()
+    Trainer(load_config(PRESET, settings), run, show_progress=False).run_training()
     saved = []
     for path in run.adapters_dir.glob("*.safetensors"):
         saved.append((int(load_adapter(path).metadata["ss_steps"]), path))
@@ -166,17 +204,22 @@ class Evaluator:
             "images": images,
         }
 
-    def decomposition(self, adapter: Path) -> dict[str, list[tuple[float, float]]]:
-        """Per axis, (ΔD, ΔM) of every adapted layer for this adapter file."""
-        match = self._match(adapter)
-        points = {"output": [], "input": []}
-        for weights, target in match.matched.values():
-            base = target.module.weight.detach()
-            tuned = merged_weight(base, weights)
-            for axis in points:
-                magnitude, direction = decomposition_change(base, tuned, axis)
-                points[axis].append((direction, magnitude))
-        return points
+    def decomposition(self, adapter: Path) -> dict[str, list[tuple[str, float, float]]]:
+        """Per axis, (layer type, ΔD, ΔM) of every adapted layer for this adapter file (``dora-studio analyze``)."""
+        layers = analyze_match(adapter.name, self._match(adapter)).layers
+        return {
+            axis: [(layer.layer_type, layer.change[axis][1], layer.change[axis][0]) for layer in layers]
+            for axis in ("output", "input")
+        }
+
+    def trainable_parameters(self, variant: str, rank: int) -> int:
+        """What the variant trains at this rank: the network put on the toy model, counted, and taken off."""
+        adapters = inject_network(self.pipe, load_config(PRESET, overrides(variant, rank, 0)))
+        try:
+            return sum(p.numel() for p in trainable_parameters(adapters).values())
+        finally:
+            for model in (self.pipe.unet, self.pipe.text_encoder, self.pipe.text_encoder_2):
+                remove_adapters(model)
 
     def evaluate(self, adapter: Path | None) -> dict:
         """Loss and concept score with ``adapter`` merged (None: the base model); the base is restored."""
@@ -201,8 +244,21 @@ def _mean_spread(values: list[float], digits: int) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _cells(runs: list[dict], variant: str, rank: int) -> list[dict]:
+    return [run for run in runs if run["variant"] == variant and run["rank"] == rank]
+
+
+def _fit_cell(fits: list[dict]) -> str:
+    """Slope of ΔM on ΔD (mean ± std over seeds) and mean Pearson r; "n/a" where a fit had no spread."""
+    slopes = [fit["slope"] for fit in fits if math.isfinite(fit["slope"])]
+    if not slopes:
+        return "n/a"
+    return f"{_mean_spread(slopes, 2)} (r {statistics.fmean(fit['r'] for fit in fits if math.isfinite(fit['r'])):+.2f})"
+
+
 def print_tables(results: dict, plan: Plan, base: dict) -> None:
-    runs = results["runs"]
+    runs, params = results["runs"], results["trainable_parameters"]
+    rows = [(variant, rank) for variant in results["variants"] for rank in ranks_of(variant, plan)]
     for title, key, digits in (
         ("Held-out denoising loss (lower is better)", "loss", 4),
         (
@@ -217,31 +273,32 @@ def print_tables(results: dict, plan: Plan, base: dict) -> None:
             f"\n{title}; mean ± std over seeds {list(plan.seeds)}, {plan.steps} steps; base model: "
             f"{base[key]:.{digits}f}"
         )
-        print("| rank | " + " | ".join(VARIANTS) + " |")
-        print("|---:|" + "---:|" * len(VARIANTS))
-        for rank in plan.ranks:
-            cells = [
-                _mean_spread([run[key] for run in runs if run["variant"] == variant and run["rank"] == rank], digits)
-                for variant in VARIANTS
-            ]
-            print(f"| {rank} | " + " | ".join(cells) + " |")
+        print("| variant | rank | trainable parameters | value |")
+        print("|---|---:|---:|---:|")
+        for variant, rank in rows:
+            value = _mean_spread([run[key] for run in _cells(runs, variant, rank)], digits)
+            print(f"| {variant} | {rank} | {params[f'{variant} r{rank}']:,} | {value} |")
     print("\nWeight decomposition: slope of ΔM on ΔD (Pearson r) over all layers and checkpoints, per axis;")
     print("the paper: LoRA positive, full fine-tuning and DoRA negative")
-    print("| rank | variant | output axis (PEFT) | input axis (kohya) |")
-    print("|---:|---|---:|---:|")
-    for rank in plan.ranks:
-        for variant in VARIANTS:
-            chosen = [run for run in runs if run["variant"] == variant and run["rank"] == rank]
-            cells = []
-            for axis in ("output", "input"):
-                slopes = [run["decomposition"][axis]["slope"] for run in chosen]
-                rs = [run["decomposition"][axis]["r"] for run in chosen]
-                cells.append(f"{_mean_spread(slopes, 2)} (r {statistics.fmean(rs):+.2f})")
-            print(f"| {rank} | {variant} | " + " | ".join(cells) + " |")
+    print("| variant | rank | output axis (PEFT) | input axis (kohya) |")
+    print("|---|---:|---:|---:|")
+    for variant, rank in rows:
+        chosen = _cells(runs, variant, rank)
+        cells = [_fit_cell([run["decomposition"][axis] for run in chosen]) for axis in ("output", "input")]
+        print(f"| {variant} | {rank} | " + " | ".join(cells) + " |")
+    for axis in ("output", "input"):
+        print(f"\nPer layer type, as the paper plots it (one type over layers and checkpoints), {axis} axis:")
+        print("| variant | rank | " + " | ".join(TYPES) + " |")
+        print("|---|---:|" + "---:|" * len(TYPES))
+        for variant, rank in rows:
+            chosen = _cells(runs, variant, rank)
+            cells = [_fit_cell([run["by_type"][axis][kind] for run in chosen]) for kind in TYPES]
+            print(f"| {variant} | {rank} | " + " | ".join(cells) + " |")
 
 
-def plot_decomposition(runs: list[dict], rank: int, path: Path) -> None:
-    """ΔM against ΔD, one panel per variant and axis, coloured by step, as the paper's figure 2."""
+def plot_decomposition(runs: list[dict], plan: Plan, path: Path) -> None:
+    """ΔM against ΔD, one panel per variant and axis, coloured by step, as the paper's figure 2 (LoRA and DoRA
+    at rank 4, VeRA and DVoRA at their first rank)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,11 +306,13 @@ def plot_decomposition(runs: list[dict], rank: int, path: Path) -> None:
 
     figure, axes = plt.subplots(2, len(VARIANTS), figsize=(4 * len(VARIANTS), 7), squeeze=False)
     for column, variant in enumerate(VARIANTS):
-        run = next(run for run in runs if run["variant"] == variant and run["rank"] == rank)
+        ranks = ranks_of(variant, plan)
+        rank = 4 if 4 in ranks else ranks[0]
+        run = _cells(runs, variant, rank)[0]
         for row, axis in enumerate(("output", "input")):
             panel = axes[row][column]
             for step, points in run["trajectory"][axis]:
-                direction, magnitude = zip(*points)
+                _, direction, magnitude = zip(*points)
                 panel.scatter(direction, magnitude, s=6, label=f"step {step}")
             fit = run["decomposition"][axis]
             panel.set_title(
@@ -267,65 +326,88 @@ def plot_decomposition(runs: list[dict], rank: int, path: Path) -> None:
     plt.close(figure)
 
 
+def _fit(points: list[tuple[str, float, float]]) -> dict:
+    slope, r = slope_and_correlation([p[1] for p in points], [p[2] for p in points])
+    return {"slope": slope, "r": r, "points": len(points)}
+
+
+def measure(variant: str, rank: int, seed: int, plan: Plan, evaluator: Evaluator, work: Path, out: Path) -> dict:
+    """Train one run and measure it: scores of its last adapter, decomposition over all its checkpoints."""
+    saved = train(variant, rank, seed, plan, work)
+    trajectory = {axis: [] for axis in ("output", "input")}
+    for step, path in saved:
+        for axis, points in evaluator.decomposition(path).items():
+            trajectory[axis].append((step, points))
+    scores = evaluator.evaluate(saved[-1][1])
+    images = scores.pop("images")
+    if seed == plan.seeds[0]:
+        images[0].save(out / f"quality-sample-{variant.replace(' ', '-')}-r{rank}.png")
+    pooled = {axis: [point for _, points in steps for point in points] for axis, steps in trajectory.items()}
+    return {
+        "variant": variant,
+        "rank": rank,
+        "seed": seed,
+        **scores,
+        "decomposition": {axis: _fit(points) for axis, points in pooled.items()},
+        "by_type": {
+            axis: {kind: _fit([p for p in points if p[0] == kind]) for kind in TYPES} for axis, points in pooled.items()
+        },
+        "trajectory": trajectory,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the bench runs")
     parser.add_argument("--seeds", type=int, help="run only this many seeds (default: the plan's 3)")
+    parser.add_argument("--variants", help=f"a comma-separated subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.seeds:
         plan = replace(plan, seeds=tuple(range(args.seeds)))
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    if unknown := set(variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     evaluator = Evaluator(plan)
     base = evaluator.evaluate(None)
     base.pop("images")
+    params = {
+        f"{variant} r{rank}": evaluator.trainable_parameters(variant, rank)
+        for variant in variants
+        for rank in ranks_of(variant, plan)
+    }
     runs = []
     with tempfile.TemporaryDirectory() as work:
-        for rank in plan.ranks:
-            for variant in VARIANTS:
+        for variant in variants:
+            for rank in ranks_of(variant, plan):
                 for seed in plan.seeds:
-                    saved = train(variant, rank, seed, plan, Path(work))
-                    trajectory = {axis: [] for axis in ("output", "input")}
-                    for step, path in saved:
-                        for axis, points in evaluator.decomposition(path).items():
-                            trajectory[axis].append((step, points))
-                    scores = evaluator.evaluate(saved[-1][1])
-                    images = scores.pop("images")
-                    if seed == plan.seeds[0]:
-                        images[0].save(args.out / f"quality-sample-{variant.replace(' ', '-')}-r{rank}.png")
-                    decomposition = {}
-                    for axis, steps in trajectory.items():
-                        points = [point for _, step_points in steps for point in step_points]
-                        slope, r = slope_and_correlation([p[0] for p in points], [p[1] for p in points])
-                        decomposition[axis] = {"slope": slope, "r": r}
-                    runs.append(
-                        {
-                            "variant": variant,
-                            "rank": rank,
-                            "seed": seed,
-                            **scores,
-                            "decomposition": decomposition,
-                            "trajectory": trajectory,
-                        }
-                    )
+                    runs.append(measure(variant, rank, seed, plan, evaluator, Path(work), args.out))
+                    scores = runs[-1]
                     print(
-                        f"{variant:<17} rank {rank:>2} seed {seed}: loss {scores['loss']:.4f}  concept margin "
+                        f"{variant:<17} rank {rank:>3} seed {seed}: loss {scores['loss']:.4f}  concept margin "
                         f"{scores['concept_margin']:+.3f}  read as zqx {scores['concept_wins']:.2f}  "
                         f"({time.monotonic() - started:.0f} s)",
                         flush=True,
                     )
-    results = {"plan": plan.__dict__, "base": base, "runs": runs, "seconds": round(time.monotonic() - started)}
-    plot_rank = 4 if 4 in plan.ranks else plan.ranks[0]
-    plot_decomposition(runs, plot_rank, args.out / "quality-decomposition.png")
+    results = {
+        "plan": plan.__dict__,
+        "variants": variants,
+        "trainable_parameters": params,
+        "base": base,
+        "runs": runs,
+        "seconds": round(time.monotonic() - started),
+    }
+    written = [args.out / "quality.json"]
+    if variants == list(VARIANTS):  # the figure has a column per variant
+        plot_decomposition(runs, plan, args.out / "quality-decomposition.png")
+        written.append(args.out / "quality-decomposition.png")
     print_tables(results, plan, base)
     summary = [{key: value for key, value in run.items() if key != "trajectory"} for run in runs]
-    (args.out / "quality.json").write_text(json.dumps({**results, "runs": summary}, indent=1) + "\n")
-    print(
-        f"\nwrote {args.out / 'quality.json'} and {args.out / 'quality-decomposition.png'} "
-        f"in {time.monotonic() - started:.0f} s"
-    )
+    written[0].write_text(json.dumps({**results, "runs": summary}, indent=1) + "\n")
+    print(f"\nwrote {' and '.join(map(str, written))} in {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -62,10 +62,14 @@ def test_quality_bench_quick(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "quality.json").read_text())
-    assert {run["variant"] for run in report["runs"]} == {"LoRA", "DoRA input axis", "DoRA output axis"}
+    variants = {"LoRA", "DoRA input axis", "DoRA output axis", "VeRA", "DVoRA"}
+    assert {run["variant"] for run in report["runs"]} == variants
+    assert report["trainable_parameters"]["DVoRA r16"] > report["trainable_parameters"]["VeRA r16"] > 0
     for run in report["runs"]:
         assert math.isfinite(run["loss"]) and 0.0 <= run["concept_iou"] <= 1.0 and -1.0 <= run["concept_margin"] <= 1.0
-        assert set(run["decomposition"]) == {"output", "input"}
+        assert set(run["decomposition"]) == set(run["by_type"]) == {"output", "input"}
+        assert set(run["by_type"]["input"]) == {"q", "k", "v", "out", "ff"}
     with Image.open(tmp_path / "out" / "quality-decomposition.png") as plot:
         assert plot.width > 400
     assert "Held-out denoising loss" in result.stdout and "Weight decomposition" in result.stdout
+    assert "Per layer type, as the paper plots it" in result.stdout
