@@ -37,7 +37,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     loaded = load_adapter(Path(args.file))  # before the slow model load, so a bad file fails fast
     match = match_pipeline(loaded, load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir))
-    report = verify_match(match, tolerance=args.tolerance)
+    report = verify_match(match, tolerance=args.tolerance, metadata=loaded.metadata)
     distance = quantized_base_distance(match, args.base_precision) if args.base_precision else None
     if args.json:
         print(json.dumps(report.to_json() | ({"quantized_base": asdict(distance)} if distance else {}), indent=2))

@@ -8,6 +8,7 @@ front ends merge onto the full-precision checkpoint is from the one training saw
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from trainer.adapters.weights import merged_weight
 
 from .frontend_merge import FRONT_ENDS
 from .merge import StemMatch
+from .metadata import EXPORT_RANK_KEY
 
 DEFAULT_STRENGTHS = (1.0, 0.5)
 DEFAULT_TOLERANCE = 1e-5
@@ -37,6 +39,7 @@ class VerifyReport:
     stems_checked: int
     tolerance: float
     failures: list[str] = field(default_factory=list)
+    export_cut: dict | None = None  # the file's dora_studio.export_rank record: saved below its trained rank
 
     @property
     def ok(self) -> bool:
@@ -51,6 +54,7 @@ class VerifyReport:
             "unmatched_stems": self.unmatched_stems,
             "misfit_stems": self.misfit_stems,
             "failures": self.failures,
+            "export_cut": self.export_cut,
         }
 
 
@@ -59,8 +63,10 @@ def verify_match(
     strengths: Sequence[float] = DEFAULT_STRENGTHS,
     tolerance: float = DEFAULT_TOLERANCE,
     front_ends: Mapping[str, object] = FRONT_ENDS,
+    metadata: Mapping[str, str] | None = None,
 ) -> VerifyReport:
-    """Merge every matched stem with our code and each front end's formula; collect the worst errors."""
+    """Merge every matched stem with our code and each front end's formula; collect the worst errors. With the
+    file's ``metadata``, also report what a cut to a lower rank at save time cost (``saving.export_rank``)."""
     worst = {(name, s): (0.0, None) for name in front_ends for s in strengths}
     for stem, (weights, target) in match.matched.items():
         base = target.module.weight.detach()
@@ -73,6 +79,8 @@ def verify_match(
                     worst[(name, strength)] = (error, stem)
     results = [FrontEndResult(name, s, err, stem) for (name, s), (err, stem) in worst.items()]
     report = VerifyReport(results, match.unmatched, match.misfit, len(match.matched), tolerance)
+    if metadata and EXPORT_RANK_KEY in metadata:
+        report.export_cut = json.loads(metadata[EXPORT_RANK_KEY])
     for r in results:
         if r.max_rel_error > tolerance:
             report.failures.append(
@@ -137,6 +145,13 @@ def format_report(report: VerifyReport) -> str:
         lines += [f"  {s}" for s in report.unmatched_stems[:20]]
     if report.misfit_stems:
         lines += ["", "stems whose shapes do not fit:"] + [f"  {s}: {w}" for s, w in report.misfit_stems.items()]
+    if cut := report.export_cut:
+        lines += [
+            "",
+            f"saved at rank {cut['rank']} from the trained rank {cut['trained_rank']} by SVD: front ends merge the "
+            f"cut update, {cut['update_error_mean']:.1%} from the trained one on average, "
+            f"{cut['update_error_max']:.1%} at most (relative to each layer's update)",
+        ]
     lines += ["", "OK: every front end merges this file to our weights" if report.ok else "FAILED:"]
     lines += [f"  {f}" for f in report.failures]
     return "\n".join(lines)
