@@ -173,7 +173,7 @@ def advice(estimate: MemoryEstimate, config: TrainConfig) -> list[str]:
     if estimate.sampling_peak and estimate.sampling_peak > estimate.training_peak:
         tips.append("sampling is the peak (the VAE decodes in fp32): smaller sample sizes (--w, --h in "
                     "sampling.prompts), or sampling.every_n_epochs = 0")  # fmt: skip
-    if config.network.rank > 8:
+    if config.network.rank > 8 and not config.network.uses_projections:  # VeRA's rank costs next to nothing
         tips.append(
             f"network.rank = 8: the adapter, its gradients and optimizer state are "
             f"{(estimate.adapter * 2 + estimate.optimizer_state) / GB:.2f} GB at rank {config.network.rank}"
