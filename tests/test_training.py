@@ -169,6 +169,20 @@ def _stop_when(run_dir: Path, step: int) -> threading.Thread:
     return thread
 
 
+def _straight_and_resumed(data: dict, root: Path) -> tuple[Path, Path, Path]:
+    """The run trained straight through, and again stopped after step 3 (as the UI's Stop does) and resumed:
+    both final adapters, and the stopped-and-resumed run's folder."""
+    straight = train(data, root / "straight")
+    interrupted = root / "interrupted"
+    _stop_when(interrupted, 3)
+    with pytest.raises(StopRequested):
+        train(data, interrupted)
+    stopped_at = json.loads((interrupted / "status.json").read_text())
+    assert stopped_at["state"] == "stopped"
+    assert 3 <= stopped_at["step"] < 8
+    return straight, train(data, interrupted, resume="auto"), interrupted
+
+
 def test_stop_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_dir, small_dataset, tmp_path):
     data = settings(
         tiny_dir,
@@ -178,16 +192,7 @@ def test_stop_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_dir, sma
         network={"rank_dropout": 0.2},
         sampling={"prompts": []},
     )
-    straight = train(data, tmp_path / "straight")
-
-    interrupted = tmp_path / "interrupted"
-    _stop_when(interrupted, 3)
-    with pytest.raises(StopRequested):
-        train(data, interrupted)
-    stopped_at = json.loads((interrupted / "status.json").read_text())
-    assert stopped_at["state"] == "stopped"
-    assert 3 <= stopped_at["step"] < 8
-    resumed = train(data, interrupted, resume="auto")
+    straight, resumed, interrupted = _straight_and_resumed(data, tmp_path)
 
     assert [row["step"] for row in metrics(interrupted)] == list(range(1, 9))  # nothing repeated or missing
     ours, theirs = load_file(resumed), load_file(straight)
@@ -319,12 +324,7 @@ def test_dvora_run_resumes_bit_identically_and_its_file_loads_as_dora_and_as_dvo
         network={"kind": "dvora", "rank": 8, "alpha": 8.0},
         sampling={"prompts": []},
     )
-    straight = train(data, tmp_path / "straight")
-    interrupted = tmp_path / "interrupted"
-    _stop_when(interrupted, 3)
-    with pytest.raises(StopRequested):
-        train(data, interrupted)
-    resumed = train(data, interrupted, resume="auto")
+    straight, resumed, interrupted = _straight_and_resumed(data, tmp_path)
     ours, theirs = load_file(resumed), load_file(straight)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
 
