@@ -249,3 +249,32 @@ def test_no_factor_is_kept_between_forward_and_backward(case, dora):
     assert saved and not factors
     y.sum().backward()
     assert layer.vera_d.grad is not None and layer.vera_b.grad is not None
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_vera_function_gradients_match_finite_differences_with_rank_dropout(case):
+    """VeRA's own backward (d's gradient from A x, up built again) against finite differences, in float64,
+    with a rank-dropout mask and the input, bias, d and b all differentiable."""
+    from trainer.adapters.dora_autograd import ConvOps, LinearOps, VeraFunction
+
+    generator = torch.Generator().manual_seed(9)
+    conv = case == "conv3x3"
+    base = CASES[case]().double()
+    rank, out = 3, base.weight.shape[0]
+    a = torch.randn(rank, *base.weight.shape[1:], generator=generator, dtype=torch.float64)
+    b_basis = torch.randn(out, rank, *([1, 1] if conv else []), generator=generator, dtype=torch.float64)
+    x = torch.randn((2, 4, 5, 5) if conv else (2, 3, 10), generator=generator, dtype=torch.float64)
+    mask = (torch.rand((2, rank, 1, 1) if conv else (2, 1, rank), generator=generator) > 0.3).double() / 0.7
+    ops, up_ops = (ConvOps(padding=(1, 1)), ConvOps()) if conv else (LinearOps(), LinearOps())
+    inputs = (
+        x.requires_grad_(),
+        base.weight.detach(),
+        base.bias.detach().clone().requires_grad_(),
+        torch.randn(rank, generator=generator, dtype=torch.float64).requires_grad_(),
+        torch.randn(out, generator=generator, dtype=torch.float64).requires_grad_(),
+    )
+
+    def function(*args):
+        return VeraFunction.apply(*args, 0.7, mask, ops, up_ops, lambda: (a, b_basis))
+
+    assert torch.autograd.gradcheck(function, inputs)

@@ -259,28 +259,48 @@ class DoraOutputAxis(torch.autograd.Function):
         return dx, d_magnitude, None, None, d_bias, d_down, d_up, None, None, None, None, None
 
 
-class LoraRecomputedFactors(torch.autograd.Function):
-    """y = W x + b + gamma * up(down(x)) for factors that are computed, not stored (VeRA's): the same forward as
-    LoRA's, but the factors are computed again in backward instead of being kept from the forward (plain
-    autograd would keep both for every layer: gigabytes at VeRA's ranks on SDXL). Argument order as DoRA's,
-    without the magnitude and the norm."""
+class VeraFunction(torch.autograd.Function):
+    """VeRA: y = W x + b + gamma * up(mask * d * (A x)) with up = diag(b) B, A and B the shared projections.
+
+    Worked in activation space: A x (rank-wide, per token) is scaled by d, so A is never scaled into a rank x
+    width factor, and d's gradient is a rank-wide reduction over tokens instead of a weight-gradient product;
+    up = diag(b) B is built in forward and again in backward, never kept. What is saved is x and A x, as LoRA
+    saves x and its hidden. ``bases`` gives (A, B) sliced to the layer, in the compute dtype: views of the
+    shared matrices in float32, so nothing weight- or factor-sized is held for backward.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops, factors):
-        y, h = _lora_forward(ctx, x, weight, bias, down, up, gamma, rank_mask, ops, up_ops)
-        saved = _saved_weight(ctx, weight), *_saved_factors(ctx, down, up, factors)
-        ctx.save_for_backward(x, *saved, bias, h, rank_mask)
+    def forward(ctx, x, weight, bias, d, b, gamma: float, rank_mask, ops: Ops, up_ops: Ops, bases):
+        down_basis, up_basis = bases()
+        projected = ops.apply(x, down_basis)  # A x
+        h = projected * d.reshape(ops.channel_shape(d.shape[0]))
+        if rank_mask is not None:
+            h = h * rank_mask
+        up = b.reshape(-1, *[1] * (up_basis.dim() - 1)) * up_basis
+        y = up_ops.add_up(ops.apply(x, _dense(weight), bias), h, up, gamma)
+        ctx.ops, ctx.up_ops, ctx.gamma, ctx.bases = ops, up_ops, gamma, bases
+        ctx.save_for_backward(x, _saved_weight(ctx, weight), bias, d, b, projected, rank_mask)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, down, up, bias, h, rank_mask = ctx.saved_tensors
-        down, up = _factors_in_backward(ctx, down, up)
-        needs = ctx.needs_input_grad
-        d_up, dh = _up_backward(ctx, dy, up, h, rank_mask, needs[4])
-        d_down = ctx.ops.weight_grad(x, down, dh) if needs[3] else None
-        dx = None
+        x, weight, bias, d, b, projected, rank_mask = ctx.saved_tensors
+        down_basis, up_basis = ctx.bases()
+        ops, up_ops, needs = ctx.ops, ctx.up_ops, ctx.needs_input_grad
+        d_scale = d.reshape(ops.channel_shape(d.shape[0]))
+        h = projected * d_scale if rank_mask is None else projected * d_scale * rank_mask
+        up = b.reshape(-1, *[1] * (up_basis.dim() - 1)) * up_basis
+        d_b = d_d = dx = d_bias = None
+        if needs[4]:  # db_o = gamma * sum_k dUp_ok B_ok: one (out x rank) product, as LoRA's d(up)
+            d_up = up_ops.weight_grad(h, up, dy)
+            d_b = (d_up * up_basis).flatten(1).sum(dim=1).mul_(ctx.gamma).to(b.dtype)
+        dh = up_ops.input_grad(h, [(up, dy)]).mul_(ctx.gamma)
+        if rank_mask is not None:
+            dh.mul_(rank_mask)
+        if needs[3]:  # dd_k = sum over tokens of dh_k * (A x)_k
+            d_d = _sum_to(dh * projected, d_scale.shape).reshape(d.shape).to(d.dtype)
         if needs[0]:
-            dx = ctx.ops.input_grad(x, [(_weight_in_backward(ctx, weight), dy), (down, dh)])
-        d_bias = _bias_grad(dy, bias, ctx.ops) if needs[2] else None
-        return dx, None, d_bias, d_down, d_up, None, None, None, None, None
+            dx = ops.input_grad(x, [(_weight_in_backward(ctx, weight), dy), (down_basis, dh.mul_(d_scale))])
+        if needs[2]:
+            d_bias = _bias_grad(dy, bias, ops)
+        return dx, None, d_bias, d_d, d_b, None, None, None, None, None

@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .dora_autograd import LoraRecomputedFactors
+from .dora_autograd import VeraFunction
 from .layers import AdaptableModule, AdapterSpec, DoRALayer, LoRALayer
-from .quantized import autocast_off
+from .quantized import autocast_off, compute_dtype, weight_info
 
 # What the file records of each part's projections (the ``dora_studio.vera`` metadata, trainer.kohya.metadata).
 PROJECTION_FIELDS = ("seed", "rank", "in_features", "out_features", "sha256")
@@ -181,17 +181,20 @@ class VeRALayer(LoRALayer):
         return self.vera_d, self.vera_b
 
     def forward(self, x: Tensor) -> Tensor:
-        """LoRA's forward, through a function that computes the factors again in backward instead of keeping them."""
+        """LoRA's forward in VeRA's own terms (``VeraFunction``): nothing factor-sized is built or kept for A."""
         if self._skip_adapter():
             return self.base(x)
         rank_mask, gamma = self._rank_mask_and_gamma(x)
-        x_c, down, up = self._compute_operands(x)
-        weight, bias = DoRALayer._frozen_operands(self, x_c.dtype)
+        dtype = compute_dtype(x, weight_info(self.base)[1])
+        weight, bias = self._frozen_operands(dtype)
+
+        def bases() -> tuple[Tensor, Tensor]:
+            down_basis, up_basis = self._bases()
+            return down_basis.to(dtype), up_basis.to(dtype)
+
+        d, b = self.vera_d.to(dtype), self.vera_b.to(dtype)
         with autocast_off(x.device.type):
-            factors = self._factors_again(x_c.dtype)
-            return LoraRecomputedFactors.apply(
-                x_c, weight, bias, down, up, gamma, rank_mask, self.ops, self.up_ops, factors
-            )
+            return VeraFunction.apply(x.to(dtype), weight, bias, d, b, gamma, rank_mask, self.ops, self.up_ops, bases)
 
     def _factors_again(self, dtype: torch.dtype) -> Callable[[], tuple[Tensor, Tensor]]:
         @torch.no_grad()
