@@ -27,6 +27,7 @@ from trainer.adapters.quantized import (
     is_quantized,
     quantize_frozen,
 )
+from trainer.adapters.vera import projections_for
 from trainer.builtin.tiny import build_tiny_pipeline
 from trainer.cli import main
 from trainer.errors import MissingPackageError
@@ -144,7 +145,7 @@ def test_nothing_weight_sized_is_saved_for_backward(kind):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("kind", ["lora", "dora_input", "dora_output"])
+@pytest.mark.parametrize("kind", ["lora", "dora_input", "dora_output", "vera", "dvora"])
 @pytest.mark.parametrize("name,make_base", LAYER_CASES)
 def test_qlora_and_qdora_match_lora_and_dora_over_the_dequantized_weight(name, make_base, kind, precision):
     """Same forward and gradients as over a plain copy of the dequantized weight.
@@ -154,11 +155,13 @@ def test_qlora_and_qdora_match_lora_and_dora_over_the_dequantized_weight(name, m
     torch.manual_seed(3)
     base = make_base().requires_grad_(False)
     quantized = _quantized(base, precision)
-    spec = AdapterSpec(rank=3, alpha=5, dora=kind != "lora", dora_axis="output" if kind.endswith("output") else "input")
-    ours = make_adapter(quantized, spec)
-    reference = make_adapter(_dequantized_copy(base, quantized), spec)
+    axis, vera = "output" if kind.endswith("output") else "input", kind in ("vera", "dvora")
+    spec = AdapterSpec(rank=3, alpha=5, dora="dora" in kind or kind == "dvora", dora_axis=axis, vera=vera)
+    projections = projections_for(0, [(3, base.weight[0].numel(), base.weight.shape[0])]) if vera else None
+    ours = make_adapter(quantized, spec, projections=projections)
+    reference = make_adapter(_dequantized_copy(base, quantized), spec, projections=projections)
     with torch.no_grad():
-        ours.lora_up.normal_(0, 0.1)  # an adapter that has learned something
+        (ours.vera_b if vera else ours.lora_up).normal_(0, 0.1)  # an adapter that has learned something
         reference.load_weights(ours.to_weights())
     x = _input_for(base, torch.Generator().manual_seed(4))
     y_ours, y_ref = ours(x), reference(x)
