@@ -141,8 +141,9 @@ def recover_vectors(
 class VeRALayer(LoRALayer):
     """VeRA: the factors are ``down = diag(d) A`` and ``up = diag(b) B``, slices of the part's shared frozen
     projections (``adapters.vera``); only d (over the rank) and b (over the outputs) train. b starts at zero,
-    so a fresh adapter is the identity. Everything else, DoRA's magnitude included (``DVoRALayer``), is
-    LoRA's: the forward and the once-per-step norm take the factors as LoRA's, rank-sized, never weight-sized.
+    so a fresh adapter is the identity. The forward works in activation space (``VeraFunction``); the file,
+    merging and DoRA's magnitude (``DVoRALayer``: DoRA's forward and once-per-step norm) take the factors as
+    LoRA's, rank-sized and never kept from forward to backward.
     """
 
     def __init__(
