@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +12,7 @@ from torch import nn
 from trainer.adapters.injection import make_adapter
 from trainer.adapters.layers import AdapterSpec, DoRALayer
 from trainer.adapters.norm_group import DoRANormGroup
+from trainer.adapters.vera import projections_for
 from trainer.training.network import compile_unet
 
 STEPS = 3
@@ -33,15 +35,18 @@ class _Net(nn.Module):
         return self.c(F.gelu(self.b(F.gelu(self.a(h)))))
 
 
-def _adapted() -> tuple[nn.Module, dict]:
+def _adapted(vera: bool = False) -> tuple[nn.Module, dict]:
+    """The net with DoRA on both axes and LoRA (or, with ``vera``, DVoRA on both axes and VeRA)."""
     torch.manual_seed(0)
     net = _Net().requires_grad_(False)
-    specs = {"conv": AdapterSpec(4, 4, dora=True), "a": AdapterSpec(4, 8, dora=True),
-             "b": AdapterSpec(4, 4, dora=True, dora_axis="output"), "c": AdapterSpec(4, 4)}  # fmt: skip
-    layers = {name: make_adapter(getattr(net, name), spec) for name, spec in specs.items()}
+    specs = {"conv": AdapterSpec(4, 4, dora=True, vera=vera), "a": AdapterSpec(4, 8, dora=True, vera=vera),
+             "b": AdapterSpec(4, 4, dora=True, dora_axis="output", vera=vera),
+             "c": AdapterSpec(4, 4, vera=vera)}  # fmt: skip
+    projections = projections_for(0, [(4, 32, 32)]) if vera else None  # b's 32 inputs and a's 32 outputs
+    layers = {name: make_adapter(getattr(net, name), spec, projections=projections) for name, spec in specs.items()}
     for name, layer in layers.items():
         setattr(net, name, layer)
-        nn.init.normal_(layer.lora_up, std=0.1)
+        nn.init.normal_(layer.vera_b if vera else layer.lora_up, std=0.1)
     DoRANormGroup(layer for layer in layers.values() if isinstance(layer, DoRALayer))
     return net, {"unet": layers}
 
@@ -61,8 +66,9 @@ def _train(net: nn.Module, adapters: dict) -> tuple[list[torch.Tensor], list[tor
     return losses, [p.detach().clone() for p in params]
 
 
-def test_compiled_training_matches_eager_and_compiles_once():
-    eager, eager_adapters = _adapted()
+@pytest.mark.parametrize("vera", [False, True], ids=["lora-dora", "vera-dvora"])
+def test_compiled_training_matches_eager_and_compiles_once(vera):
+    eager, eager_adapters = _adapted(vera)
     compiled, compiled_adapters = copy.deepcopy((eager, eager_adapters))
     compile_unet(compiled, compiled_adapters)
     torch._dynamo.reset()
