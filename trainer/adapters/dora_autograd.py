@@ -259,6 +259,21 @@ class DoraOutputAxis(torch.autograd.Function):
         return dx, d_magnitude, None, None, d_bias, d_down, d_up, None, None, None, None, None
 
 
+def scaled_rows(vector: Tensor, matrix: Tensor) -> Tensor:
+    """diag(vector) @ matrix, for a factor of any number of dims: VeRA's diag(d) A and diag(b) B."""
+    return vector.reshape(-1, *[1] * (matrix.dim() - 1)) * matrix
+
+
+def _vera_hidden(projected: Tensor, d: Tensor, rank_mask: Tensor | None, ops: Ops) -> Tensor:
+    """mask * d * (A x): VeRA's rank-wide hidden, from A x."""
+    h = projected * d.reshape(ops.channel_shape(d.shape[0]))
+    return h if rank_mask is None else h * rank_mask
+
+
+# Positions of VeraFunction's differentiable inputs in forward(x, weight, bias, d, b, ...).
+_VERA_X, _VERA_BIAS, _VERA_D, _VERA_B = 0, 2, 3, 4
+
+
 class VeraFunction(torch.autograd.Function):
     """VeRA: y = W x + b + gamma * up(mask * d * (A x)) with up = diag(b) B, A and B the shared projections.
 
@@ -273,11 +288,8 @@ class VeraFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, d, b, gamma: float, rank_mask, ops: Ops, up_ops: Ops, bases):
         down_basis, up_basis = bases()
         projected = ops.apply(x, down_basis)  # A x
-        h = projected * d.reshape(ops.channel_shape(d.shape[0]))
-        if rank_mask is not None:
-            h = h * rank_mask
-        up = b.reshape(-1, *[1] * (up_basis.dim() - 1)) * up_basis
-        y = up_ops.add_up(ops.apply(x, _dense(weight), bias), h, up, gamma)
+        h = _vera_hidden(projected, d, rank_mask, ops)
+        y = up_ops.add_up(ops.apply(x, _dense(weight), bias), h, scaled_rows(b, up_basis), gamma)
         ctx.ops, ctx.up_ops, ctx.gamma, ctx.bases = ops, up_ops, gamma, bases
         ctx.save_for_backward(x, _saved_weight(ctx, weight), bias, d, b, projected, rank_mask)
         return y
@@ -286,21 +298,17 @@ class VeraFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, d, b, projected, rank_mask = ctx.saved_tensors
         down_basis, up_basis = ctx.bases()
-        ops, up_ops, needs = ctx.ops, ctx.up_ops, ctx.needs_input_grad
-        d_scale = d.reshape(ops.channel_shape(d.shape[0]))
-        h = projected * d_scale if rank_mask is None else projected * d_scale * rank_mask
-        up = b.reshape(-1, *[1] * (up_basis.dim() - 1)) * up_basis
+        ops, needs = ctx.ops, ctx.needs_input_grad
+        h, up = _vera_hidden(projected, d, rank_mask, ops), scaled_rows(b, up_basis)
+        d_up, dh = _up_backward(ctx, dy, up, h, rank_mask, needs[_VERA_B])
         d_b = d_d = dx = d_bias = None
-        if needs[4]:  # db_o = gamma * sum_k dUp_ok B_ok: one (out x rank) product, as LoRA's d(up)
-            d_up = up_ops.weight_grad(h, up, dy)
-            d_b = (d_up * up_basis).flatten(1).sum(dim=1).mul_(ctx.gamma).to(b.dtype)
-        dh = up_ops.input_grad(h, [(up, dy)]).mul_(ctx.gamma)
-        if rank_mask is not None:
-            dh.mul_(rank_mask)
-        if needs[3]:  # dd_k = sum over tokens of dh_k * (A x)_k
+        if needs[_VERA_B]:  # db_o = sum_k dUp_ok B_ok: one (out x rank) product, as LoRA's d(up)
+            d_b = (d_up * up_basis).flatten(1).sum(dim=1).to(b.dtype)
+        d_scale = d.reshape(ops.channel_shape(d.shape[0]))
+        if needs[_VERA_D]:  # dd_k = sum over tokens of dh_k * (A x)_k
             d_d = _sum_to(dh * projected, d_scale.shape).reshape(d.shape).to(d.dtype)
-        if needs[0]:
+        if needs[_VERA_X]:
             dx = ops.input_grad(x, [(_weight_in_backward(ctx, weight), dy), (down_basis, dh.mul_(d_scale))])
-        if needs[2]:
+        if needs[_VERA_BIAS]:
             d_bias = _bias_grad(dy, bias, ops)
         return dx, None, d_bias, d_d, d_b, None, None, None, None, None

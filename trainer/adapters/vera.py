@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .dora_autograd import VeraFunction
+from .dora_autograd import VeraFunction, scaled_rows
 from .layers import AdaptableModule, AdapterSpec, DoRALayer, LoRALayer
 from .quantized import autocast_off, compute_dtype, weight_info
 
@@ -173,10 +173,7 @@ class VeRALayer(LoRALayer):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         down_basis, up_basis = self._bases()
-        trailing = [1] * (len(self.down_shape) - 1)
-        down = self.vera_d.reshape(-1, *trailing) * down_basis
-        up = self.vera_b.reshape(-1, *trailing) * up_basis
-        return down, up
+        return scaled_rows(self.vera_d, down_basis), scaled_rows(self.vera_b, up_basis)
 
     def _factor_parameters(self) -> tuple[Tensor, ...]:
         return self.vera_d, self.vera_b
