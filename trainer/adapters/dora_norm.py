@@ -93,22 +93,18 @@ def direction_norms(
     handful of kernels for all the layers instead of a dozen per layer. One layer is a batch of one, so a
     layer's norm is the same number whichever way it is computed.
     """
-    a = torch.stack([down.detach().float().flatten(1) for down in downs])  # (n, r, k)
-    b = torch.stack([up.detach().float().flatten(1) for up in ups])  # (n, out, r)
+    a = torch.stack([down.float().flatten(1) for down in downs])  # (n, r, k)
+    b = torch.stack([up.float().flatten(1) for up in ups])  # (n, out, r)
     weight_sq = torch.stack(weight_sqs)
     if axis == "input":
-        w_products = torch.stack(
-            [_rows_times(w.detach().flatten(1), b_i, transpose_w=True) for w, b_i in zip(weights, b)]
-        )
+        w_products = torch.stack([_rows_times(w.flatten(1), b_i, transpose_w=True) for w, b_i in zip(weights, b)])
         t = torch.baddbmm(w_products, a.mT, b.mT @ b, alpha=gamma / 2)  # (n, k, r)
         per_column = (a.mT * t).sum(dim=2)
         if per_column.shape[1] != weight_sq.shape[1]:  # conv: fold kernel positions into their input channel
             per_column = _per_input_channel(per_column, weight_sq.shape[1])
         norm_sq = torch.add(weight_sq, per_column, alpha=2 * gamma)
     else:
-        w_products = torch.stack(
-            [_rows_times(w.detach().flatten(1), a_i.T, transpose_w=False) for w, a_i in zip(weights, a)]
-        )
+        w_products = torch.stack([_rows_times(w.flatten(1), a_i.T, transpose_w=False) for w, a_i in zip(weights, a)])
         t = torch.baddbmm(w_products, b, a @ a.mT, alpha=gamma / 2)  # (n, out, r)
         norm_sq = torch.add(weight_sq, (b * t).sum(dim=2), alpha=2 * gamma)
     # The sum can dip below zero by rounding when V's column is ~0; the floor keeps the scale finite.

@@ -35,26 +35,27 @@ class DoRANormGroup:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        batches: dict[tuple, list[tuple[DoRALayer, tuple]]] = defaultdict(list)
+        batches: dict[tuple, list[tuple[DoRALayer, torch.Tensor, tuple]]] = defaultdict(list)
         for layer in self.layers:
-            if is_quantized(layer.base) or (key := layer._norm_key()) == layer._norm_cache_key:
+            base = layer.base
+            if is_quantized(base) or (key := layer._norm_key()) == layer._norm_cache_key:
                 continue
-            weight = layer.base.weight
+            weight = base.weight
             kind = (weight.shape, weight.dtype, weight.device, layer.down_shape, layer.gamma, layer.spec.dora_axis)
-            batches[kind].append((layer, key))
+            batches[kind].append((layer, weight, key))
         for members in batches.values():
             for chunk in _chunks(members, per_chunk=max(1, NORM_BATCH_BYTES // _factor_bytes(members[0][0]))):
-                layers = [layer for layer, _ in chunk]
+                layers = [layer for layer, _, _ in chunk]
                 factors = [layer.factors() for layer in layers]  # VeRA's are computed: only a chunk's at once
                 norms = direction_norms(
-                    [layer.base.weight for layer in layers],
+                    [weight for _, weight, _ in chunk],
                     [layer.weight_norm_sq for layer in layers],
                     [down for down, _ in factors],
                     [up for _, up in factors],
                     gamma=layers[0].gamma,  # the same for the whole batch: both are part of its kind
                     axis=layers[0].spec.dora_axis,
                 )
-                for (layer, key), norm in zip(chunk, norms.clamp_min_(NORM_EPS)):
+                for (layer, _, key), norm in zip(chunk, norms.clamp_min_(NORM_EPS)):
                     layer._keep_norm(norm, key)
 
 

@@ -175,8 +175,9 @@ class VeRALayer(LoRALayer):
         down_basis, up_basis = self._bases()
         return scaled_rows(self.vera_d, down_basis), scaled_rows(self.vera_b, up_basis)
 
-    def _factor_parameters(self) -> tuple[Tensor, ...]:
-        return self.vera_d, self.vera_b
+    def _factor_parameters(self) -> tuple[Tensor, Tensor]:
+        params = self._parameters
+        return params["vera_d"], params["vera_b"]
 
     def forward(self, x: Tensor) -> Tensor:
         """LoRA's forward in VeRA's own terms (``VeraFunction``): nothing factor-sized is built or kept for A."""
