@@ -164,9 +164,13 @@ def test_linear_adapters_take_any_leading_shape(shape, kind):
 @pytest.mark.parametrize("function", [DoraInputAxis, DoraOutputAxis])
 @pytest.mark.parametrize("conv", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_gradcheck_float64(function, conv, masked):
-    """Finite differences on the custom functions, the norm a constant input: the detached-norm semantics."""
+@pytest.mark.parametrize("scaled", ["activations", "weights"])
+def test_gradcheck_float64(function, conv, masked, scaled):
+    """Finite differences on the custom functions, the norm a constant input: the detached-norm semantics.
+
+    ``scaled``: few tokens (the forward scales the activations) or many (it scales the smaller weights)."""
     generator = torch.Generator().manual_seed(4)
+    many = scaled == "weights"
 
     def rand(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -174,14 +178,14 @@ def test_gradcheck_float64(function, conv, masked):
     rank, out_ch, in_ch = 3, 5, 4
     if conv:
         ops, up_ops = ConvOps((2, 1), (1, 1), (1, 1)), ConvOps()
-        x, weight = rand(2, in_ch, 5, 4), rand(out_ch, in_ch, 3, 3).detach()
+        x, weight = rand(2, in_ch, *((12, 10) if many else (2, 2))), rand(out_ch, in_ch, 3, 3).detach()
         down, up = rand(rank, in_ch, 3, 3), rand(out_ch, rank, 1, 1)
         channels = in_ch if function is DoraInputAxis else out_ch
         norm = torch.rand(1, channels, 1, 1, generator=generator, dtype=torch.float64) + 0.5
         mask = (torch.rand(2, rank, 1, 1, generator=generator) > 0.3).double() if masked else None
     else:
         ops = up_ops = LinearOps()
-        x, weight = rand(2, 3, in_ch), rand(out_ch, in_ch).detach()
+        x, weight = rand(2, 40 if many else 1, in_ch), rand(out_ch, in_ch).detach()
         down, up = rand(rank, in_ch), rand(out_ch, rank)
         channels = in_ch if function is DoraInputAxis else out_ch
         norm = torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5

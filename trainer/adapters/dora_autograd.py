@@ -31,21 +31,28 @@ def _rows(t: Tensor) -> Tensor:
 
 
 class LinearOps:
-    """Linear as the DoRA functions need it: apply, and the input and weight gradients."""
+    """Linear as the DoRA functions need it: apply, and the input and weight gradients.
+
+    The gradients take and give activations ``flat``: as 2-D rows, which a backward makes once for all its
+    products rather than once per product (on small layers, such per-op overhead is most of the cost).
+    """
 
     def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
 
+    def flat(self, t: Tensor) -> Tensor:
+        return _rows(t)
+
     def input_grad(self, x: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
         """sum_k dy_k @ w_k, accumulated in place by the GEMM (beta=1) instead of through temporaries."""
         (w0, dy0), *rest = pairs
-        dx = _rows(dy0) @ w0
+        dx = dy0 @ w0
         for w, dy in rest:
-            dx.addmm_(_rows(dy), w)
-        return dx.reshape(x.shape)
+            dx.addmm_(dy, w)
+        return dx
 
     def weight_grad(self, x: Tensor, weight: Tensor, dy: Tensor) -> Tensor:
-        return _rows(dy).T @ _rows(x)
+        return dy.T @ x
 
     def add_up(self, out: Tensor, h: Tensor, up: Tensor, alpha: float) -> Tensor:
         """out += alpha * up(h), accumulated by the GEMM itself (beta=1): no output-sized temporary.
@@ -69,6 +76,9 @@ class ConvOps:
 
     def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def flat(self, t: Tensor) -> Tensor:
+        return t
 
     def _backward(self, x: Tensor, weight: Tensor, dy: Tensor, need_input: bool, need_weight: bool):
         return torch.ops.aten.convolution_backward(
@@ -113,7 +123,7 @@ def _scale(ctx, magnitude: Tensor, norm: Tensor) -> Tensor:
     """c = m / ||V|| in the norm's dtype (float32), shaped like the norm; computed here rather than by autograd,
     which would add two nodes per layer (the division and the reshape) for what the backward does in one line."""
     ctx.magnitude_shape, ctx.magnitude_dtype = magnitude.shape, magnitude.dtype
-    return magnitude.to(norm.dtype).reshape(norm.shape) / norm
+    return magnitude.reshape(norm.shape) / norm  # float32 whatever the magnitude's dtype: the division promotes
 
 
 def _magnitude_grad(ctx, d_scale: Tensor, norm: Tensor) -> Tensor:
@@ -131,11 +141,15 @@ def _bias_grad(dy: Tensor, bias: Tensor, ops: Ops) -> Tensor:
 
 
 def _up_backward(ctx, dz: Tensor, up: Tensor, h: Tensor, rank_mask: Tensor | None, need_up: bool):
-    """d(up) and d(h) from the gradient of V x = W x + gamma * up(h); d(h) already carries gamma and mask."""
+    """d(up) and d(h) from the flat gradient ``dz`` of V x = W x + gamma * up(h); d(h), flat, carries gamma and
+    the mask (which broadcasts over h's own shape: per sample, not per row)."""
     up_ops, gamma = ctx.up_ops, ctx.gamma
-    d_up = up_ops.weight_grad(h, up, dz).mul_(gamma) if need_up else None
-    dh = up_ops.input_grad(h, [(up, dz)]).mul_(gamma)
-    return d_up, (dh if rank_mask is None else dh.mul_(rank_mask))
+    h_flat = up_ops.flat(h)
+    d_up = up_ops.weight_grad(h_flat, up, dz).mul_(gamma) if need_up else None
+    dh = up_ops.input_grad(h_flat, [(up, dz)]).mul_(gamma)
+    if rank_mask is not None:
+        dh.view(h.shape).mul_(rank_mask)
+    return d_up, dh
 
 
 def _dense(weight: Tensor | Callable[[], Tensor]) -> Tensor:
@@ -170,15 +184,23 @@ def _lora_forward(ctx, v_input: Tensor, weight, bias, down, up, gamma, rank_mask
     h = ops.apply(v_input, down)
     if rank_mask is not None:
         h = h * rank_mask
-    out = up_ops.add_up(ops.apply(v_input, _dense(weight), bias), h, up, gamma)
+    out = up_ops.add_up(ops.apply(v_input, weight, bias), h, up, gamma)
     ctx.ops, ctx.up_ops, ctx.gamma = ops, up_ops, gamma
     return out, h
+
+
+def _times(t: Tensor, scale: Tensor) -> Tensor:
+    """t * scale in t's dtype (the scale is float32)."""
+    return t * scale if t.dtype == scale.dtype else (t * scale).to(t.dtype)
 
 
 class DoraInputAxis(torch.autograd.Function):
     """y = W (c*x) + gamma * up(down(c*x)) + b; saves x, not c*x.
 
-    The scaled input is not even recomputed in backward: the down weight's gradient is linear in each
+    c*x is the same product as (W*c) x and (down*c) x, so the forward scales whichever is smaller: the
+    activations, or the weight and the down factor (a weight-sized temporary, dropped after the layer's GEMMs:
+    one pass over W instead of one over x; W is the smaller one at SDXL's larger sizes and on every small
+    layer). The scaled input is not even recomputed in backward: the down weight's gradient is linear in each
     input channel, so d(down) = grad(x) * c, a rank-sized product.
     """
 
@@ -187,8 +209,12 @@ class DoraInputAxis(torch.autograd.Function):
         ctx, x, magnitude, norm, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops, factors=None
     ):
         scale = _scale(ctx, magnitude, norm)
-        scaled_x = x * scale if x.dtype == scale.dtype else (x * scale).to(x.dtype)
-        y, h = _lora_forward(ctx, scaled_x, weight, bias, down, up, gamma, rank_mask, ops, up_ops)
+        dense, v_input = _dense(weight), x
+        if dense.numel() + down.numel() < x.numel():  # scale broadcasts over both weights' input channels (dim 1)
+            dense, down_used = _times(dense, scale), _times(down, scale)
+        else:
+            v_input, down_used = _times(x, scale), down
+        y, h = _lora_forward(ctx, v_input, dense, bias, down_used, up, gamma, rank_mask, ops, up_ops)
         saved = _saved_weight(ctx, weight), *_saved_factors(ctx, down, up, factors)
         ctx.save_for_backward(x, scale, norm, *saved, bias, h, rank_mask)
         return y
@@ -198,25 +224,29 @@ class DoraInputAxis(torch.autograd.Function):
         x, scale, norm, weight, down, up, bias, h, rank_mask = ctx.saved_tensors
         weight = _weight_in_backward(ctx, weight)
         down, up = _factors_in_backward(ctx, down, up)
-        needs = ctx.needs_input_grad
+        ops, needs = ctx.ops, ctx.needs_input_grad
+        x_flat, dy = ops.flat(x), ops.flat(dy)
         d_up, dh = _up_backward(ctx, dy, up, h, rank_mask, needs[_UP])
         d_down = dx = d_magnitude = d_bias = None
         if needs[_DOWN]:  # scale broadcasts over down's input channels: (in,) on (r, in), (1, in, 1, 1) on 4-D
-            d_down = ctx.ops.weight_grad(x, down, dh)
+            d_down = ops.weight_grad(x_flat, down, dh)
             d_down = d_down.mul_(scale) if d_down.dtype == scale.dtype else (d_down * scale).to(down.dtype)
         if needs[_X] or needs[_MAGNITUDE]:
-            d_scaled_x = ctx.ops.input_grad(x, [(weight, dy), (down, dh)])
+            d_scaled_x = ops.input_grad(x_flat, [(weight, dy), (down, dh)])
             if needs[_MAGNITUDE]:
-                d_magnitude = _magnitude_grad(ctx, _sum_to(d_scaled_x * x, scale.shape), norm)
+                d_magnitude = _magnitude_grad(ctx, _sum_to(d_scaled_x * x_flat, scale.shape), norm)
             if needs[_X]:
                 dx = d_scaled_x.mul_(scale) if d_scaled_x.dtype == scale.dtype else (d_scaled_x * scale).to(x.dtype)
+                dx = dx.view(x.shape)
         if needs[_BIAS]:
-            d_bias = _bias_grad(dy, bias, ctx.ops)
+            d_bias = _bias_grad(dy, bias, ops)
         return dx, d_magnitude, None, None, d_bias, d_down, d_up, None, None, None, None, None
 
 
 class DoraOutputAxis(torch.autograd.Function):
     """y = c * (W x + gamma * up(down(x))) + b; the magnitude gradient is taken from y itself.
+
+    c * (W x) = (c * W) x: the forward scales the output or, when they are smaller, W's and up's rows.
 
     dL/dc = sum dy * (y - b) / c = (sum dy*y - b * sum dy) / c, so nothing beyond y (which the next op
     usually keeps anyway) is saved and no output-sized temporary is built.
@@ -227,10 +257,17 @@ class DoraOutputAxis(torch.autograd.Function):
         ctx, x, magnitude, norm, weight, bias, down, up, gamma: float, rank_mask, ops: Ops, up_ops: Ops, factors=None
     ):
         scale = _scale(ctx, magnitude, norm)
-        unscaled, h = _lora_forward(ctx, x, weight, None, down, up, gamma, rank_mask, ops, up_ops)
-        y = unscaled.mul_(scale) if unscaled.dtype == scale.dtype else (unscaled * scale).to(unscaled.dtype)
-        if bias is not None:
-            y.add_(bias.reshape(ops.channel_shape(bias.shape[0])))
+        dense = _dense(weight)
+        out_ch, in_ch = dense.shape[:2]
+        if dense.numel() + up.numel() < x.numel() // in_ch * out_ch:  # weights smaller than the output: scale them
+            rows = scale.flatten()
+            scaled_weight, scaled_up = (scaled_rows(rows, t).to(t.dtype) for t in (dense, up))
+            y, h = _lora_forward(ctx, x, scaled_weight, bias, down, scaled_up, gamma, rank_mask, ops, up_ops)
+        else:
+            unscaled, h = _lora_forward(ctx, x, dense, None, down, up, gamma, rank_mask, ops, up_ops)
+            y = unscaled.mul_(scale) if unscaled.dtype == scale.dtype else (unscaled * scale).to(unscaled.dtype)
+            if bias is not None:
+                y.add_(bias.reshape(ops.channel_shape(bias.shape[0])))
         saved = _saved_weight(ctx, weight), *_saved_factors(ctx, down, up, factors)
         ctx.save_for_backward(x, scale, norm, *saved, bias, h, rank_mask, y)
         return y
@@ -240,11 +277,12 @@ class DoraOutputAxis(torch.autograd.Function):
         x, scale, norm, weight, down, up, bias, h, rank_mask, y = ctx.saved_tensors
         weight = _weight_in_backward(ctx, weight)
         down, up = _factors_in_backward(ctx, down, up)
-        needs = ctx.needs_input_grad
+        ops, needs = ctx.ops, ctx.needs_input_grad
+        dy = ops.flat(dy)
         d_magnitude = d_bias = None
         dy_sum = _sum_to(dy, scale.shape) if needs[_MAGNITUDE] or needs[_BIAS] else None
         if needs[_MAGNITUDE]:
-            shifted_sum = _sum_to(dy * y, scale.shape)
+            shifted_sum = _sum_to(dy * ops.flat(y), scale.shape)
             if bias is not None:
                 shifted_sum = shifted_sum - bias.float().reshape(scale.shape) * dy_sum
             # A channel whose magnitude is exactly 0 has lost its unscaled output; its m gets no gradient.
@@ -254,8 +292,9 @@ class DoraOutputAxis(torch.autograd.Function):
             d_bias = dy_sum.reshape(bias.shape).to(bias.dtype)
         d_unscaled = dy * scale if dy.dtype == scale.dtype else (dy * scale).to(dy.dtype)
         d_up, dh = _up_backward(ctx, d_unscaled, up, h, rank_mask, needs[_UP])
-        d_down = ctx.ops.weight_grad(x, down, dh) if needs[_DOWN] else None
-        dx = ctx.ops.input_grad(x, [(weight, d_unscaled), (down, dh)]) if needs[_X] else None
+        x_flat = ops.flat(x)
+        d_down = ops.weight_grad(x_flat, down, dh) if needs[_DOWN] else None
+        dx = ops.input_grad(x_flat, [(weight, d_unscaled), (down, dh)]).view(x.shape) if needs[_X] else None
         return dx, d_magnitude, None, None, d_bias, d_down, d_up, None, None, None, None, None
 
 
@@ -299,6 +338,7 @@ class VeraFunction(torch.autograd.Function):
         x, weight, bias, d, b, projected, rank_mask = ctx.saved_tensors
         down_basis, up_basis = ctx.bases()
         ops, needs = ctx.ops, ctx.needs_input_grad
+        dy = ops.flat(dy)
         h, up = _vera_hidden(projected, d, rank_mask, ops), scaled_rows(b, up_basis)
         d_up, dh = _up_backward(ctx, dy, up, h, rank_mask, needs[_VERA_B])
         d_b = d_d = dx = d_bias = None
@@ -306,9 +346,10 @@ class VeraFunction(torch.autograd.Function):
             d_b = (d_up * up_basis).flatten(1).sum(dim=1).to(b.dtype)
         d_scale = d.reshape(ops.channel_shape(d.shape[0]))
         if needs[_VERA_D]:  # dd_k = sum over tokens of dh_k * (A x)_k
-            d_d = _sum_to(dh * projected, d_scale.shape).reshape(d.shape).to(d.dtype)
+            d_d = _sum_to(dh * ops.flat(projected), d_scale.shape).reshape(d.shape).to(d.dtype)
         if needs[_VERA_X]:
-            dx = ops.input_grad(x, [(_weight_in_backward(ctx, weight), dy), (down_basis, dh.mul_(d_scale))])
+            weight = _weight_in_backward(ctx, weight)
+            dx = ops.input_grad(ops.flat(x), [(weight, dy), (down_basis, dh.mul_(d_scale))]).view(x.shape)
         if needs[_VERA_BIAS]:
             d_bias = _bias_grad(dy, bias, ops)
         return dx, None, d_bias, d_d, d_b, None, None, None, None, None
