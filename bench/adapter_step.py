@@ -35,8 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.third_party import apply_lycoris_dora, apply_peft
-from trainer.training.optimizers import adamw_kernels
+from bench.third_party import apply_lycoris_dora, apply_peft, training_adamw
 
 METHODS = ("none", "lora", "dora", "dora-output", "peft-lora", "peft-dora", "lycoris-dora")
 BLOCK_CASES = {
@@ -232,7 +231,7 @@ def prepare(method: str, case: str, args: argparse.Namespace):
     device = torch.device(args.device)
     work = build_workload(case, device, args.blocks, args.latent_size)
     params, gain = apply_method(method, work, device)
-    optimizer = torch.optim.AdamW(params, lr=1e-4, **adamw_kernels(params))  # as training does
+    optimizer = training_adamw(params, [work.model, *(m for m in work.keep_alive if isinstance(m, nn.Module))])
     for _ in range(WARMUP_STEPS):
         train_step(work, gain, optimizer)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

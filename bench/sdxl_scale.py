@@ -1,7 +1,7 @@
 """The whole SDXL UNet (its real config, random weights, nothing downloaded): step time and memory per method.
 
 Our LoRA and DoRA (both axes), PEFT's LoRA and DoRA, LyCORIS's DoRA, and our QLoRA / QDoRA over an fp8 and an
-NF4 base, each on the 722 attention Linears at rank 16, batch 1, AdamW (fused, as training runs it); and VeRA
+NF4 base, each on the 722 attention Linears at rank 16, batch 1, AdamW (built as a training run builds it); and VeRA
 (ours and PEFT's) and our DVoRA at VeRA's usual rank, 256 (``vera``, ``dvora``, ``peft-vera``).
 
 Two ways to run:
@@ -38,8 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.third_party import apply_lycoris_dora, apply_peft, apply_peft_vera
-from trainer.training.optimizers import adamw_kernels
+from bench.third_party import apply_lycoris_dora, apply_peft, apply_peft_vera, training_adamw
 
 METHODS = ("lora", "dora", "dora-output", "peft-lora", "peft-dora", "lycoris-dora", "qlora-fp8", "qdora-fp8",
            "qlora-nf4", "qdora-nf4", "vera", "dvora", "peft-vera")  # fmt: skip
@@ -95,7 +94,7 @@ def training_step(unet, params: list[torch.nn.Parameter], args: argparse.Namespa
     unet.train()
     if args.checkpointing:
         unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(params, lr=1e-4, **adamw_kernels(params))  # as training does
+    optimizer = training_adamw(params, [unet])
     config, latent = unet.config, args.size // 8
     pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     generator = torch.Generator(device).manual_seed(1)

@@ -1,4 +1,5 @@
-"""The independent implementations the benches compare against, put on the same target Linears as ours.
+"""The independent implementations the benches compare against, put on the same target Linears as ours, and the
+optimizer every method is timed with.
 
 PEFT's LoRA / DoRA / VeRA and LyCORIS's DoRA, each given an explicit list of module paths, so that every method
 adapts exactly the layers our injection picks.
@@ -6,7 +7,29 @@ adapts exactly the layers our injection picks.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from trainer.training.optimizers import ParamGroup, build_optimizer
+
+MAGNITUDE_NAMES = ("dora_scale", "lora_magnitude_vector")  # ours and LyCORIS's; PEFT's
+
+
+def training_adamw(params: list[nn.Parameter], modules: list[nn.Module]) -> torch.optim.Optimizer:
+    """AdamW built as a training run builds it (``build_optimizer``, the settings' defaults), for every method
+    alike: the DoRA magnitudes found in ``modules`` (ours, PEFT's, LyCORIS's) in their own undecayed group, and
+    the kernels training picks for each group."""
+    magnitudes = {
+        id(p) for module in modules for name, p in module.named_parameters() if any(n in name for n in MAGNITUDE_NAMES)
+    }
+    return build_optimizer(
+        "adamw",
+        [ParamGroup("adapters", params, 1e-4)],
+        weight_decay=0.01,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        no_decay=lambda p: id(p) in magnitudes,
+    )
 
 
 def apply_peft(model: nn.Module, targets: list[str], rank: int, alpha: float, dora: bool) -> None:

@@ -212,8 +212,19 @@ class SimulatedRun:
         with step:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        peak = max(tracker.peak, with_gradients + step.peak)
+        peak = max(tracker.peak, with_gradients + step.peak + self._foreach_temporaries())
         return resident + peak, max(peak - self.adapter_bytes, 0)
+
+    def _foreach_temporaries(self) -> int:
+        """What AdamW's multi-tensor form adds beyond the stand-ins' step: a group run that way (a small one off
+        CUDA: ``optimizers.FOREACH_GROUP_BYTES``) makes a temporary the size of the whole group at once."""
+        stand_ins = {id(param) for param, _ in self.kinds}
+        extra = [
+            storage_bytes([p for p in group["params"] if id(p) not in stand_ins])
+            for group in self.optimizer.param_groups
+            if group.get("foreach")
+        ]
+        return max(extra, default=0)
 
     def _step_inputs(self) -> tuple[Batch, object, SimpleNamespace]:
         """A batch at the bucket's size (cached moments, or pixels for the VAE), its noise, and the parts of a
