@@ -42,6 +42,31 @@ def test_groups_keep_name_and_lr_and_split_off_no_decay():
     assert not optimizer.defaults["fused"]  # CPU parameters: the fused kernel is for CUDA
 
 
+def test_small_groups_take_adamw_multi_tensor_form_off_cuda_and_step_as_the_loop_does(monkeypatch):
+    """A group within FOREACH_GROUP_BYTES runs foreach (one temporary the group's size), a larger one the loop;
+    the fused kernel (CUDA) leaves both alone. Both forms are the same AdamW, to rounding."""
+    monkeypatch.setattr("trainer.training.optimizers.FOREACH_GROUP_BYTES", 4 * 14)  # the no_decay group: 3 values
+    param_groups, magnitude = groups()
+    optimizer = build_optimizer("adamw", param_groups, **ADAM, no_decay=lambda p: p is magnitude)
+    assert [g["foreach"] for g in optimizer.param_groups] == [None, True, True]
+    fused = build_optimizer("adamw", groups()[0], **ADAM, no_decay=None, fused=True)
+    assert [g["foreach"] for g in fused.param_groups] == [None, None]
+    loop_groups = [
+        {**g, "params": [p.detach().clone().requires_grad_() for p in g["params"]], "foreach": False}
+        for g in optimizer.param_groups
+    ]
+    loop = torch.optim.AdamW(loop_groups)
+    ours = [p for g in optimizer.param_groups for p in g["params"]]
+    loop_params = [p for g in loop_groups for p in g["params"]]
+    for step in range(3):
+        for p, q in zip(ours, loop_params):
+            p.grad = q.grad = torch.full_like(p, 0.5 - step)
+        optimizer.step()
+        loop.step()
+    for p, q in zip(ours, loop_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+
+
 def test_no_decay_none_and_all_no_decay():
     param_groups, _ = groups()
     optimizer = build_optimizer("adamw", param_groups, **ADAM, no_decay=None)
