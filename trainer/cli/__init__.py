@@ -1,4 +1,5 @@
-"""The ``dora-studio`` command. Each subcommand is a small function over the engine's modules.
+"""The ``dora-studio`` command. Each subcommand is a small function over the engine's modules; those over adapter
+files live in ``cli.adapter_files``.
 
 Subcommands import what they use when they run, so ``--help`` and ``settings`` answer without loading torch.
 """
@@ -10,82 +11,13 @@ import contextlib
 import json
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from trainer.errors import StudioError, UsageError
 from trainer.runs.run_directory import RunDirectory, new_run_name
 
-EXIT_OK, EXIT_FAILED_CHECK, EXIT_BAD_INPUT = 0, 1, 2
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from trainer.kohya.adapter_file import load_adapter
-    from trainer.kohya.inspect import format_summary, summarize
-
-    summary = summarize(load_adapter(Path(args.file)), args.file)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
-    return EXIT_OK
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from trainer.builtin.resolve import resolve_model_path
-    from trainer.kohya.adapter_file import load_adapter
-    from trainer.kohya.merge import match_pipeline
-    from trainer.kohya.verify import format_distance, format_report, quantized_base_distance, verify_match
-    from trainer.sdxl.model_files import load_sdxl_pipeline
-
-    loaded = load_adapter(Path(args.file))  # before the slow model load, so a bad file fails fast
-    match = match_pipeline(loaded, load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir))
-    report = verify_match(match, tolerance=args.tolerance, metadata=loaded.metadata)
-    distance = quantized_base_distance(match, args.base_precision) if args.base_precision else None
-    if args.json:
-        print(json.dumps(report.to_json() | ({"quantized_base": asdict(distance)} if distance else {}), indent=2))
-    else:
-        print(format_report(report) + (f"\n\n{format_distance(distance)}" if distance else ""))
-    return EXIT_OK if report.ok else EXIT_FAILED_CHECK
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from trainer.builtin.resolve import resolve_model_path
-    from trainer.kohya.adapter_file import load_adapter
-    from trainer.kohya.merge import match_pipeline, merge_matched, require_full_match
-    from trainer.sdxl.model_files import export_pipeline, load_sdxl_pipeline
-
-    if Path(args.out).exists():
-        raise UsageError.at(args.out, "already exists; choose a new output path so nothing is overwritten")
-    loaded = load_adapter(Path(args.adapter))  # before the slow model load, so a bad file fails fast
-    pipe = load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir)
-    match = match_pipeline(loaded, pipe)
-    require_full_match(match, Path(args.adapter), args.model)
-    merge_matched(match, args.strength)
-    out = export_pipeline(pipe, Path(args.out))
-    print(f"merged {len(match.matched)} layers at strength {args.strength:g} into {out}")
-    return EXIT_OK
-
-
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from trainer.builtin.resolve import resolve_model_path
-    from trainer.config.presets import load_config
-    from trainer.kohya import analyze
-    from trainer.sdxl.model_files import load_sdxl_pipeline
-
-    run = RunDirectory(Path(args.run or "."))
-    if bool(args.file) == bool(args.run) or not (args.model if args.file else run.config_path.is_file()):
-        raise UsageError("give an adapter FILE and --model MODEL, or --run RUN_DIR (a run folder: with a config.toml)")
-    config = load_config(run.config_path) if args.run else None
-    files = run.saved_adapters(config.saving.output_name) if config else [Path(args.file)]
-    if not files:
-        raise UsageError.at(run.adapters_dir, "holds no adapter yet; analyze the run once it has saved one")
-    model, config_dir = (args.model, args.config_dir) if args.model else (config.model.path, config.model.config_dir)
-    analyses = analyze.analyze_files(files, model, lambda: load_sdxl_pipeline(resolve_model_path(model), config_dir))
-    if config is None:
-        print(json.dumps(analyses[0].to_json(), indent=2) if args.json else analyze.format_analysis(analyses[0]))
-        return EXIT_OK
-    out = Path(args.out or run.analysis_dir)
-    result = analyze.analyze_run(analyses, out)
-    print(json.dumps(result, indent=2) if args.json else analyze.format_run(result, out))
-    return EXIT_OK
+from .adapter_files import add_adapter_file_commands
+from .common import EXIT_BAD_INPUT, EXIT_OK
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -260,46 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dora-studio", description="Train and check LoRA/DoRA adapters for SDXL.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="summarise an adapter file (stems, ranks, kind, axis, metadata)")
-    p.add_argument("file")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(func=cmd_inspect)
-
-    model_help = (
-        "SDXL base: a diffusers folder, a single-file .safetensors checkpoint, builtin:toy-sdxl or builtin:tiny-sdxl"
-    )
-    config_help = "diffusers config folder for a single-file model (default: a folder named like the file)"
-
-    p = sub.add_parser("verify", help="merge a file as ComfyUI/Forge, A1111 and InvokeAI do; compare with ours")
-    p.add_argument("file")
-    p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--config-dir", help=config_help)
-    p.add_argument("--tolerance", type=float, default=1e-5, help="max relative error accepted (default 1e-5)")
-    p.add_argument(
-        "--base-precision",
-        choices=("fp8", "nf4"),
-        help="the file was trained over this quantized base: also say how far the full-precision merge is from "
-        "what training saw",
-    )
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(func=cmd_verify)
-
-    p = sub.add_parser("merge", help="merge an adapter into a model; write a diffusers folder or .safetensors")
-    p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--config-dir", help=config_help)
-    p.add_argument("--adapter", required=True, help="adapter .safetensors file")
-    p.add_argument("--strength", type=float, default=1.0)
-    p.add_argument("--out", required=True, help="output folder, or a .safetensors path for an SGM single file")
-    p.set_defaults(func=cmd_merge)
-
-    p = sub.add_parser("analyze", help="which layers an adapter changed, in magnitude or direction (DoRA paper)")
-    p.add_argument("file", nargs="?", help="adapter .safetensors file (or --run)")
-    p.add_argument("--run", metavar="RUN_DIR", help="every adapter the run saved, as checkpoints: plot ΔM against ΔD")
-    p.add_argument("--model", help=model_help + " (default with --run: the run's)")
-    p.add_argument("--config-dir", help=config_help)
-    p.add_argument("--out", metavar="DIR", help="with --run: where the PNG and JSON go (default RUN_DIR/analysis)")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(func=cmd_analyze)
+    add_adapter_file_commands(sub)
 
     p = sub.add_parser("make-tiny-model", help="write the built-in tiny SDXL-structured model (for tests, demos)")
     p.add_argument("out_dir")
@@ -393,7 +286,3 @@ def main(argv: list[str] | None = None) -> int:
     except StudioError as error:  # what the user can fix: the problems, no traceback
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-
-if __name__ == "__main__":
-    sys.exit(main())
