@@ -1,21 +1,67 @@
-"""Cut an adapter layer's update to a lower rank by SVD, for files too large to share (VeRA's ranks: 256 and up).
+"""Cut an adapter layer's update to a lower rank by SVD: for files too large to share (``saving.export_rank``,
+VeRA's ranks of 256 and up) and for ``dora-studio resize``.
 
 The best rank-k approximation (Eckart-Young) of the update gamma * up @ down, found without building it: with
 up = Q1 R1 and down^T = Q2 R2 (thin QR), up @ down = Q1 (R1 R2^T) Q2^T, so one SVD of the r x r middle gives
 the update's singular vectors, and the singular values it drops give the error exactly (Eckart-Young) with
 nothing weight-sized built, which matters on the CPU at VeRA's ranks (SDXL: 722 layers). A DoRA magnitude is
-kept as trained: only the direction's update V - W is cut.
+kept as trained: only the direction's update V - W is cut, so every column keeps the norm m it was trained to.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
+from torch import Tensor
 
 from .weights import AdapterWeights
 
+DynamicMethod = Literal["sv_ratio", "sv_fro", "sv_cumulative"]
+DYNAMIC_METHODS: tuple[DynamicMethod, ...] = ("sv_ratio", "sv_fro", "sv_cumulative")
+ZERO_UPDATE = 1e-6  # kohya's MIN_SV: an update whose largest singular value is below this keeps rank 1
+
+
+@dataclass(frozen=True)
+class UpdateSVD:
+    """up @ down (gamma left out, as kohya's resize leaves it) = left diag(values) right, in float64."""
+
+    left: Tensor  # (out, r)
+    values: Tensor  # (r,), descending
+    right: Tensor  # (r, in * kh * kw)
+
 
 @torch.no_grad()
-def truncate_rank(weights: AdapterWeights, rank: int) -> tuple[AdapterWeights, float]:
+def update_svd(weights: AdapterWeights) -> UpdateSVD:
+    """The SVD of a layer's update from its factors: two thin QRs and one r x r SVD."""
+    q_up, r_up = torch.linalg.qr(weights.up.double().flatten(1))  # (out, r)
+    q_down, r_down = torch.linalg.qr(weights.down.double().flatten(1).T)  # (in*k*k, r)
+    u, s, vh = torch.linalg.svd(r_up @ r_down.T)
+    return UpdateSVD(q_up @ u, s, vh @ q_down.T)
+
+
+def dynamic_rank(values: Tensor, method: DynamicMethod, param: float) -> int:
+    """The rank kohya's ``resize_lora.py`` picks for singular values ``values`` (its index rules, plus one):
+
+    * ``sv_ratio``: the singular values above the largest / param;
+    * ``sv_fro``: the fewest whose Frobenius norm reaches param of the whole (param 0.9: 90% kept);
+    * ``sv_cumulative``: the fewest whose plain sum reaches param of the whole.
+    """
+    if method == "sv_ratio":
+        index = int((values > values[0] / param).sum()) - 1
+    elif method == "sv_fro":
+        squares = values.square()
+        index = int(torch.searchsorted(torch.cumsum(squares, 0) / squares.sum(), torch.tensor(param**2).double()))
+    elif method == "sv_cumulative":
+        index = int(torch.searchsorted(torch.cumsum(values, 0) / values.sum(), torch.tensor(param).double()))
+    else:
+        raise ValueError(f"unknown dynamic method {method!r}; choose one of {', '.join(DYNAMIC_METHODS)}")
+    return max(0, min(index, len(values) - 1)) + 1
+
+
+@torch.no_grad()
+def truncate_rank(weights: AdapterWeights, rank: int, svd: UpdateSVD | None = None) -> tuple[AdapterWeights, float]:
     """The layer with its update cut to ``rank``, and the cut's error relative to the update, ||E|| / ||gamma up
     down|| (Frobenius). A layer not above ``rank`` comes back as it is, with error 0. gamma = alpha/rank is kept;
     the singular values are split evenly between up and down, so neither factor dwarfs the other in fp16."""
@@ -23,14 +69,11 @@ def truncate_rank(weights: AdapterWeights, rank: int) -> tuple[AdapterWeights, f
         raise ValueError(f"rank must be >= 1, got {rank}")
     if weights.rank <= rank:
         return weights, 0.0
-    up = weights.up.double().flatten(1)  # (out, r)
-    down = weights.down.double().flatten(1)  # (r, in*k*k)
-    q_up, r_up = torch.linalg.qr(up)
-    q_down, r_down = torch.linalg.qr(down.T)
-    u, s, vh = torch.linalg.svd(r_up @ r_down.T)
+    svd = svd or update_svd(weights)
+    s = svd.values
     root = s[:rank].sqrt()
-    new_up = (q_up @ u[:, :rank]) * root
-    new_down = root[:, None] * (vh[:rank] @ q_down.T)
+    new_up = svd.left[:, :rank] * root
+    new_down = root[:, None] * svd.right[:rank]
     dtype = weights.up.dtype
     cut = AdapterWeights(
         down=new_down.reshape(rank, *weights.down.shape[1:]).to(dtype),

@@ -1,4 +1,4 @@
-"""Subcommands over adapter files: inspect, verify, merge, analyze.
+"""Subcommands over adapter files: inspect, verify, merge, analyze, resize.
 
 Each imports what it uses when it runs, so ``--help`` answers without loading torch.
 """
@@ -85,6 +85,35 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_resize(args: argparse.Namespace) -> int:
+    from trainer.builtin.resolve import resolve_model_path
+    from trainer.kohya import resize
+    from trainer.kohya.adapter_file import load_adapter
+    from trainer.kohya.merge import canonical_stems, match_pipeline, pipeline_parts, require_full_match
+    from trainer.sdxl.model_files import load_sdxl_pipeline
+
+    source, out = Path(args.file), Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UsageError.at(out, "the output must be a .safetensors file")
+    if out.exists():
+        raise UsageError.at(out, "already exists; choose a new output path so nothing is overwritten")
+    loaded = load_adapter(source)  # before the slow model load, so a bad file fails fast
+    pipe = load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir) if args.model else None
+    if pipe is not None:  # the model's stem names, and refuse a file for another architecture
+        loaded = canonical_stems(loaded, pipeline_parts(pipe))
+        before = match_pipeline(loaded, pipe)
+        require_full_match(before, source, args.model)
+    resized = resize.resize_adapters(loaded.adapters, args.rank, args.dynamic, args.dynamic_param)
+    if not resized.summary()["layers_cut"]:
+        ranks = sorted({w.rank for w in loaded.adapters.values()})
+        raise UsageError.at(source, f"no layer gets a lower rank (the file's ranks: {ranks}); nothing was written")
+    if pipe is not None:
+        resize.add_merged_errors(resized, before, match_pipeline(resize.loaded_with(loaded, resized), pipe))
+    resize.save_resized(out, loaded, resized, source)
+    print(json.dumps(resize.resize_json(resized, out), indent=2) if args.json else resize.format_resize(resized, out))
+    return EXIT_OK
+
+
 def add_adapter_file_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="summarise an adapter file (stems, ranks, kind, axis, metadata)")
     p.add_argument("file")
@@ -121,3 +150,19 @@ def add_adapter_file_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="with --run: where the PNG and JSON go (default RUN_DIR/analysis)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("resize", help="an adapter at a lower rank (fixed, or per layer by kohya's dynamic rules)")
+    p.add_argument("file", help="adapter .safetensors file (kohya, LyCORIS, OneTrainer, PEFT or ours; LoRA or DoRA)")
+    p.add_argument("--rank", type=int, required=True, help="the new rank; with --dynamic, the largest a layer gets")
+    p.add_argument(
+        "--dynamic",
+        choices=("sv_ratio", "sv_fro", "sv_cumulative"),
+        help="pick each layer's rank as kohya's resize_lora.py does: sv_fro keeps that fraction of the update's "
+        "Frobenius norm, sv_cumulative of its singular values' sum; sv_ratio keeps those above largest / param",
+    )
+    p.add_argument("--dynamic-param", type=float, help="the rule's target, e.g. 0.9 (sv_fro), 0.95, or 10 (sv_ratio)")
+    p.add_argument("--model", help=MODEL_HELP + "; measures each layer's merged-weight error and checks the fit")
+    p.add_argument("--config-dir", help=CONFIG_HELP)
+    p.add_argument("--out", required=True, help="the new .safetensors file (never overwrites)")
+    p.add_argument("--json", action="store_true", help="print the summary and every layer's numbers as JSON")
+    p.set_defaults(func=cmd_resize)

@@ -1,0 +1,172 @@
+"""``dora-studio resize``: an adapter file at a lower rank, fixed or chosen per layer by kohya's dynamic rules.
+
+Each layer's update is cut by ``adapters.low_rank`` to its best approximation at the new rank (Eckart-Young,
+from the factors: nothing weight-sized is built, so SDXL's 722 layers take seconds). A DoRA layer keeps its
+magnitudes as trained: only the direction's update is cut, so every column of the merged weight keeps the
+norm it was trained to. What the cut cost is reported per layer: the update's relative error (exact, from the
+singular values dropped) and, given the model, the merged weight's error against the original file's (the
+``verify`` metric: largest difference over largest value), which for DoRA depends on the base weight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from trainer.adapters.low_rank import ZERO_UPDATE, DynamicMethod, dynamic_rank, truncate_rank, update_svd
+from trainer.adapters.weights import AdapterWeights, merged_weight
+from trainer.errors import UsageError
+
+from .adapter_file import LoadedAdapter, save_adapter
+from .merge import StemMatch
+from .metadata import VERA_KEY
+
+RESIZE_KEY = "dora_studio.resize"  # what produced the file: source, its hash, the rule, the errors
+SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class LayerResize:
+    stem: str
+    old_rank: int
+    new_rank: int
+    update_error: float  # ||cut|| / ||update||, Frobenius
+    merged_error: float | None = None  # max |W'_new - W'_old| / max |W'_old|, with the model
+
+
+@dataclass
+class Resized:
+    """A file's layers at their new ranks, what each cut cost, and the rule that chose the ranks."""
+
+    adapters: dict[str, AdapterWeights]
+    layers: list[LayerResize]
+    rule: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """Overall numbers for the report and the file's record."""
+        cut = [layer for layer in self.layers if layer.new_rank < layer.old_rank]
+        ranks = [layer.new_rank for layer in self.layers]
+        merged = [layer.merged_error for layer in self.layers if layer.merged_error is not None]
+        return {
+            **self.rule,
+            "layers": len(self.layers),
+            "layers_cut": len(cut),
+            "ranks": {"min": min(ranks), "max": max(ranks), "mean": round(statistics.fmean(ranks), 2)},
+            "update_error_max": max((layer.update_error for layer in self.layers), default=0.0),
+            "update_error_mean": statistics.fmean([layer.update_error for layer in self.layers]),
+            "merged_error_max": max(merged) if merged else None,
+        }
+
+
+def resize_adapters(
+    adapters: dict[str, AdapterWeights],
+    rank: int,
+    method: DynamicMethod | None = None,
+    param: float | None = None,
+) -> Resized:
+    """Every layer cut to ``rank``, or with ``method`` to the rank kohya's rule picks (``rank`` its cap). A layer
+    already at or below its new rank is kept as it is; a zero update becomes rank 1, as in kohya."""
+    if rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}")
+    if method and (param is None or param <= 0):
+        raise UsageError(f"--dynamic {method} needs --dynamic-param above 0 (e.g. 0.9 for sv_fro), got {param}")
+    resized, layers = {}, []
+    for stem, weights in adapters.items():
+        svd = update_svd(weights)
+        new_rank = min(rank, dynamic_rank(svd.values, method, param)) if method else rank
+        if svd.values[0] <= ZERO_UPDATE:
+            new_rank = 1
+        resized[stem], error = truncate_rank(weights, min(new_rank, weights.rank), svd)
+        layers.append(LayerResize(stem, weights.rank, resized[stem].rank, error))
+    rule = {"rank": rank, **({"dynamic": method, "dynamic_param": param} if method else {})}
+    return Resized(resized, layers, rule)
+
+
+@torch.no_grad()
+def add_merged_errors(resized: Resized, before: StemMatch, after: StemMatch) -> None:
+    """Each layer's merged weight at strength 1 against the original file's, on the model's own base weight."""
+    by_stem = {layer.stem: layer for layer in resized.layers}
+    for stem, (weights, target) in after.matched.items():
+        base = target.module.weight.detach()
+        original = merged_weight(base, before.matched[stem][0])
+        difference = (merged_weight(base, weights) - original).abs().max()
+        by_stem[stem].merged_error = float(difference / original.abs().max().clamp_min(1e-30))
+
+
+def resized_metadata(loaded: LoadedAdapter, resized: Resized, source: Path) -> dict[str, str]:
+    """The source's metadata, with kohya's dim / alpha / comment updated as its resize_lora.py does, and our record
+    of the source (name and SHA-256 of the whole file) and of what the cut cost. A VeRA record is dropped: cut
+    factors are no longer scaled rows of shared projections, so the result is a plain LoRA or DoRA file."""
+    summary = resized.summary()
+    metadata = {k: v for k, v in loaded.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash", VERA_KEY)}
+    old_dim = metadata.get("ss_network_dim", str(max(layer.old_rank for layer in resized.layers)))
+    gammas = {w.gamma for w in resized.adapters.values()}
+    if "dynamic" in resized.rule:
+        metadata["ss_network_dim"] = metadata["ss_network_alpha"] = "Dynamic"
+        what = f"Dynamic resize with {resized.rule['dynamic']}: {resized.rule['dynamic_param']} from {old_dim}"
+    else:
+        metadata["ss_network_dim"] = str(resized.rule["rank"])
+        if len(gammas) == 1:
+            metadata["ss_network_alpha"] = f"{gammas.pop() * resized.rule['rank']:g}"
+        what = f"dimension is resized from {old_dim} to {resized.rule['rank']}"
+    comment = metadata.get("ss_training_comment", "")
+    metadata["ss_training_comment"] = f"{what}; {comment}" if comment else what
+    digest = hashlib.sha256()
+    with open(source, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    record = {"tool": "dora-studio resize", "source": source.name, "source_sha256": digest.hexdigest(), **summary}
+    if VERA_KEY in loaded.metadata:
+        record["dropped"] = VERA_KEY
+    metadata[RESIZE_KEY] = json.dumps(record, sort_keys=True)
+    return metadata
+
+
+def save_resized(out: Path, loaded: LoadedAdapter, resized: Resized, source: Path) -> None:
+    """Write the resized file atomically, in the dtype of the source's factors (fp16 if they are mixed)."""
+    factor_dtypes = {dtype for key, dtype in loaded.dtypes.items() if key.endswith(".lora_down.weight")}
+    dtype = SAVE_DTYPES.get(factor_dtypes.pop(), torch.float16) if len(factor_dtypes) == 1 else torch.float16
+    save_adapter(out, resized.adapters, resized_metadata(loaded, resized, source), dtype)
+
+
+def format_resize(resized: Resized, out: Path, worst: int = 5) -> str:
+    summary = resized.summary()
+    ranks = summary["ranks"]
+    lines = [
+        f"wrote {out}: {summary['layers_cut']} of {summary['layers']} layers cut; ranks {ranks['min']}-{ranks['max']} "
+        f"(mean {ranks['mean']})",
+        f"update error (||cut|| / ||update||): max {summary['update_error_max']:.2e}, "
+        f"mean {summary['update_error_mean']:.2e}",
+    ]
+    if summary["merged_error_max"] is None:
+        lines.append("merged-weight error: give --model to measure it (a DoRA layer's depends on the base weight)")
+    else:
+        lines.append(
+            f"merged-weight error against the original file (verify's metric): max {summary['merged_error_max']:.2e}"
+        )
+    key = (
+        (lambda layer: layer.merged_error)
+        if summary["merged_error_max"] is not None
+        else (lambda layer: layer.update_error)
+    )
+    lines.append("largest errors:")
+    for layer in sorted(resized.layers, key=key, reverse=True)[:worst]:
+        merged = "" if layer.merged_error is None else f", merged {layer.merged_error:.2e}"
+        lines.append(
+            f"  {layer.stem}: rank {layer.old_rank} -> {layer.new_rank}, update {layer.update_error:.2e}{merged}"
+        )
+    return "\n".join(lines)
+
+
+def resize_json(resized: Resized, out: Path) -> dict:
+    return {"out": str(out), **resized.summary(), "per_layer": [asdict(layer) for layer in resized.layers]}
+
+
+def loaded_with(loaded: LoadedAdapter, resized: Resized) -> LoadedAdapter:
+    """The loaded file with its layers replaced by the resized ones (to match them to a model)."""
+    return replace(loaded, adapters=resized.adapters)
