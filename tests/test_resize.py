@@ -75,30 +75,11 @@ def test_a_dora_layer_keeps_its_magnitudes_and_the_error_is_the_dropped_singular
     assert same.adapters["a"] is full and same.layers[0].update_error == 0.0
 
 
-def _tiny_file(tiny_dir, path, rank: int = 8) -> dict[str, AdapterWeights]:
-    """A DoRA file over a few of the tiny model's UNet Linears and one conv, with random updates."""
-    parts = pipeline_parts(load_sdxl_pipeline(tiny_dir))
-    targets = model_stem_targets(parts)
-    stems = [s for s in targets if s.startswith("lora_unet") and "attn1_to_" in s][:6]
-    stems.append(next(s for s in targets if s.startswith("lora_unet") and targets[s].module.weight.dim() == 4))
-    generator = torch.Generator().manual_seed(3)
-    adapters = {}
-    for stem in stems:
-        weight = targets[stem].module.weight
-        out, inner = weight.shape[0], weight.shape[1:]
-        adapters[stem] = AdapterWeights(
-            down=torch.randn(rank, *inner, generator=generator) * 0.1,
-            up=torch.randn(out, rank, *([1, 1] if weight.dim() == 4 else []), generator=generator) * 0.1,
-            alpha=4.0,
-            dora_scale=torch.rand(1, inner[0], *([1, 1] if weight.dim() == 4 else []), generator=generator) + 0.5,
-        )
-    save_adapter(path, adapters, {"ss_network_dim": str(rank), "ss_network_alpha": "4.0"}, torch.float32)
-    return adapters
-
-
-def test_resize_on_the_tiny_model_reports_merged_errors_records_the_source_and_verifies(tiny_dir, tmp_path, capsys):
+def test_resize_on_the_tiny_model_reports_merged_errors_records_the_source_and_verifies(
+    tiny_dir, tiny_adapter_file, tmp_path, capsys
+):
     source, out = tmp_path / "dora.safetensors", tmp_path / "dora-r3.safetensors"
-    _tiny_file(tiny_dir, source)
+    tiny_adapter_file(source)
     assert main(["resize", str(source), "--rank", "3", "--model", str(tiny_dir), "--out", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     resized, original = load_adapter(out), load_adapter(source)

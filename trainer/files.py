@@ -9,6 +9,7 @@ cache folder, which several packages share.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -111,3 +112,12 @@ def default_cache_dir() -> Path:
     if os.environ.get("DORA_STUDIO_CACHE"):
         return Path(os.environ["DORA_STUDIO_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dora-studio"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a whole file, read in 1 MB blocks (adapter files run to gigabytes at VeRA's ranks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from trainer.errors import UsageError
@@ -89,14 +89,10 @@ def cmd_resize(args: argparse.Namespace) -> int:
     from trainer.builtin.resolve import resolve_model_path
     from trainer.kohya import resize
     from trainer.kohya.adapter_file import load_adapter
-    from trainer.kohya.merge import canonical_stems, match_pipeline, pipeline_parts, require_full_match
+    from trainer.kohya.merge import canonical_stems, match_pipeline, merged_errors, pipeline_parts, require_full_match
     from trainer.sdxl.model_files import load_sdxl_pipeline
 
-    source, out = Path(args.file), Path(args.out)
-    if out.suffix != ".safetensors":
-        raise UsageError.at(out, "the output must be a .safetensors file")
-    if out.exists():
-        raise UsageError.at(out, "already exists; choose a new output path so nothing is overwritten")
+    source, out = Path(args.file), _new_output(args.out)
     loaded = load_adapter(source)  # before the slow model load, so a bad file fails fast
     pipe = load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir) if args.model else None
     if pipe is not None:  # the model's stem names, and refuse a file for another architecture
@@ -108,9 +104,55 @@ def cmd_resize(args: argparse.Namespace) -> int:
         ranks = sorted({w.rank for w in loaded.adapters.values()})
         raise UsageError.at(source, f"no layer gets a lower rank (the file's ranks: {ranks}); nothing was written")
     if pipe is not None:
-        resize.add_merged_errors(resized, before, match_pipeline(resize.loaded_with(loaded, resized), pipe))
+        resize.add_merged_errors(
+            resized, merged_errors(before, match_pipeline(resize.loaded_with(loaded, resized), pipe))
+        )
     resize.save_resized(out, loaded, resized, source)
     print(json.dumps(resize.resize_json(resized, out), indent=2) if args.json else resize.format_resize(resized, out))
+    return EXIT_OK
+
+
+def _new_output(path: str) -> Path:
+    """The path a tool writes its .safetensors file to, refused when it exists (nothing is overwritten)."""
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise UsageError.at(out, "the output must be a .safetensors file")
+    if out.exists():
+        raise UsageError.at(out, "already exists; choose a new output path so nothing is overwritten")
+    return out
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from trainer.builtin.resolve import resolve_model_path
+    from trainer.kohya import convert
+    from trainer.kohya.adapter_file import factor_dtype, load_adapter, save_adapter
+    from trainer.kohya.merge import canonical_stems, match_pipeline, merged_errors, pipeline_parts, require_full_match
+    from trainer.sdxl.model_files import load_sdxl_pipeline
+
+    source, out = Path(args.file), _new_output(args.out)
+    loaded = load_adapter(source)  # before the slow model load, so a bad file fails fast
+    wrong = [stem for stem, w in loaded.adapters.items() if w.is_dora == (args.to == "dora")]
+    if wrong:
+        kind = "DoRA" if args.to == "dora" else "LoRA"
+        raise UsageError.at(source, f"{len(wrong)} layers are {kind} already (e.g. {wrong[0]}); convert --to "
+                            f"{'lora' if args.to == 'dora' else 'dora'} goes the other way")  # fmt: skip
+    if args.rank is not None and (args.to != "lora" or args.rank < 1):
+        raise UsageError("--rank is for --to lora, and at least 1 (LoRA -> DoRA keeps the factors: exact)")
+    pipe = load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir)
+    loaded = canonical_stems(loaded, pipeline_parts(pipe))
+    before = match_pipeline(loaded, pipe)
+    require_full_match(before, source, args.model)
+    dtype = factor_dtype(loaded)
+    adapters, layers = convert.convert_matched(before, args.to, args.axis, args.rank, dtype)
+    errors = merged_errors(before, match_pipeline(replace(loaded, adapters=adapters), pipe))
+    for layer in layers:
+        layer.merged_error = errors[layer.stem]
+    axis = args.axis if args.to == "dora" else None
+    save_adapter(out, adapters, convert.converted_metadata(loaded, args.to, axis, layers, source), dtype)
+    if args.json:
+        print(json.dumps({"out": str(out), "per_layer": [asdict(layer) for layer in layers]}, indent=2))
+    else:
+        print(convert.format_conversion(layers, args.to, axis, out))
     return EXIT_OK
 
 
@@ -166,3 +208,19 @@ def add_adapter_file_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the new .safetensors file (never overwrites)")
     p.add_argument("--json", action="store_true", help="print the summary and every layer's numbers as JSON")
     p.set_defaults(func=cmd_resize)
+
+    p = sub.add_parser("convert", help="a LoRA file as DoRA (exact) or a DoRA file as LoRA (at a rank you choose)")
+    p.add_argument("file", help="adapter .safetensors file (kohya, LyCORIS, OneTrainer, PEFT or ours)")
+    p.add_argument("--to", choices=("dora", "lora"), required=True)
+    p.add_argument("--model", required=True, help=MODEL_HELP + "; DoRA's magnitudes depend on its weights")
+    p.add_argument("--config-dir", help=CONFIG_HELP)
+    p.add_argument(
+        "--axis",
+        choices=("input", "output"),
+        default="input",
+        help="--to dora: the magnitude's axis (default input: every SD front end merges it as trained)",
+    )
+    p.add_argument("--rank", type=int, help="--to lora: the new rank (default: each layer's own)")
+    p.add_argument("--out", required=True, help="the new .safetensors file (never overwrites)")
+    p.add_argument("--json", action="store_true", help="print every layer's numbers as JSON")
+    p.set_defaults(func=cmd_convert)

@@ -108,6 +108,25 @@ def _file_tensors(path: Path, stem: str, weights: AdapterWeights, dtype: torch.d
     return tensors
 
 
+def as_saved(weights: AdapterWeights, dtype: torch.dtype) -> AdapterWeights:
+    """The layer exactly as ``save_adapter(..., dtype)`` stores it and ``load_adapter`` reads it back: what a
+    tool reports its errors on, before it writes the file."""
+    tensors = dict(_file_tensors(Path("<memory>"), "stem", weights, dtype))
+    return AdapterWeights(
+        down=tensors["stem" + DOWN],
+        up=tensors["stem" + UP],
+        alpha=float(tensors["stem" + ALPHA]),
+        dora_scale=tensors.get("stem" + DORA_SCALE),
+    )
+
+
+def factor_dtype(loaded: LoadedAdapter) -> torch.dtype:
+    """The dtype a file's factors are stored in, to write a derived file the same way (fp16 when mixed)."""
+    found = {dtype for key, dtype in loaded.dtypes.items() if key.endswith(DOWN)}
+    names = {str(dtype).removeprefix("torch."): dtype for dtype in DTYPES.values()}
+    return names.get(found.pop(), torch.float16) if len(found) == 1 else torch.float16
+
+
 def _file_copy(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor.detach().to("cpu", dtype, copy=True).contiguous()
 

@@ -107,3 +107,17 @@ def merge_matched(match: StemMatch, strength: float) -> None:
     for weights, target in match.matched.values():
         weight = target.module.weight
         weight.copy_(merged_weight(weight, weights, strength).to(weight.dtype))
+
+
+@torch.no_grad()
+def merged_errors(before: StemMatch, after: StemMatch) -> dict[str, float]:
+    """Per stem, the merged weight (strength 1) of ``after``'s adapter against ``before``'s on the model's own base
+    weight, as ``verify`` measures: the largest difference over the largest value. For the tools that rewrite
+    a file (resize, convert), whose DoRA layers' merged weights depend on the base."""
+    errors = {}
+    for stem, (weights, target) in after.matched.items():
+        base = target.module.weight.detach()
+        original = merged_weight(base, before.matched[stem][0])
+        difference = (merged_weight(base, weights) - original).abs().max()
+        errors[stem] = float(difference / original.abs().max().clamp_min(1e-30))
+    return errors

@@ -54,17 +54,14 @@ def build_metadata(
         raise ValueError(f"network_kind {network_kind!r} needs dora_axis in {DORA_AXES} for DoRA, None for LoRA")
     if (conv_dim is None) != (conv_alpha is None):
         raise ValueError("conv_dim and conv_alpha go together")
-    network_args: dict[str, str] = {}
-    if dora_axis is not None:
-        network_args = {"algo": "lora", "dora_wd": "True", "wd_on_output": str(dora_axis == "output")}
-    if conv_dim is not None:
-        network_args |= {"conv_dim": str(conv_dim), "conv_alpha": str(conv_alpha)}
+    conv_args = {"conv_dim": str(conv_dim), "conv_alpha": str(conv_alpha)} if conv_dim is not None else {}
     width, height = resolution
+    kind = network_kind_keys(dora_axis, conv_args)
     metadata = {
-        "ss_network_module": "lycoris.kohya" if dora_axis else "networks.lora",
+        "ss_network_module": kind.pop("ss_network_module"),
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(alpha),
-        "ss_network_args": json.dumps(network_args),
+        "ss_network_args": kind.pop("ss_network_args"),
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_v2": "False",
         "ss_output_name": output_name,
@@ -88,8 +85,18 @@ def build_metadata(
         "modelspec.date": datetime.fromtimestamp(finished_at, UTC).isoformat(timespec="seconds"),
         "modelspec.prediction_type": prediction_type,
     }
-    if dora_axis is not None:
-        metadata["dora_studio.dora_axis"] = dora_axis
+    metadata |= kind  # dora_studio.dora_axis, for DoRA
     if vera is not None:
         metadata[VERA_KEY] = json.dumps(vera, sort_keys=True)
     return metadata | dict(extra or {})
+
+
+def network_kind_keys(dora_axis: DoraAxis | None, network_args: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The keys that say what kind of network a file holds: ``ss_network_module``, ``ss_network_args`` (LyCORIS's
+    ``dora_wd`` and ``wd_on_output`` for DoRA, then the other ``network_args`` given, e.g. conv_dim) and, for
+    DoRA, ``dora_studio.dora_axis``. Shared by training's metadata and ``dora-studio convert``."""
+    kept = {k: v for k, v in (network_args or {}).items() if k not in ("algo", "dora_wd", "wd_on_output")}
+    if dora_axis is not None:
+        kept = {"algo": "lora", "dora_wd": "True", "wd_on_output": str(dora_axis == "output"), **kept}
+    keys = {"ss_network_module": "lycoris.kohya" if dora_axis else "networks.lora", "ss_network_args": json.dumps(kept)}
+    return keys | ({"dora_studio.dora_axis": dora_axis} if dora_axis is not None else {})

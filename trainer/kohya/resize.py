@@ -10,24 +10,20 @@ singular values dropped) and, given the model, the merged weight's error against
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from trainer.adapters.low_rank import ZERO_UPDATE, DynamicMethod, dynamic_rank, truncate_rank, update_svd
-from trainer.adapters.weights import AdapterWeights, merged_weight
+from trainer.adapters.weights import AdapterWeights
 from trainer.errors import UsageError
+from trainer.files import file_sha256
 
-from .adapter_file import LoadedAdapter, save_adapter
-from .merge import StemMatch
+from .adapter_file import LoadedAdapter, as_saved, factor_dtype, save_adapter
 from .metadata import VERA_KEY
 
 RESIZE_KEY = "dora_studio.resize"  # what produced the file: source, its hash, the rule, the errors
-SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -87,15 +83,10 @@ def resize_adapters(
     return Resized(resized, layers, rule)
 
 
-@torch.no_grad()
-def add_merged_errors(resized: Resized, before: StemMatch, after: StemMatch) -> None:
-    """Each layer's merged weight at strength 1 against the original file's, on the model's own base weight."""
-    by_stem = {layer.stem: layer for layer in resized.layers}
-    for stem, (weights, target) in after.matched.items():
-        base = target.module.weight.detach()
-        original = merged_weight(base, before.matched[stem][0])
-        difference = (merged_weight(base, weights) - original).abs().max()
-        by_stem[stem].merged_error = float(difference / original.abs().max().clamp_min(1e-30))
+def add_merged_errors(resized: Resized, errors: dict[str, float]) -> None:
+    """Each layer's merged-weight error (``merge.merged_errors``), by stem."""
+    for layer in resized.layers:
+        layer.merged_error = errors.get(layer.stem)
 
 
 def resized_metadata(loaded: LoadedAdapter, resized: Resized, source: Path) -> dict[str, str]:
@@ -116,11 +107,7 @@ def resized_metadata(loaded: LoadedAdapter, resized: Resized, source: Path) -> d
         what = f"dimension is resized from {old_dim} to {resized.rule['rank']}"
     comment = metadata.get("ss_training_comment", "")
     metadata["ss_training_comment"] = f"{what}; {comment}" if comment else what
-    digest = hashlib.sha256()
-    with open(source, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    record = {"tool": "dora-studio resize", "source": source.name, "source_sha256": digest.hexdigest(), **summary}
+    record = {"tool": "dora-studio resize", "source": source.name, "source_sha256": file_sha256(source), **summary}
     if VERA_KEY in loaded.metadata:
         record["dropped"] = VERA_KEY
     metadata[RESIZE_KEY] = json.dumps(record, sort_keys=True)
@@ -129,9 +116,7 @@ def resized_metadata(loaded: LoadedAdapter, resized: Resized, source: Path) -> d
 
 def save_resized(out: Path, loaded: LoadedAdapter, resized: Resized, source: Path) -> None:
     """Write the resized file atomically, in the dtype of the source's factors (fp16 if they are mixed)."""
-    factor_dtypes = {dtype for key, dtype in loaded.dtypes.items() if key.endswith(".lora_down.weight")}
-    dtype = SAVE_DTYPES.get(factor_dtypes.pop(), torch.float16) if len(factor_dtypes) == 1 else torch.float16
-    save_adapter(out, resized.adapters, resized_metadata(loaded, resized, source), dtype)
+    save_adapter(out, resized.adapters, resized_metadata(loaded, resized, source), factor_dtype(loaded))
 
 
 def format_resize(resized: Resized, out: Path, worst: int = 5) -> str:
@@ -168,5 +153,7 @@ def resize_json(resized: Resized, out: Path) -> dict:
 
 
 def loaded_with(loaded: LoadedAdapter, resized: Resized) -> LoadedAdapter:
-    """The loaded file with its layers replaced by the resized ones (to match them to a model)."""
-    return replace(loaded, adapters=resized.adapters)
+    """The loaded file with its layers replaced by the resized ones as the file will store them (to match them to
+    a model and measure what a user gets)."""
+    dtype = factor_dtype(loaded)
+    return replace(loaded, adapters={stem: as_saved(w, dtype) for stem, w in resized.adapters.items()})

@@ -1,9 +1,13 @@
-"""How long ``dora-studio resize`` takes on an SDXL-sized adapter: 722 layers with the shapes of SDXL's attention
-Linears (from its config), rank 32, random fp16 factors and DoRA magnitudes; a fixed cut to rank 16 and kohya's
-``sv_fro`` rule at 0.9. The cut needs no SVD of a weight-sized matrix (``adapters.low_rank``: two thin QRs of the
-factors and one 32 x 32 SVD per layer), so there is nothing a randomized SVD would save.
+"""How long ``dora-studio resize`` and ``convert --to lora`` take on an SDXL-sized adapter: 722 layers with the
+shapes of SDXL's attention Linears (from its config), rank 32, random fp16 factors and DoRA magnitudes over
+random base weights.
 
-    python bench/resize_speed.py
+Resize (a fixed cut to rank 16, and kohya's ``sv_fro`` rule at 0.9) needs no SVD of a weight-sized matrix
+(``adapters.low_rank``: two thin QRs of the factors and one 32 x 32 SVD per layer), so there is nothing a
+randomized SVD would save. DoRA -> LoRA does need one of the merged change W' - W per layer: exact up to 2,048 on
+the smaller side, randomized above (``kohya.convert``).
+
+    python bench/adapter_tools_speed.py
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from trainer.adapters.weights import AdapterWeights
+from trainer.kohya.convert import dora_to_lora
 from trainer.kohya.resize import resize_adapters
 
 # (out, in) of SDXL's 722 attention-target Linears and how many of each (proj_in/out, q/k/v/out, ff), counted
@@ -49,7 +54,13 @@ def main() -> None:
     ):
         start = time.perf_counter()
         resized = resize_adapters(adapters, *args)
-        print(f"{label}: {time.perf_counter() - start:.1f} s; new ranks {resized.summary()['ranks']}")
+        print(f"resize {label}: {time.perf_counter() - start:.1f} s; new ranks {resized.summary()['ranks']}")
+    start, errors = time.perf_counter(), []
+    for weights in adapters.values():
+        base = torch.randn(weights.up.shape[0], weights.down.shape[1], generator=generator) * 0.02
+        errors.append(dora_to_lora(weights, base, RANK)[1])
+    print(f"convert --to lora --rank {RANK}: {time.perf_counter() - start:.1f} s (random base weights drawn in it); "
+          f"change approximated to {min(errors):.3f}-{max(errors):.3f} relative error")  # fmt: skip
 
 
 if __name__ == "__main__":
