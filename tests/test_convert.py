@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
+from trainer.adapters import low_rank
 from trainer.adapters.weights import AdapterWeights, merged_weight
 from trainer.cli import main
-from trainer.kohya import convert
 from trainer.kohya.adapter_file import load_adapter
 from trainer.kohya.convert import CONVERT_KEY, dora_to_lora, lora_to_dora
 from trainer.kohya.merge import model_stem_targets, pipeline_parts
@@ -50,7 +50,7 @@ def test_dora_to_lora_is_the_best_approximation_at_its_rank_and_a_round_trip_is_
     assert error == pytest.approx(float(s[6:].norm() / s.norm()), rel=1e-6)
     approx = (lora.gamma * lora.up.double() @ lora.down.double() - change).norm() / change.norm()
     assert float(approx) == pytest.approx(error, rel=1e-4)
-    monkeypatch.setattr(convert, "EXACT_SVD_MAX_SIDE", 4)  # the randomized SVD, as on SDXL's large weights
+    monkeypatch.setattr(low_rank, "EXACT_SVD_MAX_SIDE", 4)  # the randomized SVD, as on SDXL's large weights
     assert dora_to_lora(dora, base, 6)[1] <= error * 1.02
     lora_in, base = _layer(20, 16, 5, seed=3, dora=False)  # LoRA -> DoRA -> LoRA: the change is rank 5 again
     back, error = dora_to_lora(lora_to_dora(lora_in, base, "output"), base, 5)

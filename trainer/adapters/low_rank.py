@@ -16,11 +16,18 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .dora_norm import DoraAxis, weight_norm
 from .weights import AdapterWeights
 
 DynamicMethod = Literal["sv_ratio", "sv_fro", "sv_cumulative"]
 DYNAMIC_METHODS: tuple[DynamicMethod, ...] = ("sv_ratio", "sv_fro", "sv_cumulative")
 ZERO_UPDATE = 1e-6  # kohya's MIN_SV: an update whose largest singular value is below this keeps rank 1
+# A weight-sized change (``factor_change``) with its smaller side above this gets the randomized SVD. Measured on
+# SDXL's shapes at rank 32 (2 CPU cores): as accurate as the exact one to 4 digits on a DoRA change and 3-4x
+# faster (1280 x 10240: 0.7 s against 3.0 s for the exact singular values alone); the exact SVD with vectors in
+# float64 took about 10 minutes per SDXL file.
+EXACT_SVD_MAX_SIDE = 256
+OVERSAMPLE, POWER_ITERATIONS = 10, 4
 
 
 @dataclass(frozen=True)
@@ -82,3 +89,40 @@ def truncate_rank(weights: AdapterWeights, rank: int, svd: UpdateSVD | None = No
         dora_scale=weights.dora_scale,
     )
     return cut, float(s[rank:].norm() / s.norm().clamp_min(1e-300))
+
+
+@torch.no_grad()
+def factor_change(
+    base: Tensor, target: Tensor, rank: int, gamma: float, axis: DoraAxis | None = None
+) -> tuple[AdapterWeights, float]:
+    """An adapter of ``rank`` that takes ``base`` to (nearly) ``target``, and how far off it is: the relative
+    (Frobenius) error of its change against target - base.
+
+    LoRA (``axis`` None): gamma * up @ down is the best rank-``rank`` approximation of the change. DoRA: the same
+    factors give the direction, and the magnitudes are ``target``'s exact norms along ``axis``, so every column
+    (or row) of the merged weight has exactly the target's length and only its direction is approximated. The
+    SVD is exact where the change is small and PyTorch's randomized one (``torch.svd_lowrank``, rank + 10
+    columns, 4 power iterations) above ``EXACT_SVD_MAX_SIDE``; the error is measured either way.
+    """
+    change = (target.float() - base.float()).flatten(1)
+    rank = min(rank, *change.shape)
+    if min(change.shape) <= EXACT_SVD_MAX_SIDE:
+        u, s, vh = torch.linalg.svd(change.double(), full_matrices=False)
+        u, s, v = u[:, :rank], s[:rank], vh[:rank].T
+    else:
+        generator_state = torch.random.get_rng_state()  # the randomized SVD draws from the global generator
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(change, q=min(rank + OVERSAMPLE, *change.shape), niter=POWER_ITERATIONS)
+        torch.random.set_rng_state(generator_state)
+        u, s, v = u[:, :rank].double(), s[:rank].double(), v[:, :rank].double()
+    root = (s / gamma).sqrt()
+    up, down = u * root, (v * root).T
+    error = float((up @ down * gamma - change.double()).norm() / change.double().norm().clamp_min(1e-300))
+    kernel = base.shape[2:]
+    factors = AdapterWeights(
+        down=down.reshape(rank, *base.shape[1:]).float(),
+        up=up.reshape(base.shape[0], rank, *([1] * len(kernel))).float(),
+        alpha=gamma * rank,
+        dora_scale=None if axis is None else weight_norm(target.float(), axis),
+    )
+    return factors, error

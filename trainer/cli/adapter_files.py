@@ -1,4 +1,4 @@
-"""Subcommands over adapter files: inspect, verify, merge, analyze, resize.
+"""Subcommands over adapter files: inspect, verify, merge, analyze, resize, convert, combine.
 
 Each imports what it uses when it runs, so ``--help`` answers without loading torch.
 """
@@ -85,20 +85,29 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fit_to_model(loaded, pipe, path: Path, model: str):
+    """(the file with the model's stem names, its match to the model's modules); refused when a stem or shape does
+    not fit (an adapter for another architecture)."""
+    from trainer.kohya.merge import canonical_stems, match_pipeline, pipeline_parts, require_full_match
+
+    loaded = canonical_stems(loaded, pipeline_parts(pipe))
+    match = match_pipeline(loaded, pipe)
+    require_full_match(match, path, model)
+    return loaded, match
+
+
 def cmd_resize(args: argparse.Namespace) -> int:
     from trainer.builtin.resolve import resolve_model_path
     from trainer.kohya import resize
     from trainer.kohya.adapter_file import load_adapter
-    from trainer.kohya.merge import canonical_stems, match_pipeline, merged_errors, pipeline_parts, require_full_match
+    from trainer.kohya.merge import match_pipeline, merged_errors
     from trainer.sdxl.model_files import load_sdxl_pipeline
 
     source, out = Path(args.file), _new_output(args.out)
     loaded = load_adapter(source)  # before the slow model load, so a bad file fails fast
     pipe = load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir) if args.model else None
-    if pipe is not None:  # the model's stem names, and refuse a file for another architecture
-        loaded = canonical_stems(loaded, pipeline_parts(pipe))
-        before = match_pipeline(loaded, pipe)
-        require_full_match(before, source, args.model)
+    if pipe is not None:
+        loaded, before = _fit_to_model(loaded, pipe, source, args.model)
     resized = resize.resize_adapters(loaded.adapters, args.rank, args.dynamic, args.dynamic_param)
     if not resized.summary()["layers_cut"]:
         ranks = sorted({w.rank for w in loaded.adapters.values()})
@@ -126,7 +135,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from trainer.builtin.resolve import resolve_model_path
     from trainer.kohya import convert
     from trainer.kohya.adapter_file import factor_dtype, load_adapter, save_adapter
-    from trainer.kohya.merge import canonical_stems, match_pipeline, merged_errors, pipeline_parts, require_full_match
+    from trainer.kohya.merge import match_pipeline, merged_errors
     from trainer.sdxl.model_files import load_sdxl_pipeline
 
     source, out = Path(args.file), _new_output(args.out)
@@ -139,9 +148,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.rank is not None and (args.to != "lora" or args.rank < 1):
         raise UsageError("--rank is for --to lora, and at least 1 (LoRA -> DoRA keeps the factors: exact)")
     pipe = load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir)
-    loaded = canonical_stems(loaded, pipeline_parts(pipe))
-    before = match_pipeline(loaded, pipe)
-    require_full_match(before, source, args.model)
+    loaded, before = _fit_to_model(loaded, pipe, source, args.model)
     dtype = factor_dtype(loaded)
     adapters, layers = convert.convert_matched(before, args.to, args.axis, args.rank, dtype)
     errors = merged_errors(before, match_pipeline(replace(loaded, adapters=adapters), pipe))
@@ -153,6 +160,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(json.dumps({"out": str(out), "per_layer": [asdict(layer) for layer in layers]}, indent=2))
     else:
         print(convert.format_conversion(layers, args.to, axis, out))
+    return EXIT_OK
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    from trainer.builtin.resolve import resolve_model_path
+    from trainer.kohya import combine
+    from trainer.kohya.adapter_file import DTYPES, factor_dtype, load_adapter, save_adapter
+    from trainer.sdxl.model_files import load_sdxl_pipeline
+
+    out, sources = _new_output(args.out), [combine.parse_source(text) for text in args.files]
+    if args.rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {args.rank}")
+    for source in sources:  # every file read before the slow model load, so a bad one fails fast
+        source.loaded = load_adapter(source.path)
+    to = args.to or ("dora" if any(w.is_dora for s in sources for w in s.loaded.adapters.values()) else "lora")
+    pipe = load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir)
+    for source in sources:
+        source.loaded, source.match = _fit_to_model(source.loaded, pipe, source.path, args.model)
+    dtypes = {factor_dtype(source.loaded) for source in sources}
+    dtype = dtypes.pop() if len(dtypes) == 1 else DTYPES["fp16"]
+    axis = args.axis if to == "dora" else None
+    adapters, layers = combine.combine_matched(sources, args.rank, axis, dtype)
+    save_adapter(out, adapters, combine.combined_metadata(sources, args.rank, axis, layers), dtype)
+    if args.json:
+        print(json.dumps({"out": str(out), "per_layer": [asdict(layer) for layer in layers]}, indent=2))
+    else:
+        print(combine.format_combination(layers, axis, args.rank, out))
     return EXIT_OK
 
 
@@ -224,3 +258,14 @@ def add_adapter_file_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the new .safetensors file (never overwrites)")
     p.add_argument("--json", action="store_true", help="print every layer's numbers as JSON")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("combine", help="several adapters folded into one LoRA or DoRA file, at one rank")
+    p.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]", help="adapter files, each with a weight (default 1)")
+    p.add_argument("--rank", type=int, required=True, help="the combined file's rank")
+    p.add_argument("--model", required=True, help=MODEL_HELP + "; a DoRA's merged change depends on its weights")
+    p.add_argument("--config-dir", help=CONFIG_HELP)
+    p.add_argument("--to", choices=("dora", "lora"), help="the combined kind (default: DoRA if any file is, else LoRA)")
+    p.add_argument("--axis", choices=("input", "output"), default="input", help="the DoRA axis (default input)")
+    p.add_argument("--out", required=True, help="the new .safetensors file (never overwrites)")
+    p.add_argument("--json", action="store_true", help="print every layer's numbers as JSON")
+    p.set_defaults(func=cmd_combine)

@@ -3,11 +3,9 @@
 LoRA -> DoRA keeps the factors and sets each magnitude to the norm of the merged weight along the axis:
 m = ||W + gamma up down||, so m V / ||V|| = V, the LoRA's own merged weight, at every strength (front ends blend
 W + s (W' - W), the same for both). DoRA -> LoRA needs the whole merged change W' - W, which is weight-sized and
-of full rank in general (the magnitudes rescale every column of W), so it is approximated at the new rank by SVD:
-the exact one where the matrix is small, and PyTorch's randomized one (``torch.svd_lowrank``, rank + 10 columns,
-4 power iterations) on SDXL's weights, where it finds the same approximation several times faster. Either way
-the error is then measured directly, not estimated. Both need the base model: the
-magnitudes and the merged change depend on W.
+of full rank in general (the magnitudes rescale every column of W), so it is approximated at the new rank by SVD
+(``adapters.low_rank.factor_change``: exact on small weights, randomized on SDXL's; the error measured either
+way). Both need the base model: the magnitudes and the merged change depend on W.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ import torch
 from torch import Tensor
 
 from trainer.adapters.dora_norm import DoraAxis, weight_norm
+from trainer.adapters.low_rank import factor_change
 from trainer.adapters.weights import AdapterWeights, merged_weight
 from trainer.files import file_sha256
 
@@ -29,11 +28,6 @@ from .merge import StemMatch
 from .metadata import VERA_KEY, network_kind_keys
 
 CONVERT_KEY = "dora_studio.convert"  # what produced the file: source, its hash, the direction, the errors
-# Smaller side above this: the randomized SVD. Measured on SDXL's shapes at rank 32 (2 CPU cores): as accurate as
-# the exact one to 4 digits on a DoRA change, 3-4x faster (1280 x 10240: 0.7 s against 3.0 s for the exact
-# singular values alone), and the exact SVD with vectors in float64 would take about 10 minutes per file.
-EXACT_SVD_MAX_SIDE = 256
-OVERSAMPLE, POWER_ITERATIONS = 10, 4
 
 
 @dataclass
@@ -55,28 +49,8 @@ def lora_to_dora(weights: AdapterWeights, base: Tensor, axis: DoraAxis) -> Adapt
 def dora_to_lora(weights: AdapterWeights, base: Tensor, rank: int) -> tuple[AdapterWeights, float]:
     """A LoRA of ``rank`` whose update best approximates the DoRA's merged change W' - W; alpha / rank as in the
     source, so the strength means the same; and the relative (Frobenius) error of that approximation."""
-    change = (merged_weight(base, weights) - base.float()).flatten(1)
-    rank = min(rank, *change.shape)
-    if min(change.shape) <= EXACT_SVD_MAX_SIDE:
-        u, s, vh = torch.linalg.svd(change.double(), full_matrices=False)
-        u, s, v = u[:, :rank], s[:rank], vh[:rank].T
-    else:
-        generator_state = torch.random.get_rng_state()  # the randomized SVD draws from the global generator
-        torch.manual_seed(0)
-        u, s, v = torch.svd_lowrank(change, q=min(rank + OVERSAMPLE, *change.shape), niter=POWER_ITERATIONS)
-        u, s, v = u.double(), s.double(), v.double()
-        torch.random.set_rng_state(generator_state)
-        u, s, v = u[:, :rank], s[:rank], v[:, :rank]
-    root = (s / weights.gamma).sqrt()
-    up, down = u * root, (v * root).T
-    error = float((up @ down * weights.gamma - change.double()).norm() / change.double().norm().clamp_min(1e-300))
-    dtype = weights.up.dtype
-    converted = AdapterWeights(
-        down=down.reshape(rank, *weights.down.shape[1:]).to(dtype),
-        up=up.reshape(weights.up.shape[0], rank, *weights.up.shape[2:]).to(dtype),
-        alpha=weights.gamma * rank,
-    )
-    return converted, error
+    converted, error = factor_change(base, merged_weight(base, weights), rank, weights.gamma)
+    return replace(converted, down=converted.down.to(weights.down.dtype), up=converted.up.to(weights.up.dtype)), error
 
 
 @torch.no_grad()
