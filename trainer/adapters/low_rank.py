@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .dora_norm import DoraAxis, weight_norm
-from .weights import AdapterWeights
+from .weights import AdapterWeights, merged_weight
 
 DynamicMethod = Literal["sv_ratio", "sv_fro", "sv_cumulative"]
 DYNAMIC_METHODS: tuple[DynamicMethod, ...] = ("sv_ratio", "sv_fro", "sv_cumulative")
@@ -126,3 +126,44 @@ def factor_change(
         dora_scale=None if axis is None else weight_norm(target.float(), axis),
     )
     return factors, error
+
+
+def _channels(weight: Tensor, axis: DoraAxis) -> Tensor:
+    """A weight as one row per magnitude channel: (in, out * kh * kw) on the input axis, (out, rest) on the output."""
+    return weight.transpose(0, 1).flatten(1) if axis == "input" else weight.flatten(1)
+
+
+@torch.no_grad()
+def dora_from_target(
+    base: Tensor, target: Tensor, rank: int, axis: DoraAxis, max_rounds: int = 32
+) -> tuple[AdapterWeights, float]:
+    """A DoRA of ``rank`` taking ``base`` to (nearly) ``target``: magnitudes the target's exact norms, and a
+    direction V = W + up @ down that points each channel (column or row) along the target's; and how far off the
+    merged weight is, ||W' - target|| / ||target - W|| (Frobenius).
+
+    Only each channel's direction matters to DoRA, so V may be the target with every channel rescaled by some
+    k > 0; ``factor_change`` with k = 1 would spend the rank on the magnitude change as well (W's own columns,
+    rescaled: full rank). k is chosen so that V - W is as close to low rank as it gets, alternating a least
+    squares k against the current V and the best rank-``rank`` V - W for that k, until the error falls by less
+    than 1% in a round (or ``max_rounds``). On a target that is exactly a DoRA of ``rank`` over ``base``, the
+    tiny model's layers reach 1e-5 to 1e-7 in 16 to 64 rounds, where a LoRA of the same rank stays near 0.7
+    (tests/test_extract.py); a real fine-tune's error stops falling much sooner, at what rank R can hold.
+    """
+    base, target = base.float(), target.float()
+    rows, magnitude = _channels(target, axis), weight_norm(target, axis)
+    lengths = rows.square().sum(dim=1).clamp_min(1e-30)
+    shape = (1, -1, *[1] * (base.dim() - 2)) if axis == "input" else (-1, *[1] * (base.dim() - 1))
+    change = (target - base).norm().clamp_min(1e-30)
+    guess, best, best_error = base, None, float("inf")
+    for _ in range(max_rounds):
+        scale = (rows * _channels(guess, axis)).sum(dim=1) / lengths  # k per channel, least squares
+        factors, _ = factor_change(base, target * scale.clamp_min(1e-8).reshape(shape), rank, gamma=1.0)
+        factors.dora_scale = magnitude
+        error = float((merged_weight(base, factors) - target).norm() / change)
+        falling = error < 0.99 * best_error
+        if error < best_error:
+            best, best_error = factors, error
+        if not falling or best_error < 1e-7:
+            break
+        guess = base + factors.delta_weight()
+    return best, best_error

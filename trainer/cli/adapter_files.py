@@ -1,4 +1,4 @@
-"""Subcommands over adapter files: inspect, verify, merge, analyze, resize, convert, combine.
+"""Subcommands over adapter files: inspect, verify, merge, analyze, resize, convert, combine, extract.
 
 Each imports what it uses when it runs, so ``--help`` answers without loading torch.
 """
@@ -190,6 +190,34 @@ def cmd_combine(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from trainer.builtin.resolve import resolve_model_path
+    from trainer.kohya import extract
+    from trainer.kohya.adapter_file import DTYPES, save_adapter
+    from trainer.kohya.merge import pipeline_parts
+    from trainer.sdxl.model_files import load_sdxl_pipeline
+
+    out = _new_output(args.out)
+    if args.rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {args.rank}")
+    base = pipeline_parts(load_sdxl_pipeline(resolve_model_path(args.base), args.base_config_dir))
+    tuned = pipeline_parts(load_sdxl_pipeline(resolve_model_path(args.tuned), args.tuned_config_dir))
+    parts = ("unet", "te1", "te2") if args.text_encoders else ("unet",)
+    layers = extract.changed_layers({part: base[part] for part in parts}, tuned, args.unet_targets)
+    if not layers:
+        raise UsageError(f"{args.tuned} has the same weights as {args.base} in every target layer: nothing to extract")
+    axis, dtype = (args.axis if args.kind == "dora" else None), DTYPES[args.precision]
+    adapters, report = extract.extract_layers(layers, args.rank, axis, dtype)
+    metadata = extract.extracted_metadata(args.base, args.tuned, args.rank, axis, args.unet_targets, report)
+    save_adapter(out, adapters, metadata, dtype)
+    if args.json:
+        summary = extract.extraction_summary(report)
+        print(json.dumps({"out": str(out), **summary, "per_layer": [asdict(x) for x in report]}, indent=2))
+    else:
+        print(extract.format_extraction(report, axis, args.rank, out))
+    return EXIT_OK
+
+
 def add_adapter_file_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="summarise an adapter file (stems, ranks, kind, axis, metadata)")
     p.add_argument("file")
@@ -269,3 +297,28 @@ def add_adapter_file_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the new .safetensors file (never overwrites)")
     p.add_argument("--json", action="store_true", help="print every layer's numbers as JSON")
     p.set_defaults(func=cmd_combine)
+
+    p = sub.add_parser("extract", help="an adapter from a fine-tune's difference to its base model (LoRA or DoRA)")
+    p.add_argument("--base", required=True, help=MODEL_HELP + " (the one the fine-tune started from)")
+    p.add_argument("--tuned", required=True, help="the fine-tuned model, in the same forms as --base")
+    p.add_argument("--base-config-dir", help=CONFIG_HELP)
+    p.add_argument("--tuned-config-dir", help=CONFIG_HELP)
+    p.add_argument("--rank", type=int, required=True, help="the adapter's rank")
+    p.add_argument(
+        "--kind",
+        choices=("lora", "dora"),
+        default="lora",
+        help="dora: the tuned weights' exact norms, only the direction approximated (default lora)",
+    )
+    p.add_argument("--axis", choices=("input", "output"), default="input", help="the DoRA axis (default input)")
+    p.add_argument(
+        "--unet-targets",
+        choices=("attn", "attn+conv"),
+        default="attn+conv",
+        help="which UNet layers to compare (default attn+conv: every layer a fine-tune changes)",
+    )
+    p.add_argument("--text-encoders", action="store_true", help="also the text encoders' layers that changed")
+    p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16", help="the file's dtype")
+    p.add_argument("--out", required=True, help="the new .safetensors file (never overwrites)")
+    p.add_argument("--json", action="store_true", help="print every layer's numbers as JSON")
+    p.set_defaults(func=cmd_extract)
