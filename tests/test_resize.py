@@ -100,6 +100,30 @@ def test_resize_on_the_tiny_model_reports_merged_errors_records_the_source_and_v
     assert main(["inspect", str(out)]) == 0
 
 
+def test_max_error_picks_each_layers_smallest_rank_within_it(tiny_dir, tiny_adapter_file, tmp_path, capsys):
+    source, out = tmp_path / "dora.safetensors", tmp_path / "dora-within.safetensors"
+    original = tiny_adapter_file(source)
+    args = ["resize", str(source), "--rank", "8", "--max-error", "0.05", "--model", str(tiny_dir), "--json"]
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    ranks = {layer["stem"]: layer["new_rank"] for layer in report["per_layer"]}
+    assert len(set(ranks.values())) > 1 and all(layer["merged_error"] <= 0.05 for layer in report["per_layer"])
+    targets = model_stem_targets(pipeline_parts(load_sdxl_pipeline(tiny_dir)))
+    for stem, rank in ranks.items():  # one rank fewer would not do (the search is not trusted: checked here)
+        if rank > 1:
+            base = targets[stem].module.weight.detach()
+            s_update = resize_adapters({stem: original[stem]}, rank=rank - 1).adapters[stem]
+            full = merged_weight(base, original[stem])
+            assert float((merged_weight(base, s_update) - full).abs().max() / full.abs().max()) > 0.05
+    record = json.loads(load_adapter(out).metadata[RESIZE_KEY])
+    assert record["max_error"] == 0.05 and load_adapter(out).metadata["ss_network_dim"] == "Dynamic"
+    assert (
+        main(["resize", str(source), "--rank", "8", "--max-error", "0.05", "--out", str(tmp_path / "x.safetensors")])
+        == 2
+    )
+    assert "--model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["out-exists", "rank-0", "pickle", "nothing-to-cut", "other-architecture"])
 def test_resize_refuses_bad_input_and_writes_nothing(case, tiny_dir, tmp_path, capsys):
     source, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"

@@ -108,7 +108,10 @@ def cmd_resize(args: argparse.Namespace) -> int:
     pipe = load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir) if args.model else None
     if pipe is not None:
         loaded, before = _fit_to_model(loaded, pipe, source, args.model)
-    resized = resize.resize_adapters(loaded.adapters, args.rank, args.dynamic, args.dynamic_param)
+    bases = {stem: target.module.weight.detach() for stem, (_, target) in before.matched.items()} if pipe else None
+    resized = resize.resize_adapters(
+        loaded.adapters, args.rank, args.dynamic, args.dynamic_param, args.max_error, bases
+    )
     if not resized.summary()["layers_cut"]:
         ranks = sorted({w.rank for w in loaded.adapters.values()})
         raise UsageError.at(source, f"no layer gets a lower rank (the file's ranks: {ranks}); nothing was written")
@@ -265,6 +268,12 @@ def add_adapter_file_commands(sub: argparse._SubParsersAction) -> None:
         "Frobenius norm, sv_cumulative of its singular values' sum; sv_ratio keeps those above largest / param",
     )
     p.add_argument("--dynamic-param", type=float, help="the rule's target, e.g. 0.9 (sv_fro), 0.95, or 10 (sv_ratio)")
+    p.add_argument(
+        "--max-error",
+        type=float,
+        help="instead of --dynamic: each layer's smallest rank whose merged weight is within this of the original "
+        "(verify's metric, e.g. 0.01; needs --model)",
+    )
     p.add_argument("--model", help=MODEL_HELP + "; measures each layer's merged-weight error and checks the fit")
     p.add_argument("--config-dir", help=CONFIG_HELP)
     p.add_argument("--out", required=True, help="the new .safetensors file (never overwrites)")

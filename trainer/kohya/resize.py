@@ -15,8 +15,17 @@ import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from trainer.adapters.low_rank import ZERO_UPDATE, DynamicMethod, dynamic_rank, truncate_rank, update_svd
-from trainer.adapters.weights import AdapterWeights
+import torch
+
+from trainer.adapters.low_rank import (
+    ZERO_UPDATE,
+    DynamicMethod,
+    UpdateSVD,
+    dynamic_rank,
+    truncate_rank,
+    update_svd,
+)
+from trainer.adapters.weights import AdapterWeights, merged_weight
 from trainer.errors import UsageError
 from trainer.files import file_sha256
 
@@ -64,23 +73,53 @@ def resize_adapters(
     rank: int,
     method: DynamicMethod | None = None,
     param: float | None = None,
+    max_error: float | None = None,
+    bases: dict[str, torch.Tensor] | None = None,
 ) -> Resized:
-    """Every layer cut to ``rank``, or with ``method`` to the rank kohya's rule picks (``rank`` its cap). A layer
-    already at or below its new rank is kept as it is; a zero update becomes rank 1, as in kohya."""
+    """Every layer cut to ``rank``; with ``method``, to the rank kohya's rule picks; with ``max_error``, to the
+    smallest rank whose merged weight is within it of the original's (verify's metric, on the layer's base weight
+    in ``bases``). ``rank`` caps both. A layer already at or below its new rank is kept as it is; a zero update
+    becomes rank 1, as in kohya."""
     if rank < 1:
         raise UsageError(f"--rank must be at least 1, got {rank}")
     if method and (param is None or param <= 0):
         raise UsageError(f"--dynamic {method} needs --dynamic-param above 0 (e.g. 0.9 for sv_fro), got {param}")
+    if max_error is not None and (max_error <= 0 or method or bases is None):
+        raise UsageError(
+            "--max-error needs a value above 0 and --model (the merged weight needs the base), not --dynamic"
+        )
     resized, layers = {}, []
     for stem, weights in adapters.items():
         svd = update_svd(weights)
         new_rank = min(rank, dynamic_rank(svd.values, method, param)) if method else rank
+        if max_error is not None:
+            new_rank = _smallest_rank_within(weights, svd, bases[stem], max_error, min(rank, weights.rank))
         if svd.values[0] <= ZERO_UPDATE:
             new_rank = 1
         resized[stem], error = truncate_rank(weights, min(new_rank, weights.rank), svd)
         layers.append(LayerResize(stem, weights.rank, resized[stem].rank, error))
     rule = {"rank": rank, **({"dynamic": method, "dynamic_param": param} if method else {})}
-    return Resized(resized, layers, rule)
+    return Resized(resized, layers, rule | ({"max_error": max_error} if max_error is not None else {}))
+
+
+@torch.no_grad()
+def _smallest_rank_within(
+    weights: AdapterWeights, svd: UpdateSVD, base: torch.Tensor, max_error: float, cap: int
+) -> int:
+    """The smallest rank up to ``cap`` whose merged weight is within ``max_error`` of the layer's own (``cap`` when
+    none is), by bisection: the error falls as the rank grows (Eckart-Young, for the update)."""
+    original = merged_weight(base, weights)
+    scale = original.abs().max().clamp_min(1e-30)
+
+    def within(rank: int) -> bool:
+        cut, _ = truncate_rank(weights, rank, svd)
+        return float((merged_weight(base, cut) - original).abs().max() / scale) <= max_error
+
+    low, high = 1, cap
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if within(middle) else (middle + 1, high)
+    return low
 
 
 def add_merged_errors(resized: Resized, errors: dict[str, float]) -> None:
@@ -97,9 +136,14 @@ def resized_metadata(loaded: LoadedAdapter, resized: Resized, source: Path) -> d
     metadata = {k: v for k, v in loaded.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash", VERA_KEY)}
     old_dim = metadata.get("ss_network_dim", str(max(layer.old_rank for layer in resized.layers)))
     gammas = {w.gamma for w in resized.adapters.values()}
-    if "dynamic" in resized.rule:
+    if "dynamic" in resized.rule or "max_error" in resized.rule:
         metadata["ss_network_dim"] = metadata["ss_network_alpha"] = "Dynamic"
-        what = f"Dynamic resize with {resized.rule['dynamic']}: {resized.rule['dynamic_param']} from {old_dim}"
+        rule = (
+            f"{resized.rule['dynamic']}: {resized.rule['dynamic_param']}"
+            if "dynamic" in resized.rule
+            else (f"max_error: {resized.rule['max_error']}")
+        )
+        what = f"Dynamic resize with {rule} from {old_dim}"
     else:
         metadata["ss_network_dim"] = str(resized.rule["rank"])
         if len(gammas) == 1:
