@@ -1,8 +1,9 @@
-"""What the Export tab says about an adapter and a run: ``inspect``, ``verify`` and ``analyze --run``.
+"""What the Export tab says about an adapter and a run: ``inspect``, ``verify`` and ``analyze --run``; and the
+files it makes from an adapter: ``resize`` and ``convert``.
 
-Verification and analysis load the base model, so they run as ``dora-studio verify`` and ``analyze`` in their
+Verification, analysis and the tools load the base model, so they run as ``dora-studio`` commands in their
 own process (the UI never holds a model). Their results are kept to be shown again: ``NAME.verify.json``
-beside the adapter, ``analysis/decomposition.json`` and its PNG in the run folder.
+beside the adapter, ``analysis/decomposition.json`` and its PNG in the run folder, made files in ``exports/``.
 """
 
 from __future__ import annotations
@@ -44,16 +45,19 @@ def _format(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _model_args(run: RunDirectory) -> list[str]:
+    """``--model`` (and ``--config-dir``) of the run's base model, for a command that merges its adapters."""
+    model = tomllib.loads(run.config_path.read_text(encoding="utf-8"))["model"]
+    return ["--model", model["path"], *(["--config-dir", model["config_dir"]] if model.get("config_dir") else [])]
+
+
 def verify_adapter(run: RunDirectory, path: Path, now: bool) -> str:
     """The stored verify result of ``run``'s adapter ``path``; with ``now``, verify it against the run's base
     model first and store the result."""
     cache = RunDirectory.verify_result_path(path)
     if not now:
         return _format(json.loads(cache.read_text())) if cache.is_file() else "Not verified yet."
-    config = tomllib.loads(run.config_path.read_text(encoding="utf-8"))
-    command = [sys.executable, "-m", "trainer.cli", "verify", str(path), "--model", config["model"]["path"], "--json"]
-    if config["model"].get("config_dir"):
-        command += ["--config-dir", config["model"]["config_dir"]]
+    command = [sys.executable, "-m", "trainer.cli", "verify", str(path), *_model_args(run), "--json"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=VERIFY_TIMEOUT_S)
     try:
         result = json.loads(done.stdout)
@@ -82,7 +86,7 @@ def _cli_error(stderr: str) -> str:
     """The command's own ``error:`` message (the lines from it on), not the library chatter before it."""
     lines = stderr.strip().splitlines()
     starts = [index for index, line in enumerate(lines) if line.startswith("error: ")]
-    return "\n".join(lines[starts[-1] :]) if starts else (lines[-1] if lines else "analyze failed")
+    return "\n".join(lines[starts[-1] :]) if starts else (lines[-1] if lines else "the command failed")
 
 
 def analyze_run(run: RunDirectory, now: bool) -> tuple[str | None, str]:
@@ -100,3 +104,32 @@ def analyze_run(run: RunDirectory, now: bool) -> tuple[str | None, str]:
         except (OSError, ValueError):
             return None, "Not analyzed yet."
     return str(run.analysis_dir / PLOT_FILE), _format_analysis(result)
+
+
+def make_from_adapter(run: RunDirectory, path: Path, tool: str, rank: int | None) -> tuple[str, Path | None]:
+    """``dora-studio resize`` or ``convert`` on ``run``'s adapter ``path`` (``tool``: one of ``TOOLS``), written to
+    ``exports/`` under a name no file has yet; (what the command printed or its error, the new file or None)."""
+    if tool not in TOOLS:
+        return f"Choose one of: {', '.join(TOOLS)}.", None
+    if rank is not None and rank < 1 or tool == "resize" and rank is None:
+        return "Give a rank of at least 1" + (" to resize to." if tool == "resize" else "."), None
+    arguments, label = TOOLS[tool](rank)
+    run.exports_dir.mkdir(parents=True, exist_ok=True)
+    out = run.exports_dir / f"{path.stem}-{label}.safetensors"
+    for number in range(2, 1000):
+        if not out.exists():
+            break
+        out = run.exports_dir / f"{path.stem}-{label}-{number}.safetensors"
+    command = [sys.executable, "-m", "trainer.cli", *arguments[:1], str(path), *arguments[1:], *_model_args(run)]
+    done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=VERIFY_TIMEOUT_S)
+    if done.returncode != 0:
+        return _cli_error(done.stderr), None
+    return done.stdout.strip(), out
+
+
+TOOLS = {  # what each Export-tab choice runs, given the rank field, and the label its file gets
+    "resize": lambda rank: (["resize", "--rank", str(rank)], f"r{rank}"),
+    "convert to DoRA": lambda rank: (["convert", "--to", "dora"], "dora"),
+    "convert to LoRA": lambda rank: (["convert", "--to", "lora", *(["--rank", str(rank)] if rank else [])],
+                                     f"lora-r{rank}" if rank else "lora"),
+}  # fmt: skip

@@ -24,7 +24,7 @@ from trainer.errors import Problem, StudioError
 from trainer.runs.run_directory import RunDirectory
 
 from .estimate import estimate, format_markdown
-from .export import adapter_summary, analyze_run, verify_adapter
+from .export import TOOLS, adapter_summary, analyze_run, make_from_adapter, verify_adapter
 from .form import (
     FORM_KEYS,
     build_form,
@@ -44,7 +44,6 @@ from .runs import (
     samples_for_prompt,
     signature,
 )
-from .theme import THEME
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
 POLL_SECONDS = 2.0
@@ -256,6 +255,16 @@ class Studio:
         found = self._adapter(name, adapter)
         return verify_adapter(*found, now=True) if found else "Choose an adapter first."
 
+    def make_file(self, name: str | None, adapter: str | None, tool: str, rank: float | None):
+        """Resize or convert the chosen adapter (``export.make_from_adapter``): the report, and the new file."""
+        found = self._adapter(name, adapter)
+        text, out = (
+            make_from_adapter(*found, tool, int(rank) if rank else None)
+            if found
+            else ("Choose an adapter first.", None)
+        )
+        return text, gr.DownloadButton(value=str(out), visible=True) if out else gr.DownloadButton(visible=False)
+
     def analysis(self, name: str | None, now: bool) -> tuple[str | None, str]:
         """The run's ΔM-against-ΔD plot and per-block text (``dora-studio analyze --run``); ``now``: analyze first."""
         return analyze_run(self._run(name), now) if name else (None, "Choose a run first.")
@@ -333,6 +342,12 @@ def build(runs_dir: Path) -> gr.Blocks:
                 analyze = gr.Button("Analyze the run: which layers changed, in magnitude or in direction (DoRA paper)")
                 analysis_plot = gr.Image(label="ΔM against ΔD per layer type", interactive=False)
                 analysis = [analysis_plot, gr.Code(label="analyze", language=None, interactive=False)]
+                with gr.Row():
+                    tool = gr.Radio(list(TOOLS), value="resize", label="Make a new file from this adapter")
+                    rank = gr.Number(label="rank (to resize to; optional to convert to LoRA)", precision=0, minimum=1)
+                    make = gr.Button("Make")
+                made = gr.Code(label="resize / convert: the error of each layer against this adapter", language=None)
+                download_made = gr.DownloadButton("Download the new file", visible=False)
         last_signature = gr.Textbox(visible=False)
 
         load.click(studio.load_preset, [preset, upload], [*inputs, message])
@@ -352,46 +367,10 @@ def build(runs_dir: Path) -> gr.Blocks:
         adapter.change(studio.show_adapter, [run, adapter], [summary, download, verified])
         verify.click(studio.verify, [run, adapter], verified)
         analyze.click(lambda name: studio.analysis(name, now=True), run, analysis)
+        make.click(studio.make_file, [run, adapter, tool, rank], [made, download_made])
         export_tab.select(lambda name: studio.analysis(name, now=False), run, analysis)  # the stored one
         run.change(lambda name: studio.analysis(name, now=False), run, analysis)
         gr.api(studio.api_start, api_name="start_run")
         gr.api(studio.api_status, api_name="run_status")
         gr.api(studio.api_stop, api_name="stop_run")
     return demo
-
-
-def launch(
-    runs_dir: Path, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None, block: bool = True
-) -> gr.Blocks:
-    """Serve the studio. Run files are served in place from the runs folder (static path: no copies into
-    Gradio's cache) and nothing else on disk is reachable; no share link, analytics or run history."""
-    runs_dir = Path(runs_dir).resolve()
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    gr.set_static_paths([runs_dir])
-    demo = build(runs_dir)
-    demo.launch(
-        server_name=host,
-        server_port=port,
-        auth=auth,
-        share=False,
-        show_error=True,
-        ssr_mode=False,
-        prevent_thread_lock=not block,
-        theme=THEME,
-        footer_links=[],
-        run_history=False,
-        enable_monitoring=False,
-        max_file_size="1mb",
-        quiet=True,
-    )
-    return demo
-
-
-def serve(runs_dir: Path, host: str, port: int, auth: tuple[str, str] | None) -> None:
-    """``dora-studio ui``: print where to look, then serve until interrupted."""
-    print(
-        f"DoRA Studio on http://{host}:{port} (runs in {Path(runs_dir).resolve()}); Ctrl-C to quit. "
-        "Training runs in its own process and goes on if the UI stops.",
-        flush=True,
-    )
-    launch(runs_dir, host, port, auth, block=True)

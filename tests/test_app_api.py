@@ -75,7 +75,7 @@ def kill_trainers(runs_dir: Path) -> None:
 
 @pytest.fixture()
 def studio(tmp_path, trainer_env):
-    from app.ui import launch
+    from app.serve import launch
 
     runs_dir = tmp_path / "runs"
     port = free_port()
@@ -145,7 +145,7 @@ def test_two_concurrent_starts_start_one_run(tmp_path, trainer_env):
 
 
 def test_auth_guards_pages_files_and_api(tmp_path, trainer_env):
-    from app.ui import launch
+    from app.serve import launch
 
     runs_dir = tmp_path / "runs"
     (runs_dir / "r1" / "adapters").mkdir(parents=True)

@@ -347,3 +347,18 @@ def _export(page, run_dir: Path, tmp_path: Path, stages: Stages) -> None:
     assert summary["stems"] == 788
     assert set(summary["parts"]) == {"unet"}
     assert all(kind.startswith("dora-") for kind in summary["parts"]["unet"]["kinds"]), summary["parts"]
+    _resize(page, run_dir, stages)
+
+
+def _resize(page, run_dir: Path, stages: Stages) -> None:
+    """Resize the adapter to rank 4 from the tab: the report on the page, the new file in exports/ to download."""
+    page.get_by_label("rank (to resize to; optional to convert to LoRA)").fill("4")
+    page.get_by_role("button", name="Make", exact=True).click()
+    expect(page.get_by_text("layers cut; ranks 4-4").first).to_be_visible(timeout=STEP_TIMEOUT_MS)
+    made_button = page.get_by_role("button", name="Download the new file")
+    expect(made_button).to_be_visible(timeout=STEP_TIMEOUT_MS)
+    with page.expect_download(timeout=STEP_TIMEOUT_MS) as download_info:
+        made_button.click()
+    made = run_dir / "exports" / ADAPTER.replace(".safetensors", "-r4.safetensors")
+    assert download_info.value.suggested_filename == made.name and made.is_file()
+    stages.snap("resized")

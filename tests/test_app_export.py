@@ -42,3 +42,21 @@ def test_a_run_with_nothing_saved_says_so(tmp_path, tiny_dir):
     plot, text = Studio(tmp_path).analysis("fresh", now=True)
     assert plot is None and text.startswith("error: ") and "holds no adapter yet" in text
     assert Studio(tmp_path).analysis(None, now=True) == (None, "Choose a run first.")
+
+
+def test_resize_and_convert_buttons_make_files_apart_from_the_checkpoints(tmp_path, tiny_dir):
+    _run(tmp_path, "trained", tiny_dir, checkpoints=1)
+    studio = Studio(tmp_path)
+    text, button = studio.make_file("trained", "tiny.safetensors", "resize", 1)
+    made = tmp_path / "trained" / "exports" / "tiny-r1.safetensors"
+    assert button.visible and button.value["orig_name"] == made.name and made.is_file()
+    assert "1 of 1 layers cut" in text and "merged-weight error against the original file" in text
+    text, button = studio.make_file("trained", "tiny.safetensors", "resize", 1)  # again: a new name, nothing lost
+    assert button.value["orig_name"] == "tiny-r1-2.safetensors" and made.with_name(button.value["orig_name"]).is_file()
+    text, button = studio.make_file("trained", "tiny.safetensors", "convert to DoRA", None)
+    assert "layers as DORA (input axis)" in text and button.value["orig_name"] == "tiny-dora.safetensors"
+    assert [p.name for p in (tmp_path / "trained" / "adapters").glob("*.safetensors")] == ["tiny.safetensors"]
+    text, button = studio.make_file("trained", "tiny.safetensors", "resize", None)
+    assert text.startswith("Give a rank") and not button.visible
+    text, button = studio.make_file("trained", "tiny.safetensors", "resize", 2)  # rank 2: nothing to cut
+    assert text.startswith("error: ") and "nothing was written" in text and not button.visible

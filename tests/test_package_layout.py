@@ -70,7 +70,7 @@ def test_the_engine_never_imports_the_studio_except_to_start_it():
     for path in _modules("trainer"):
         uses_app = {m for m in _imported(path) if m.split(".")[0] == "app"}
         if path.relative_to(ROOT).as_posix() == "trainer/cli/__init__.py":
-            assert uses_app == {"app.ui", "app.ui.serve"}  # `dora-studio ui`, imported when it runs
+            assert uses_app == {"app.serve", "app.serve.serve"}  # `dora-studio ui`, imported when it runs
         else:
             assert not uses_app, f"{path.relative_to(ROOT)} imports {uses_app}"
 

@@ -176,7 +176,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from app.ui import serve
+    from app.serve import serve
 
     auth = None
     if args.auth:

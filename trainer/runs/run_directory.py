@@ -127,6 +127,11 @@ class RunDirectory:
     def analysis_dir(self) -> Path:
         return self.root / "analysis"
 
+    @property
+    def exports_dir(self) -> Path:
+        """Files the studio made from the run's adapters (resized, converted): apart, so they are no checkpoints."""
+        return self.root / "exports"
+
     def is_run(self) -> bool:
         """Whether the folder holds a run (one being started, running, or done)."""
         return any(path.is_file() for path in (self.status_path, self.config_path, self.preset_path))
