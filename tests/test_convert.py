@@ -106,3 +106,37 @@ def test_convert_refuses_bad_input_and_writes_nothing(case, tiny_dir, tiny_adapt
     assert main(args) == 2
     assert capsys.readouterr().err.startswith("error:")
     assert out.read_bytes() == b"keep me" if case == "out-exists" else not out.exists()
+
+
+def test_a_dora_moves_to_the_other_axis_exactly_when_its_change_is_a_loras(
+    tiny_dir, tiny_adapter_file, tmp_path, capsys
+):
+    lora_file, dora_in, dora_out, random_in, random_out = (
+        tmp_path / f"{n}.safetensors" for n in ("lora", "dora-in", "dora-out", "random-in", "random-out")
+    )
+    original = tiny_adapter_file(lora_file, rank=4, dora=False)
+    model = ["--model", str(tiny_dir), "--json"]
+    assert main(["convert", str(lora_file), "--to", "dora", *model, "--out", str(dora_in)]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(dora_in), "--to", "dora", "--axis", "output", *model, "--out", str(dora_out)]) == 0
+    assert max(layer["merged_error"] for layer in json.loads(capsys.readouterr().out)["per_layer"]) < 1e-5
+    moved, targets = load_adapter(dora_out), model_stem_targets(pipeline_parts(load_sdxl_pipeline(tiny_dir)))
+    assert {w.dora_axis for w in moved.adapters.values()} == {"output"} and all(
+        w.rank == 4 for w in moved.adapters.values()
+    )
+    for stem, weights in original.items():
+        base = targets[stem].module.weight.detach()
+        torch.testing.assert_close(
+            merged_weight(base, moved.adapters[stem]), merged_weight(base, weights), rtol=1e-4, atol=1e-5
+        )
+    # A DoRA trained as one (random magnitudes): the rows keep the merged weight's exact lengths; the error is
+    # the one computed here from both files.
+    trained = tiny_adapter_file(random_in, rank=4, dora=True)
+    assert main(["convert", str(random_in), "--to", "dora", "--axis", "output", *model, "--out", str(random_out)]) == 0
+    report = {layer["stem"]: layer for layer in json.loads(capsys.readouterr().out)["per_layer"]}
+    for stem, weights in load_adapter(random_out).adapters.items():
+        base = targets[stem].module.weight.detach()
+        before, after = merged_weight(base, trained[stem]), merged_weight(base, weights)
+        torch.testing.assert_close(weights.dora_scale.flatten(), before.flatten(1).norm(dim=1), rtol=1e-5, atol=0)
+        expected = float((after - before).abs().max() / before.abs().max())
+        assert report[stem]["merged_error"] == pytest.approx(expected, rel=1e-4, abs=1e-7)

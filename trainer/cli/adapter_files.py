@@ -143,13 +143,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     source, out = Path(args.file), _new_output(args.out)
     loaded = load_adapter(source)  # before the slow model load, so a bad file fails fast
-    wrong = [stem for stem, w in loaded.adapters.items() if w.is_dora == (args.to == "dora")]
-    if wrong:
-        kind = "DoRA" if args.to == "dora" else "LoRA"
-        raise UsageError.at(source, f"{len(wrong)} layers are {kind} already (e.g. {wrong[0]}); convert --to "
-                            f"{'lora' if args.to == 'dora' else 'dora'} goes the other way")  # fmt: skip
-    if args.rank is not None and (args.to != "lora" or args.rank < 1):
-        raise UsageError("--rank is for --to lora, and at least 1 (LoRA -> DoRA keeps the factors: exact)")
+    target = (lambda w: w.dora_axis == args.axis) if args.to == "dora" else (lambda w: not w.is_dora)
+    if done := [stem for stem, w in loaded.adapters.items() if target(w)]:
+        kind = f"DoRA on the {args.axis} axis" if args.to == "dora" else "LoRA"
+        raise UsageError.at(source, f"{len(done)} layers are {kind} already (e.g. {done[0]}); nothing to convert")
+    if args.rank is not None and (args.rank < 1 or not any(w.is_dora for w in loaded.adapters.values())):
+        raise UsageError("--rank is at least 1, and for a DoRA file (LoRA -> DoRA keeps the factors: exact)")
     pipe = load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir)
     loaded, before = _fit_to_model(loaded, pipe, source, args.model)
     dtype = factor_dtype(loaded)
@@ -280,7 +279,7 @@ def add_adapter_file_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the summary and every layer's numbers as JSON")
     p.set_defaults(func=cmd_resize)
 
-    p = sub.add_parser("convert", help="a LoRA file as DoRA (exact) or a DoRA file as LoRA (at a rank you choose)")
+    p = sub.add_parser("convert", help="LoRA as DoRA (exact), DoRA as LoRA or on the other axis (at a rank)")
     p.add_argument("file", help="adapter .safetensors file (kohya, LyCORIS, OneTrainer, PEFT or ours)")
     p.add_argument("--to", choices=("dora", "lora"), required=True)
     p.add_argument("--model", required=True, help=MODEL_HELP + "; DoRA's magnitudes depend on its weights")
@@ -291,7 +290,7 @@ def add_adapter_file_commands(sub: argparse._SubParsersAction) -> None:
         default="input",
         help="--to dora: the magnitude's axis (default input: every SD front end merges it as trained)",
     )
-    p.add_argument("--rank", type=int, help="--to lora: the new rank (default: each layer's own)")
+    p.add_argument("--rank", type=int, help="from a DoRA file: the new rank (default: each layer's own)")
     p.add_argument("--out", required=True, help="the new .safetensors file (never overwrites)")
     p.add_argument("--json", action="store_true", help="print every layer's numbers as JSON")
     p.set_defaults(func=cmd_convert)

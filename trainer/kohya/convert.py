@@ -1,11 +1,15 @@
-"""``dora-studio convert``: a LoRA file as a DoRA file (exact) or a DoRA file as a LoRA file (at a rank you choose).
+"""``dora-studio convert``: a LoRA file as a DoRA file (exact) or a DoRA file as a LoRA file (at a rank you choose),
+or a DoRA file on the other axis.
 
 LoRA -> DoRA keeps the factors and sets each magnitude to the norm of the merged weight along the axis:
 m = ||W + gamma up down||, so m V / ||V|| = V, the LoRA's own merged weight, at every strength (front ends blend
 W + s (W' - W), the same for both). DoRA -> LoRA needs the whole merged change W' - W, which is weight-sized and
 of full rank in general (the magnitudes rescale every column of W), so it is approximated at the new rank by SVD
 (``adapters.low_rank.factor_change``: exact on small weights, randomized on SDXL's; the error measured either
-way). Both need the base model: the magnitudes and the merged change depend on W.
+way). DoRA on one axis -> the other keeps the merged weight as the target: its norms along the new axis are
+the magnitudes, exactly, and its direction is found at the rank (``low_rank.dora_from_target``; exact when the
+change is a LoRA's, e.g. a file that was converted from one). All need the base model: the magnitudes and the
+merged change depend on W.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import Tensor
 
 from trainer.adapters.dora_norm import DoraAxis, weight_norm
-from trainer.adapters.low_rank import factor_change
+from trainer.adapters.low_rank import dora_from_target, factor_change
 from trainer.adapters.weights import AdapterWeights, merged_weight
 from trainer.files import file_sha256
 
@@ -57,12 +61,15 @@ def dora_to_lora(weights: AdapterWeights, base: Tensor, rank: int) -> tuple[Adap
 def convert_matched(
     match: StemMatch, to: str, axis: DoraAxis, rank: int | None, dtype: torch.dtype
 ) -> tuple[dict[str, AdapterWeights], list[LayerConversion]]:
-    """Every matched layer converted on its model weight (``rank``: LoRA's new rank, default each layer's own), as
-    the file will store it in ``dtype``, so that the errors measured on it are the file's."""
+    """Every matched layer converted on its model weight (``rank``: the new rank of a LoRA or of a DoRA moved to the
+    other axis, default each layer's own), as the file will store it in ``dtype``, so that the errors measured on
+    it are the file's."""
     adapters, layers = {}, []
     for stem, (weights, target) in match.matched.items():
         base = target.module.weight.detach()
-        if to == "dora":
+        if to == "dora" and weights.is_dora:  # the other axis: the same merged weight, its norms along the new one
+            converted, error = dora_from_target(base, merged_weight(base, weights), rank or weights.rank, axis)
+        elif to == "dora":
             converted, error = lora_to_dora(weights, base, axis), 0.0
         else:
             converted, error = dora_to_lora(weights, base, rank or weights.rank)
