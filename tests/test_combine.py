@@ -88,7 +88,7 @@ def test_a_weight_follows_the_last_colon_only_when_it_is_a_number():
     assert parse_source(r"C:\loras\a.safetensors:-2").weight == -2.0
 
 
-@pytest.mark.parametrize("case", ["other-architecture", "rank-0", "missing-file", "out-exists"])
+@pytest.mark.parametrize("case", ["other-architecture", "rank-0", "rank-above-a-layer", "missing-file", "out-exists"])
 def test_combine_refuses_bad_input_and_writes_nothing(case, tiny_dir, tiny_adapter_file, tmp_path, capsys):
     a_path, b_path, out = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "out.safetensors"
     tiny_adapter_file(a_path, rank=4, dora=False)
@@ -97,11 +97,12 @@ def test_combine_refuses_bad_input_and_writes_nothing(case, tiny_dir, tiny_adapt
     layer = AdapterWeights(down=torch.randn(4, 8), up=torch.randn(6, 4), alpha=4.0)
     save_adapter(b_path, {"lora_unet_not_in_sdxl": layer}, {}, torch.float32)
     files = [str(a_path), str(a_path)] if case != "other-architecture" else [str(a_path), str(b_path)]
-    rank = "0" if case == "rank-0" else "4"
+    rank = {"rank-0": "0", "rank-above-a-layer": "500"}.get(case, "4")  # the tiny model's layers are 16-64 wide
     if case == "missing-file":
         files[1] = str(tmp_path / "nope.safetensors")
     if case == "out-exists":
         out.write_bytes(b"keep me")
     assert main(["combine", *files, "--rank", rank, "--model", str(tiny_dir), "--out", str(out)]) == 2
-    assert capsys.readouterr().err.startswith("error:")
+    error = capsys.readouterr().err
+    assert error.startswith("error:") and ("choose --rank" in error) == (case == "rank-above-a-layer")
     assert out.read_bytes() == b"keep me" if case == "out-exists" else not out.exists()

@@ -96,6 +96,17 @@ def _fit_to_model(loaded, pipe, path: Path, model: str):
     return loaded, match
 
 
+def _refuse_rank_above_layers(rank: int | None, weights: dict, where: str | Path) -> None:
+    """A rank no layer's weight can hold (above min(out, in * kh * kw)) is refused, naming the smallest layer."""
+    if rank is None or not weights:
+        return
+    sizes = {stem: min(weight.shape[0], weight[0].numel()) for stem, weight in weights.items()}
+    smallest = min(sizes, key=sizes.get)
+    if rank > sizes[smallest]:
+        raise UsageError.at(where, f"rank {rank} is above what layer {smallest} can hold ({sizes[smallest]}, the "
+                            f"smaller side of its weight); choose --rank {sizes[smallest]} or less")  # fmt: skip
+
+
 def cmd_resize(args: argparse.Namespace) -> int:
     from trainer.builtin.resolve import resolve_model_path
     from trainer.kohya import resize
@@ -152,6 +163,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     pipe = load_sdxl_pipeline(resolve_model_path(args.model), args.config_dir)
     loaded, before = _fit_to_model(loaded, pipe, source, args.model)
     dtype = factor_dtype(loaded)
+    _refuse_rank_above_layers(args.rank, {s: t.module.weight for s, (_, t) in before.matched.items()}, source)
     adapters, layers = convert.convert_matched(before, args.to, args.axis, args.rank, dtype)
     errors = merged_errors(before, match_pipeline(replace(loaded, adapters=adapters), pipe))
     for layer in layers:
@@ -183,6 +195,10 @@ def cmd_combine(args: argparse.Namespace) -> int:
     dtypes = {factor_dtype(source.loaded) for source in sources}
     dtype = dtypes.pop() if len(dtypes) == 1 else DTYPES["fp16"]
     axis = args.axis if to == "dora" else None
+    for source in sources:
+        _refuse_rank_above_layers(
+            args.rank, {s: t.module.weight for s, (_, t) in source.match.matched.items()}, source.path
+        )
     adapters, layers = combine.combine_matched(sources, args.rank, axis, dtype)
     save_adapter(out, adapters, combine.combined_metadata(sources, args.rank, axis, layers), dtype)
     if args.json:
@@ -209,6 +225,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if not layers:
         raise UsageError(f"{args.tuned} has the same weights as {args.base} in every target layer: nothing to extract")
     axis, dtype = (args.axis if args.kind == "dora" else None), DTYPES[args.precision]
+    _refuse_rank_above_layers(args.rank, {stem: base for stem, (base, _) in layers.items()}, args.tuned)
     adapters, report = extract.extract_layers(layers, args.rank, axis, dtype)
     metadata = extract.extracted_metadata(args.base, args.tuned, args.rank, axis, args.unet_targets, report)
     save_adapter(out, adapters, metadata, dtype)
