@@ -147,3 +147,19 @@ def test_resize_refuses_bad_input_and_writes_nothing(case, tiny_dir, tmp_path, c
     assert error.startswith("error:") and (str(out) in error or str(source) in error or "rank" in error)
     assert out.read_bytes() == b"keep me" if case == "out-exists" else not out.exists()
     assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_peft_named_file_is_resized_to_kohya_stems_that_verify(tiny_dir, tmp_path, capsys):
+    """Inputs are read as ``inspect`` reads them: PEFT's names (diffusers module paths) come out as the SGM stems
+    front ends read."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(4)
+    source, out = tmp_path / "peft.safetensors", tmp_path / "kohya-r2.safetensors"
+    prefix = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # 32 x 32 in the tiny model
+    save_file({f"{prefix}.lora_A.weight": torch.randn(4, 32, generator=generator),
+               f"{prefix}.lora_B.weight": torch.randn(32, 4, generator=generator) * 0.1}, source)  # fmt: skip
+    assert main(["resize", str(source), "--rank", "2", "--model", str(tiny_dir), "--out", str(out)]) == 0
+    assert "1 of 1 layers cut" in capsys.readouterr().out
+    assert list(load_adapter(out).adapters) == ["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"]
+    assert main(["verify", str(out), "--model", str(tiny_dir)]) == 0
