@@ -21,7 +21,7 @@ from trainer.adapters.weights import AdapterWeights, merged_weight
 from trainer.files import file_sha256
 
 from .adapter_file import LoadedAdapter, as_saved
-from .merge import StemMatch
+from .merge import StemMatch, max_relative_error
 from .metadata import network_kind_keys
 
 COMBINE_KEY = "dora_studio.combine"  # the sources with their hashes and weights, the rank, the errors
@@ -64,15 +64,15 @@ def combine_matched(
     stems = sorted({stem for source in sources for stem in source.match.matched})
     adapters, layers = {}, []
     for stem in stems:
-        present = [(source.match.matched[stem], source.weight) for source in sources if stem in source.match.matched]
-        base = present[0][0][1].module.weight.detach().float()
+        present = [(*source.match.matched[stem], source.weight) for source in sources if stem in source.match.matched]
+        module = present[0][1].module  # every source's stem names this one module of the model
+        base = module.weight.detach().float()
         target = base.clone()
-        for (weights, _), weight in present:
+        for weights, _, weight in present:
             target += weight * (merged_weight(base, weights) - base)
         factors, change_error = factor_change(base, target, rank, gamma=1.0, axis=axis)
         adapters[stem] = as_saved(factors, dtype)
-        merged = merged_weight(base, adapters[stem])
-        merged_error = float((merged - target).abs().max() / target.abs().max().clamp_min(1e-30))
+        merged_error = max_relative_error(merged_weight(base, adapters[stem]), target)
         layers.append(LayerCombination(stem, len(present), change_error, merged_error))
     return adapters, layers
 

@@ -29,7 +29,7 @@ from trainer.files import file_sha256
 
 from .adapter_file import LoadedAdapter, as_saved
 from .merge import StemMatch
-from .metadata import VERA_KEY, network_kind_keys
+from .metadata import derived_metadata, network_kind_keys
 
 CONVERT_KEY = "dora_studio.convert"  # what produced the file: source, its hash, the direction, the errors
 
@@ -82,7 +82,7 @@ def converted_metadata(
     loaded: LoadedAdapter, to: str, axis: DoraAxis | None, layers: Iterable[LayerConversion], source: Path
 ) -> dict[str, str]:
     """The source's metadata with the keys that say the kind rewritten, a VeRA record dropped, and our record."""
-    metadata = {k: v for k, v in loaded.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash", VERA_KEY)}
+    metadata, dropped = derived_metadata(loaded.metadata)
     metadata.pop("dora_studio.dora_axis", None)
     try:
         network_args = json.loads(metadata.get("ss_network_args", "{}"))
@@ -99,10 +99,9 @@ def converted_metadata(
         "layers": len(layers),
         "update_error_max": max(layer.update_error for layer in layers),
         "merged_error_max": max(layer.merged_error for layer in layers),
+        **dropped,
     }
-    if VERA_KEY in loaded.metadata:
-        record["dropped"] = VERA_KEY
-    metadata["dora_studio.convert"] = json.dumps(record, sort_keys=True)
+    metadata[CONVERT_KEY] = json.dumps(record, sort_keys=True)
     return metadata
 
 

@@ -117,7 +117,10 @@ def merged_errors(before: StemMatch, after: StemMatch) -> dict[str, float]:
     errors = {}
     for stem, (weights, target) in after.matched.items():
         base = target.module.weight.detach()
-        original = merged_weight(base, before.matched[stem][0])
-        difference = (merged_weight(base, weights) - original).abs().max()
-        errors[stem] = float(difference / original.abs().max().clamp_min(1e-30))
+        errors[stem] = max_relative_error(merged_weight(base, weights), merged_weight(base, before.matched[stem][0]))
     return errors
+
+
+def max_relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """``verify``'s metric: the largest difference from ``reference`` over its largest value."""
+    return float((value - reference).abs().max() / reference.abs().max().clamp_min(1e-30))

@@ -100,3 +100,11 @@ def network_kind_keys(dora_axis: DoraAxis | None, network_args: Mapping[str, str
         kept = {"algo": "lora", "dora_wd": "True", "wd_on_output": str(dora_axis == "output"), **kept}
     keys = {"ss_network_module": "lycoris.kohya" if dora_axis else "networks.lora", "ss_network_args": json.dumps(kept)}
     return keys | ({"dora_studio.dora_axis": dora_axis} if dora_axis is not None else {})
+
+
+def derived_metadata(source: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """What a file made from another (resize, convert) keeps of its metadata, and what its record should add: the
+    hashes go (``save_adapter`` writes the new one) and so does a VeRA record, whose projections the new factors
+    are no longer scaled rows of; the record then says ``dropped``."""
+    kept = {k: v for k, v in source.items() if k not in ("sshs_model_hash", "sshs_legacy_hash", VERA_KEY)}
+    return kept, ({"dropped": VERA_KEY} if VERA_KEY in source else {})

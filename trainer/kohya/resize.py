@@ -30,7 +30,7 @@ from trainer.errors import UsageError
 from trainer.files import file_sha256
 
 from .adapter_file import LoadedAdapter, as_saved, factor_dtype, save_adapter
-from .metadata import VERA_KEY
+from .metadata import derived_metadata
 
 RESIZE_KEY = "dora_studio.resize"  # what produced the file: source, its hash, the rule, the errors
 
@@ -133,7 +133,7 @@ def resized_metadata(loaded: LoadedAdapter, resized: Resized, source: Path) -> d
     of the source (name and SHA-256 of the whole file) and of what the cut cost. A VeRA record is dropped: cut
     factors are no longer scaled rows of shared projections, so the result is a plain LoRA or DoRA file."""
     summary = resized.summary()
-    metadata = {k: v for k, v in loaded.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash", VERA_KEY)}
+    metadata, dropped = derived_metadata(loaded.metadata)
     old_dim = metadata.get("ss_network_dim", str(max(layer.old_rank for layer in resized.layers)))
     gammas = {w.gamma for w in resized.adapters.values()}
     if "dynamic" in resized.rule or "max_error" in resized.rule:
@@ -152,8 +152,7 @@ def resized_metadata(loaded: LoadedAdapter, resized: Resized, source: Path) -> d
     comment = metadata.get("ss_training_comment", "")
     metadata["ss_training_comment"] = f"{what}; {comment}" if comment else what
     record = {"tool": "dora-studio resize", "source": source.name, "source_sha256": file_sha256(source), **summary}
-    if VERA_KEY in loaded.metadata:
-        record["dropped"] = VERA_KEY
+    record |= dropped
     metadata[RESIZE_KEY] = json.dumps(record, sort_keys=True)
     return metadata
 
