@@ -111,25 +111,25 @@ def make_from_adapter(run: RunDirectory, path: Path, tool: str, rank: int | None
     ``exports/`` under a name no file has yet; (what the command printed or its error, the new file or None)."""
     if tool not in TOOLS:
         return f"Choose one of: {', '.join(TOOLS)}.", None
-    if rank is not None and rank < 1 or tool == "resize" and rank is None:
+    if (rank is not None and rank < 1) or (tool == "resize" and rank is None):
         return "Give a rank of at least 1" + (" to resize to." if tool == "resize" else "."), None
-    arguments, label = TOOLS[tool](rank)
+    command, options, label = TOOLS[tool](rank)
     run.exports_dir.mkdir(parents=True, exist_ok=True)
     out = run.exports_dir / f"{path.stem}-{label}.safetensors"
     for number in range(2, 1000):
         if not out.exists():
             break
         out = run.exports_dir / f"{path.stem}-{label}-{number}.safetensors"
-    command = [sys.executable, "-m", "trainer.cli", *arguments[:1], str(path), *arguments[1:], *_model_args(run)]
-    done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=VERIFY_TIMEOUT_S)
+    line = [sys.executable, "-m", "trainer.cli", command, str(path), *options, *_model_args(run), "--out", str(out)]
+    done = subprocess.run(line, capture_output=True, text=True, timeout=VERIFY_TIMEOUT_S)
     if done.returncode != 0:
         return _cli_error(done.stderr), None
     return done.stdout.strip(), out
 
 
-TOOLS = {  # what each Export-tab choice runs, given the rank field, and the label its file gets
-    "resize": lambda rank: (["resize", "--rank", str(rank)], f"r{rank}"),
-    "convert to DoRA": lambda rank: (["convert", "--to", "dora"], "dora"),
-    "convert to LoRA": lambda rank: (["convert", "--to", "lora", *(["--rank", str(rank)] if rank else [])],
+TOOLS = {  # what each Export-tab choice runs given the rank field: the command, its options, its file's label
+    "resize": lambda rank: ("resize", ["--rank", str(rank)], f"r{rank}"),
+    "convert to DoRA": lambda rank: ("convert", ["--to", "dora"], "dora"),
+    "convert to LoRA": lambda rank: ("convert", ["--to", "lora", *(["--rank", str(rank)] if rank else [])],
                                      f"lora-r{rank}" if rank else "lora"),
 }  # fmt: skip
