@@ -8,12 +8,14 @@ values travel as a flat list in ``FORM_KEYS`` order, which is how Gradio hands i
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from typing import Any, get_args, get_origin
 
 import gradio as gr
+import tomli_w
 
-from trainer.config.parsing import from_dict
-from trainer.config.schema import SECTIONS, TrainConfig, field_type, fields_of
+from trainer.config.parsing import from_dict, to_dict
+from trainer.config.schema import SECTIONS, TrainConfig, field_type, fields_of, table_class
 from trainer.errors import ConfigError, Problem
 
 SECTION_TITLES = {
@@ -22,6 +24,7 @@ SECTION_TITLES = {
     "network": "Network",
     "optimizer": "Optimizer",
     "training": "Training",
+    "validation": "Validation",
     "sampling": "Sampling",
     "saving": "Saving",
 }
@@ -36,6 +39,11 @@ def _spec(key: str) -> tuple[dataclasses.Field, Any]:
 
 def _is_list(annotation: Any) -> bool:
     return get_origin(annotation) is list
+
+
+def _is_table_list(annotation: Any) -> bool:
+    """A list of settings tables (dataset.subsets), edited as TOML text: one [[name]] table each."""
+    return table_class(annotation) is not None
 
 
 def _component(key: str, value: Any) -> gr.components.Component:
@@ -53,6 +61,8 @@ def _component(key: str, value: Any) -> gr.components.Component:
         )
     if annotation in (float, float | None):
         return gr.Number(value=value, label=label, info=info + (" (blank: unset)" if value is None else ""))
+    if _is_table_list(annotation):
+        return gr.Code(value=value, label=label, language=None, lines=6, interactive=True)
     if _is_list(annotation):
         separator = "one per line" if get_args(annotation)[0] is str else "comma-separated"
         return gr.Textbox(
@@ -64,11 +74,15 @@ def _component(key: str, value: Any) -> gr.components.Component:
     return gr.Textbox(value=value, label=label, info=info)
 
 
-def _list_to_text(values: list, annotation: Any) -> str:
+def _list_to_text(values: list, annotation: Any, name: str = "") -> str:
+    if _is_table_list(annotation):
+        return tomli_w.dumps({name: values}) if values else ""
     return "\n".join(values) if get_args(annotation)[0] is str else ", ".join(str(v) for v in values)
 
 
-def _text_to_list(text: str, annotation: Any) -> list:
+def _text_to_list(text: str, annotation: Any, name: str = "") -> list:
+    if _is_table_list(annotation):
+        return tomllib.loads(text or "").get(name, [])
     if get_args(annotation)[0] is str:
         return [line.strip() for line in (text or "").splitlines() if line.strip()]
     items = [item.strip() for item in (text or "").split(",") if item.strip()]
@@ -97,12 +111,15 @@ def build_form(config: TrainConfig) -> dict[str, gr.components.Component]:
 
 def form_values(config: TrainConfig) -> list[Any]:
     """The config as the form shows it, in FORM_KEYS order."""
-    data = dataclasses.asdict(config)
+    data, plain = dataclasses.asdict(config), to_dict(config)
     shown = []
     for key in FORM_KEYS:
         section, _, name = key.partition(".")
-        value, annotation = data[section][name], _spec(key)[1]
-        shown.append(_list_to_text(value, annotation) if _is_list(annotation) else value)
+        annotation = _spec(key)[1]
+        if _is_list(annotation):
+            shown.append(_list_to_text(plain[section][name], annotation, name))
+        else:
+            shown.append(data[section][name])
     return shown
 
 
@@ -115,7 +132,10 @@ def settings_from_form(values: list[Any]) -> tuple[dict, list[Problem]]:
         annotation = _spec(key)[1]
         if _is_list(annotation):
             try:
-                value = _text_to_list(value, annotation)
+                value = _text_to_list(value, annotation, name)
+            except tomllib.TOMLDecodeError as error:
+                problems.append(Problem(key, f"not valid TOML ([[{name}]] tables): {error}"))
+                continue
             except ValueError:
                 problems.append(Problem(key, f"expected numbers separated by commas, got {value!r}"))
                 continue

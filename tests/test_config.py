@@ -49,7 +49,10 @@ def test_defaults_need_only_a_dataset():
     assert "dataset.path" in message
     assert len(message.strip().splitlines()) == 2  # the "settings:" heading and the one problem
     assert TrainConfig().problems() == [
-        Problem("dataset.path", "missing; set it to the folder of your training images")
+        Problem(
+            "dataset.path",
+            "missing; set it to the folder of your training images (or add a [[dataset.subsets]] table)",
+        )
     ]
     assert from_dict(DATASET).dataset.path == "/data/images"
 
@@ -439,7 +442,9 @@ def test_settings_markdown_has_one_row_per_setting():
     lines = settings_markdown().splitlines()
     assert lines[:2] == ["| setting | default | meaning |", "|---|---|---|"]
     rows = [line.split("|")[1].strip().strip("`") for line in lines[2:]]
-    assert rows == all_keys()
+    assert rows == all_keys(tables=True)
+    assert set(all_keys()) < set(rows)
+    assert "dataset.subsets[].repeats" in rows
     assert "| `network.rank` | `16` |" in settings_markdown()
     assert "| `optimizer.unet_lr` | `(unset)` |" in settings_markdown()
     assert "(one of: dora, lora, dvora, vera)" in settings_markdown()
@@ -447,7 +452,7 @@ def test_settings_markdown_has_one_row_per_setting():
 
 def test_settings_text_lists_every_setting():
     lines = settings_text().splitlines()
-    assert [line.split()[0] for line in lines] == all_keys()
+    assert [line.split()[0] for line in lines] == all_keys(tables=True)
 
 
 def test_docs_have_the_current_settings_table():

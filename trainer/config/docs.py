@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .schema import SECTIONS, TrainConfig, fields_of
+from .schema import SECTIONS, field_type, fields_of, table_class
 
 
 def _shown(value: Any) -> str:
@@ -17,19 +17,23 @@ def _shown(value: Any) -> str:
     return str(value).replace("'", '"')
 
 
-def _rows() -> list[tuple[str, str, str]]:
-    defaults = TrainConfig()
-    rows = []
-    for section_name, section in SECTIONS.items():
-        for spec in fields_of(section):
-            meta = spec.metadata
-            text = meta["help"]
-            if meta["choices"]:
-                text += f" (one of: {', '.join(meta['choices'])})"
-            rows.append(
-                (f"{section_name}.{spec.name}", _shown(getattr(getattr(defaults, section_name), spec.name)), text)
-            )
+def _rows_of(cls: type, prefix: str) -> list[tuple[str, str, str]]:
+    """One row per setting of ``cls``; a list of tables (dataset.subsets) is followed by its own settings."""
+    defaults, rows = cls(), []
+    for spec in fields_of(cls):
+        meta = spec.metadata
+        text = meta["help"]
+        if meta["choices"]:
+            text += f" (one of: {', '.join(meta['choices'])})"
+        rows.append((f"{prefix}.{spec.name}", _shown(getattr(defaults, spec.name)), text))
+        table = table_class(field_type(cls, spec.name))
+        if table is not None:
+            rows += _rows_of(table, f"{prefix}.{spec.name}[]")
     return rows
+
+
+def _rows() -> list[tuple[str, str, str]]:
+    return [row for section_name, section in SECTIONS.items() for row in _rows_of(section, section_name)]
 
 
 def settings_text() -> str:

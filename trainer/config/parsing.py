@@ -17,7 +17,7 @@ from typing import Any, get_args, get_origin
 
 from trainer.errors import ConfigError, Problem
 
-from .schema import SECTIONS, TrainConfig, all_keys, field_type, fields_of
+from .schema import SECTIONS, TrainConfig, all_keys, field_type, fields_of, table_class
 
 
 def _type_name(annotation: Any) -> str:
@@ -78,6 +78,38 @@ def unknown_key(key: str, where: str | None = None) -> Problem:
     return Problem(where or key, f"unknown setting; {hint}")
 
 
+def _build(cls: type, values: dict, prefix: str, problems: list[Problem]) -> Any:
+    """An instance of the settings class ``cls`` from ``values``; problems are named ``prefix.name``."""
+    specs = {f.name: f for f in fields_of(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}"
+        if name not in specs:
+            problems.append(unknown_key(key) if cls in SECTIONS.values() else _unknown_table_key(cls, key, name))
+            continue
+        annotation = field_type(cls, name)
+        table = table_class(annotation)
+        if table is not None:
+            if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+                problems.append(Problem(key, f"expected a list of tables ([[{key}]] in TOML), got {value!r}"))
+                continue
+            kwargs[name] = [_build(table, item, f"{key}[{i}]", problems) for i, item in enumerate(value)]
+            continue
+        value, problem = _check_value(key, specs[name], annotation, value)
+        if problem:
+            problems.append(problem)
+            continue
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _unknown_table_key(cls: type, key: str, name: str) -> Problem:
+    names = [f.name for f in fields_of(cls)]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"its settings are {', '.join(names)}"
+    return Problem(key, f"unknown setting; {hint}")
+
+
 def from_dict(data: dict, where: str = "settings") -> TrainConfig:
     """Build and validate a config from nested sections; every problem is reported at once."""
     problems: list[Problem] = []
@@ -93,25 +125,32 @@ def from_dict(data: dict, where: str = "settings") -> TrainConfig:
         if not isinstance(values, dict):
             problems.append(Problem(section_name, f"expected a [{section_name}] table"))
             continue
-        section = SECTIONS[section_name]
-        specs = {f.name: f for f in fields_of(section)}
-        kwargs = {}
-        for name, value in values.items():
-            key = f"{section_name}.{name}"
-            if name not in specs:
-                problems.append(unknown_key(key))
-                continue
-            value, problem = _check_value(key, specs[name], field_type(section, name), value)
-            if problem:
-                problems.append(problem)
-                continue
-            kwargs[name] = value
-        sections[section_name] = section(**kwargs)
+        sections[section_name] = _build(SECTIONS[section_name], values, section_name, problems)
     config = TrainConfig(**sections)
     problems += [] if problems else config.problems()
     if problems:
         raise ConfigError(*problems, context=where)
     return config
+
+
+def _resolve_path(value: Any, base_dir: Path) -> Any:
+    if not isinstance(value, str) or not value or value.startswith("builtin:"):
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _resolve_table(cls: type, values: dict, base_dir: Path) -> dict:
+    """A copy of one table's settings with its path settings, and those of its nested tables, made absolute."""
+    resolved = dict(values)
+    for spec in fields_of(cls):
+        value = resolved.get(spec.name)
+        table = table_class(field_type(cls, spec.name))
+        if table is not None and isinstance(value, list):
+            resolved[spec.name] = [_resolve_table(table, v, base_dir) if isinstance(v, dict) else v for v in value]
+        elif spec.metadata["path"] and spec.name in resolved:
+            resolved[spec.name] = _resolve_path(value, base_dir)
+    return resolved
 
 
 def resolve_paths(data: dict, base_dir: Path) -> dict:
@@ -123,18 +162,20 @@ def resolve_paths(data: dict, base_dir: Path) -> dict:
     resolved = {name: dict(values) if isinstance(values, dict) else values for name, values in data.items()}
     for section_name, section in SECTIONS.items():
         values = resolved.get(section_name)
-        if not isinstance(values, dict):
-            continue
-        for spec in fields_of(section):
-            value = values.get(spec.name)
-            if spec.metadata["path"] and isinstance(value, str) and value and not value.startswith("builtin:"):
-                path = Path(value).expanduser()
-                values[spec.name] = str(path if path.is_absolute() else (base_dir / path).resolve())
+        if isinstance(values, dict):
+            resolved[section_name] = _resolve_table(section, values, base_dir)
     return resolved
+
+
+def _without_none(value: Any) -> Any:
+    """TOML has no null: unset settings are left out, in nested tables too."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 def to_dict(config: TrainConfig) -> dict:
     """Nested sections with every setting, None left out (TOML has no null)."""
-    return {
-        name: {k: v for k, v in dataclasses.asdict(getattr(config, name)).items() if v is not None} for name in SECTIONS
-    }
+    return {name: _without_none(dataclasses.asdict(getattr(config, name))) for name in SECTIONS}

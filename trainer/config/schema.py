@@ -11,31 +11,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
-from trainer.data.buckets import BucketSpec
 from trainer.errors import Problem
 
-
-def setting(
-    default: Any,
-    help: str,
-    *,
-    choices: tuple = (),
-    minimum: float | None = None,
-    maximum: float | None = None,
-    advanced: bool = False,
-    path: bool = False,
-) -> Any:
-    """A field with what the CLI, the preset checker and the UI form need to know about it.
-
-    ``path``: a file or folder name; when read from a preset it is taken relative to that preset's folder.
-    """
-    metadata = dict(help=help, choices=choices, minimum=minimum, maximum=maximum, advanced=advanced, path=path)
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
+from .dataset_settings import DatasetSettings, ValidationSettings
+from .fields import setting
 
 ADAPTER_KINDS = ("dora", "lora", "dvora", "vera")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
@@ -77,51 +58,6 @@ class ModelSettings:
 
 
 @dataclass
-class DatasetSettings:
-    path: str = setting("", "dataset folder: images with same-name captions, or subfolders like 10_name", path=True)
-    caption_extension: str = setting(".txt", "caption file extension", advanced=True)
-    resolution: int = setting(
-        1024, "training resolution: buckets hold at most resolution x resolution pixels", minimum=64, maximum=4096
-    )
-    min_bucket_side: int = setting(512, "smallest bucket side", minimum=64, advanced=True)
-    max_bucket_side: int = setting(2048, "largest bucket side", minimum=64, advanced=True)
-    bucket_step: int = setting(64, "bucket sides are multiples of this", minimum=8, advanced=True)
-    bucket_no_upscale: bool = setting(
-        False, "never enlarge small images; each gets a bucket of its own size", advanced=True
-    )
-    trigger_word: str = setting("", "word put first in every caption (the name your adapter answers to)")
-    shuffle_tags: bool = setting(False, "shuffle comma-separated tags each step (after keep_tokens)")
-    keep_tokens: int = setting(0, "leading tags never shuffled or dropped (the trigger word counts)", minimum=0)
-    caption_dropout: float = setting(0.0, "chance a step trains with an empty caption", minimum=0.0, maximum=1.0)
-    tag_dropout: float = setting(0.0, "chance each tag is dropped in a step", minimum=0.0, maximum=1.0)
-    tag_separator: str = setting(",", "what separates tags in captions", advanced=True)
-    flip: bool = setting(False, "randomly mirror images left-right (not for asymmetric characters or text)")
-    random_crop: bool = setting(
-        False, "crop at random places instead of the centre (disables the latent cache)", advanced=True
-    )
-    background_colour: str = setting("#ffffff", "colour transparent images are put on", advanced=True)
-    cache_latents: bool = setting(True, "encode images with the VAE once and keep the latents on disk")
-    latent_cache_dir: str = setting(
-        "", "where latents are kept (default: the user cache folder)", path=True, advanced=True
-    )
-    cache_text_encoder_outputs: bool = setting(
-        True, "encode captions once when the text encoders are frozen and captions do not vary", advanced=True
-    )
-    loader_workers: int = setting(
-        2,
-        "processes reading images ahead of the GPU (0: read in the main process)",
-        minimum=0,
-        maximum=64,
-        advanced=True,
-    )
-
-    def bucket_spec(self) -> BucketSpec:
-        return BucketSpec(
-            self.resolution, self.min_bucket_side, self.max_bucket_side, self.bucket_step, self.bucket_no_upscale
-        )
-
-
-@dataclass
 class NetworkSettings:
     kind: str = setting(
         "dora",
@@ -144,6 +80,13 @@ class NetworkSettings:
     include: list[str] = setting([], "only adapt layers whose stem matches one of these regexes", advanced=True)
     exclude: list[str] = setting([], "never adapt layers whose stem matches one of these regexes", advanced=True)
     train_text_encoders: bool = setting(False, "also adapt both text encoders (CLIP-L and OpenCLIP-G)")
+    init_from: str = setting(
+        "",
+        "start from an existing adapter file (kohya, LyCORIS or ours) instead of zero: a new run with a new "
+        "schedule, not a resume; a LoRA file can start a DoRA run (magnitude set so the merged weight is unchanged)",
+        path=True,
+        advanced=True,
+    )
     module_dropout: float = setting(
         0.0, "chance a layer's adapter is skipped in a step", minimum=0.0, maximum=0.999, advanced=True
     )
@@ -182,6 +125,12 @@ class OptimizerSettings:
     eps: float = setting(1e-8, "Adam epsilon", minimum=0.0, advanced=True)
     scheduler: str = setting("constant_with_warmup", "learning-rate schedule", choices=SCHEDULERS)
     warmup_steps: int = setting(0, "steps of linear warm-up", minimum=0)
+    loraplus_ratio: float = setting(
+        0.0,
+        "LoRA+ (Hayou et al. 2024): the up matrices train at this many times the learning rate (16 is usual; 0: off)",
+        minimum=0.0,
+        advanced=True,
+    )
     max_grad_norm: float = setting(1.0, "clip gradients to this norm (0: no clipping)", minimum=0.0, advanced=True)
 
 
@@ -264,6 +213,7 @@ SECTIONS: dict[str, type] = {
     "network": NetworkSettings,
     "optimizer": OptimizerSettings,
     "training": TrainingSettings,
+    "validation": ValidationSettings,
     "sampling": SamplingSettings,
     "saving": SavingSettings,
 }
@@ -276,15 +226,31 @@ class TrainConfig:
     network: NetworkSettings = field(default_factory=NetworkSettings)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     saving: SavingSettings = field(default_factory=SavingSettings)
 
     def problems(self) -> list[Problem]:
         """Rules between settings that the fields alone cannot check, each naming its setting."""
         found = []
-        if not self.dataset.path:
-            found.append(Problem("dataset.path", "missing; set it to the folder of your training images"))
         d = self.dataset
+        if not d.path and not any(s.role == "train" for s in d.subsets):
+            found.append(
+                Problem(
+                    "dataset.path",
+                    "missing; set it to the folder of your training images (or add a [[dataset.subsets]] table)",
+                )
+            )
+        for index, subset in enumerate(d.subsets):
+            if not subset.path:
+                found.append(Problem(f"dataset.subsets[{index}].path", "missing; set it to the subset's folder"))
+        if self.validation.path and self.validation.images:
+            found.append(
+                Problem(
+                    "validation.images",
+                    "set either validation.path (a held-out folder) or validation.images (images split off), not both",
+                )
+            )
         if not d.min_bucket_side <= d.resolution <= d.max_bucket_side:
             found.append(
                 Problem(
@@ -360,9 +326,27 @@ def fields_of(section: type) -> list[dataclasses.Field]:
     return list(dataclasses.fields(section))
 
 
-def all_keys() -> list[str]:
-    """Every dotted key, e.g. 'network.rank', in schema order."""
-    return [f"{name}.{f.name}" for name, section in SECTIONS.items() for f in fields_of(section)]
+def table_class(annotation: Any) -> type | None:
+    """The settings class of a list-of-tables setting (``list[SubsetSettings]``), else None."""
+    if get_origin(annotation) is list and dataclasses.is_dataclass(get_args(annotation)[0]):
+        return get_args(annotation)[0]
+    return None
+
+
+def keys_of(cls: type, prefix: str, tables: bool) -> list[str]:
+    """``prefix.name`` per field; with ``tables``, a table list's own keys follow it (``dataset.subsets[].path``)."""
+    keys = []
+    for spec in fields_of(cls):
+        keys.append(f"{prefix}.{spec.name}")
+        table = table_class(field_type(cls, spec.name)) if tables else None
+        if table is not None:
+            keys += keys_of(table, f"{prefix}.{spec.name}[]", tables)
+    return keys
+
+
+def all_keys(tables: bool = False) -> list[str]:
+    """Every dotted key, e.g. 'network.rank', in schema order; ``tables``: with the subsets' keys too."""
+    return [key for name, section in SECTIONS.items() for key in keys_of(section, name, tables)]
 
 
 def field_type(section: type, name: str) -> Any:
