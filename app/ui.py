@@ -19,9 +19,10 @@ import pandas as pd
 
 from trainer.config.parsing import from_dict
 from trainer.config.presets import config_from_text, config_toml, load_config
-from trainer.data.check import check_dataset, format_report
+from trainer.data.check import format_report
 from trainer.errors import Problem, StudioError
 from trainer.runs.run_directory import RunDirectory
+from trainer.training.dataset_config import check_configured
 
 from .estimate import estimate, format_markdown
 from .export import TOOLS, adapter_summary, analyze_run, make_from_adapter, verify_adapter
@@ -88,13 +89,8 @@ class Studio:
         """The pre-flight report for the form's dataset settings (the rest of the form may be unfinished)."""
         settings, _ = settings_from_form(list(values))
         try:
-            config = from_dict({"dataset": settings["dataset"], "training": settings["training"]}, where="form")
-            report = check_dataset(
-                Path(config.dataset.path),
-                config.dataset.caption_extension,
-                config.dataset.bucket_spec(),
-                config.training.batch_size,
-            )
+            sections = {name: settings[name] for name in ("dataset", "training", "validation")}
+            report = check_configured(from_dict(sections, where="form"))
         except StudioError as error:  # ConfigError and DatasetError both say what to fix
             return _error_box(error.problems), ""
         return "Dataset checked.", format_report(report)

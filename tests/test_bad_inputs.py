@@ -254,8 +254,9 @@ EXPECTED_PROBLEMS = {
     "1_good/bomb.png": ("too_large", True, "downscale it"),
     "1_good/lying.jpg": ("format_mismatch", False, "rename or re-export it"),
     "1_good/cp1252.txt": ("caption_encoding", False, "re-save it as UTF-8"),
-    "1_good/empty_caption.txt": ("empty_caption", False, "empty caption"),
-    "1_good/no_caption.png": ("missing_caption", False, "empty caption"),
+    # kohya's class tokens: the caption of an uncaptioned image in 1_good is "good"
+    "1_good/empty_caption.txt": ("empty_caption", False, "uses the class tokens 'good'"),
+    "1_good/no_caption.png": ("missing_caption", False, "uses the class tokens 'good'"),
     "1_good/loop": ("symlink_loop", False, "not followed"),
 }
 TRAINED = {  # folder -> images that train from it

@@ -5,6 +5,7 @@ image, diffusers' own VAE posterior, and kohya's step count in ``trainer.data.ch
 """
 
 import copy
+import dataclasses
 import random
 import shutil
 from collections import Counter
@@ -80,7 +81,12 @@ def example(path: Path, size: tuple[int, int], bucket: tuple[int, int], caption:
 
 
 def options(**overrides) -> AugmentOptions:
-    return AugmentOptions(**{"captions": CaptionOptions(), "bucket_spec": SPEC, **overrides})
+    return AugmentOptions(**{"bucket_spec": SPEC, **overrides})
+
+
+def with_options(examples: list[TrainExample], **subset_options) -> list[TrainExample]:
+    """The examples as a subset with these caption/flip options would give them."""
+    return [dataclasses.replace(e, **subset_options) for e in examples]
 
 
 # --- the epoch's order -------------------------------------------------------------------------------------
@@ -177,14 +183,17 @@ def test_batch_count_matches_check_data(dataset, batch_size):
     assert report.bucket_counts == {(64, 192): 3, (128, 128): 7, (192, 64): 1}
     for epoch in range(3):
         assert len(epoch_batches(examples, batch_size, seed=0, epoch=epoch)) == report.steps_per_epoch
-        assert len(plan_epoch(examples, options(flip=True), batch_size, 0, epoch)) == report.steps_per_epoch
+        flipping = with_options(examples, flip=True)
+        assert len(plan_epoch(flipping, options(), batch_size, 0, epoch)) == report.steps_per_epoch
 
 
 def test_plan_replays_exactly_on_resume(dataset):
-    examples = plan_examples(scan_dataset(dataset), SPEC)
-    augment = options(
-        flip=True, random_crop=True, captions=CaptionOptions(trigger_word="zqx", shuffle_tags=True, tag_dropout=0.3)
+    examples = with_options(
+        plan_examples(scan_dataset(dataset), SPEC),
+        flip=True,
+        captions=CaptionOptions(trigger_word="zqx", shuffle_tags=True, tag_dropout=0.3),
     )
+    augment = options(random_crop=True)
     uninterrupted = plan_epoch(examples, augment, 2, seed=5, epoch=1)
     with other_global_rng_states():  # as a resumed process would have
         resumed = plan_epoch(examples, augment, 2, seed=5, epoch=1)
@@ -245,8 +254,8 @@ def test_flipped_draw_reports_the_crop_of_the_flipped_image(tmp_path):
 
 
 def test_random_crops_stay_inside_and_flip_about_half_the_time():
-    image = example("unused.png", (300, 200), (128, 128))
-    augment = options(flip=True, random_crop=True)
+    image = dataclasses.replace(example("unused.png", (300, 200), (128, 128)), flip=True)
+    augment = options(random_crop=True)
     draws = [plan_image(image, 0, augment, random.Random(seed)) for seed in range(200)]
     lefts = {d.crop.crop_top_left[1] for d in draws}
     assert lefts <= set(range(192 - 128 + 1)) and len(lefts) > 10
@@ -262,7 +271,7 @@ def test_random_crops_stay_inside_and_flip_about_half_the_time():
 @pytest.mark.parametrize("size", [(128, 128), (300, 200)])
 def test_solid_colour_gives_exact_values(tmp_path, size):
     image = example(save(tmp_path / "solid.png", solid(*size, (255, 0, 51))), size, (128, 128))
-    draw = plan_image(image, 0, options(flip=True), random.Random(0))
+    draw = plan_image(dataclasses.replace(image, flip=True), 0, options(), random.Random(0))
     pixels = load_pixels(image, draw, WHITE)
     assert pixels.shape == (3, 128, 128) and pixels.dtype == torch.float32
     for channel, value in enumerate((1.0, -1.0, 51 / 127.5 - 1.0)):
@@ -308,17 +317,19 @@ def test_transparent_pixels_are_composited_on_the_background(tmp_path):
 
 def test_caption_options_apply_through_draw_for():
     image = example("unused.png", (128, 128), (128, 128), caption="red cube, table, studio light")
-    plain = plan_image(image, 0, options(captions=CaptionOptions(trigger_word="zqx")), random.Random(0))
+    plain = plan_image(
+        with_options([image], captions=CaptionOptions(trigger_word="zqx"))[0], 0, options(), random.Random(0)
+    )
     assert plain.caption == "zqx, red cube, table, studio light"
-    shuffled = options(captions=CaptionOptions(trigger_word="zqx", shuffle_tags=True, keep_tokens=1))
-    captions = {plan_image(image, 0, shuffled, random.Random(seed)).caption for seed in range(30)}
+    [shuffled] = with_options([image], captions=CaptionOptions(trigger_word="zqx", shuffle_tags=True, keep_tokens=1))
+    captions = {plan_image(shuffled, 0, options(), random.Random(seed)).caption for seed in range(30)}
     assert len(captions) > 1
     for caption in captions:
         tags = caption.split(", ")
         assert tags[0] == "zqx" and sorted(tags[1:]) == ["red cube", "studio light", "table"]
-    dropped = options(captions=CaptionOptions(trigger_word="zqx", caption_dropout=1.0))
-    assert plan_image(image, 0, dropped, random.Random(0)).caption == ""
-    same = [plan_image(image, 3, shuffled, random.Random(9)) for _ in range(2)]
+    [dropped] = with_options([image], captions=CaptionOptions(trigger_word="zqx", caption_dropout=1.0))
+    assert plan_image(dropped, 0, options(), random.Random(0)).caption == ""
+    same = [plan_image(shuffled, 3, options(), random.Random(9)) for _ in range(2)]
     assert same[0] == same[1] and same[0].example == 3
 
 
@@ -483,8 +494,8 @@ def assert_same_batch(a, b, fields=("pixels", "moments")):
 
 
 def test_batches_from_the_cache_match_batches_from_pixels(tmp_path, small_dataset, vae):
-    examples = small_dataset
-    augment = options(bucket_spec=SPEC_64, flip=True, captions=CaptionOptions(trigger_word="zqx"))
+    examples = with_options(small_dataset, flip=True, captions=CaptionOptions(trigger_word="zqx"))
+    augment = options(bucket_spec=SPEC_64)
     plan = plan_epoch(examples, augment, batch_size=2, seed=3, epoch=0)
     cache = LatentCache(tmp_path / "cache", "tiny")
     fill_cache(cache, examples, [d for batch in plan for d in batch], vae, WHITE)
@@ -511,8 +522,8 @@ def test_missing_cache_entry_during_training_is_an_error(tmp_path, small_dataset
 
 
 def test_batch_loader_resumes_mid_epoch_and_workers_change_nothing(small_dataset):
-    examples = small_dataset
-    augment = options(bucket_spec=SPEC_64, flip=True, captions=CaptionOptions(shuffle_tags=True, caption_dropout=0.2))
+    examples = with_options(small_dataset, flip=True, captions=CaptionOptions(shuffle_tags=True, caption_dropout=0.2))
+    augment = options(bucket_spec=SPEC_64)
     plan = plan_epoch(examples, augment, batch_size=1, seed=11, epoch=2)
     dataset = EpochBatches(plan, examples, None, WHITE)
     full = list(batch_loader(dataset, start=0, workers=0))

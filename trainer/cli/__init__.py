@@ -51,10 +51,10 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
     if args.preset:  # exactly what that run would see: its folder, captions, buckets and batch size
         from trainer.config.presets import load_config
+        from trainer.training.dataset_config import check_configured
 
         config = load_config(args.preset, [f"dataset.path={args.dir}"] if args.dir else [])
-        folder, extension = Path(config.dataset.path), config.dataset.caption_extension
-        spec, batch_size = config.dataset.bucket_spec(), config.training.batch_size
+        report = check_configured(config)
     else:
         if not args.dir:
             raise UsageError("give the dataset folder (or --preset PRESET to check the preset's dataset)")
@@ -66,8 +66,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
             raise UsageError.at(f"--resolution {args.resolution}", str(error)) from None
         if args.batch_size < 1:
             raise UsageError.at(f"--batch-size {args.batch_size}", "must be 1 or more")
-        folder, extension, batch_size = Path(args.dir), args.caption_extension, args.batch_size
-    report = check_dataset(folder, extension, spec, batch_size)
+        report = check_dataset(Path(args.dir), args.caption_extension, spec, args.batch_size)
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     return EXIT_OK
 

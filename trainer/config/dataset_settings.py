@@ -68,7 +68,8 @@ class DatasetSettings:
     subsets: list[SubsetSettings] = setting(
         [],
         "several folders, each a [[dataset.subsets]] table with its own path, role, repeats and caption settings "
-        "(kohya's [[datasets.subsets]]; a subset setting left unset takes the dataset's); with or instead of dataset.path",
+        "(kohya's [[datasets.subsets]]; a subset setting left unset takes the dataset's); "
+        "with or instead of dataset.path",
         advanced=True,
     )
     regularization_path: str = setting(

@@ -20,6 +20,7 @@ from .latent_cache import LatentCache
 class Batch:
     captions: list[str]
     time_ids: Tensor  # [B, 6] SDXL micro-conditioning
+    loss_weights: Tensor  # [B] each image's weight in the loss (regularization: dataset.prior_loss_weight)
     moments: Tensor | None = None  # [B, 8, h, w] posterior moments from the cache, or
     pixels: Tensor | None = None  # [B, 3, H, W] in [-1, 1] for the VAE to encode
 
@@ -41,9 +42,10 @@ class EpochBatches(Dataset):
         planned = self.batches[index]
         time_ids = torch.tensor([item.time_ids(self.examples[item.example]) for item in planned], dtype=torch.float32)
         captions = [item.caption for item in planned]
+        weights = torch.tensor([self.examples[item.example].loss_weight for item in planned], dtype=torch.float32)
         if self.cache is None:
             pixels = torch.stack([load_pixels(self.examples[d.example], d, self.background) for d in planned])
-            return Batch(captions, time_ids, pixels=pixels)
+            return Batch(captions, time_ids, weights, pixels=pixels)
         moments = []
         for item in planned:
             key = self.cache.key(self.examples[item.example], item, self.background)
@@ -54,7 +56,7 @@ class EpochBatches(Dataset):
                     "resume the run to encode it again"
                 )
             moments.append(cached)
-        return Batch(captions, time_ids, moments=torch.stack(moments))
+        return Batch(captions, time_ids, weights, moments=torch.stack(moments))
 
 
 def batch_loader(dataset: EpochBatches, start: int, workers: int) -> DataLoader:

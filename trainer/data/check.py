@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .buckets import BucketSpec, assign_bucket, make_buckets
 from .scan import DatasetScan, FolderReport, ScanProblem, scan_dataset
+from .subsets import ROLES, SubsetFolder
 
 # Enlarging more than this makes soft, blurry training targets; worth a warning, not a refusal.
 UPSCALE_WARNING = 2.0
@@ -21,11 +22,14 @@ UPSCALE_WARNING = 2.0
 @dataclass
 class DataReport:
     root: Path
+    subsets: list[SubsetFolder]
     folders: list[FolderReport]
     problems: list[ScanProblem]
+    other_files: list[ScanProblem]  # every file not trained on that is not a problem, with the reason
     ignored_files: dict[str, int]
-    image_count: int
+    image_count: int  # trained images: training and regularization
     repeated_image_count: int  # images per epoch, repeats included
+    role_counts: dict[str, dict[str, int]]  # role -> {"images": n, "per_epoch": n with repeats}
     bucket_counts: dict[tuple[int, int], int]  # (width, height) -> images per epoch in it
     batch_size: int
     # kohya's "steps": batches per epoch, which are optimizer steps when gradient_accumulation is 1
@@ -35,6 +39,11 @@ class DataReport:
     def to_json(self) -> dict:
         return {
             "root": str(self.root),
+            "subsets": [
+                {"path": str(s.path), "role": s.role, "repeats": s.repeats, "caption_extension": s.caption_extension}
+                for s in self.subsets
+            ],
+            "roles": self.role_counts,
             "image_count": self.image_count,
             "repeated_image_count": self.repeated_image_count,
             "batch_size": self.batch_size,
@@ -43,6 +52,7 @@ class DataReport:
             "buckets": {f"{w}x{h}": count for (w, h), count in self.bucket_counts.items()},
             "folders": [{**f.__dict__, "path": str(f.path)} for f in self.folders],
             "problems": [{**p.__dict__, "path": str(p.path)} for p in self.problems],
+            "other_files": [{**p.__dict__, "path": str(p.path)} for p in self.other_files],
             "ignored_files": self.ignored_files,
         }
 
@@ -78,13 +88,23 @@ def report_for_scan(scan: DatasetScan, bucket_spec: BucketSpec, batch_size: int)
                 )
             )
     counts = dict(sorted(bucket_counts.items()))
+    roles = {
+        role: {
+            "images": sum(i.role == role for i in scan.items + scan.held_out),
+            "per_epoch": scan.repeated_count(role),
+        }
+        for role in ROLES
+    }
     return DataReport(
         root=scan.root,
+        subsets=scan.subsets,
         folders=scan.folders,
         problems=problems,
+        other_files=scan.other_files,
         ignored_files=scan.ignored_files,
         image_count=len(scan.items),
         repeated_image_count=scan.total_repeated_images,
+        role_counts={role: count for role, count in roles.items() if count["images"]},
         bucket_counts=counts,
         batch_size=batch_size,
         steps_per_epoch=steps_per_epoch(counts, batch_size),
@@ -92,25 +112,38 @@ def report_for_scan(scan: DatasetScan, bucket_spec: BucketSpec, batch_size: int)
     )
 
 
+def _shown(path: Path, root: Path) -> str:
+    return "." if path == root else path.relative_to(root).as_posix()
+
+
 def format_report(report: DataReport) -> str:
-    lines = [
-        f"dataset {report.root}: {report.image_count} images, {report.repeated_image_count} per epoch with repeats",
-        "",
-        "folders:",
-    ]
-    for folder in report.folders:
-        shown = folder.path.relative_to(report.root) if folder.path != report.root else Path(".")
-        lines.append(f"  {shown!s:<32} {folder.image_count:>5} images  {folder.note}")
+    roles = report.role_counts
+    train = roles.get("train", {"images": 0, "per_epoch": 0})
+    lines = [f"dataset {report.root}: {train['images']} training images, {train['per_epoch']} per epoch with repeats"]
+    if "regularization" in roles:
+        reg = roles["regularization"]
+        lines.append(f"  regularization: {reg['images']} images, {reg['per_epoch']} per epoch (balanced as kohya does)")
+    if "validation" in roles:
+        lines.append(f"  validation: {roles['validation']['images']} images held out (measured, never trained)")
+    for index, subset in enumerate(report.subsets):
+        if len(report.subsets) > 1:
+            lines += ["", f"subset {index}: {subset.path} ({subset.role})"]
+        else:
+            lines += ["", "folders:"]
+        for folder in (f for f in report.folders if f.subset == index):
+            shown = _shown(folder.path, subset.path)
+            lines.append(f"  {shown:<32} {folder.image_count:>5} images  {folder.note}")
     lines += ["", f"buckets at resolution {report.bucket_spec.resolution} (width x height: images per epoch):"]
     lines += [f"  {w:>4}x{h:<4} {count:>6}" for (w, h), count in report.bucket_counts.items()]
     lines += ["", f"steps per epoch at batch size {report.batch_size}: {report.steps_per_epoch}"]
     skipped = [p for p in report.problems if p.skipped]
     warnings = [p for p in report.problems if not p.skipped]
-    for title, problems in (("skipped", skipped), ("warnings", warnings)):
+    for title, problems in (
+        ("skipped", skipped),
+        ("warnings", warnings),
+        ("other files, not used", report.other_files),
+    ):
         if problems:
             lines += ["", f"{title} ({len(problems)}):"]
             lines += [f"  [{p.kind}] {p.message}" for p in problems]
-    if report.ignored_files:
-        others = ", ".join(f"{count} {ext}" for ext, count in report.ignored_files.items())
-        lines += ["", f"other files, not used: {others}"]
     return "\n".join(lines)

@@ -32,20 +32,23 @@ from .scan import DatasetScan
 
 @dataclass(frozen=True)
 class TrainExample:
-    """One image of the dataset and the bucket it trains in."""
+    """One image of the dataset, the bucket it trains in, and its subset's caption and flip options."""
 
     path: Path
     caption: str
     repeats: int
     size: tuple[int, int]  # (width, height), upright
     bucket: tuple[int, int]  # (width, height)
+    captions: CaptionOptions = CaptionOptions()
+    flip: bool = False
+    loss_weight: float = 1.0  # dataset.prior_loss_weight for regularization images, as kohya weighs them
 
 
 @dataclass(frozen=True)
 class AugmentOptions:
-    captions: CaptionOptions
+    """What applies to every image alike; caption and flip options are each example's (its subset's)."""
+
     bucket_spec: BucketSpec
-    flip: bool = False
     random_crop: bool = False
     background: tuple[int, int, int] = (255, 255, 255)
 
@@ -69,18 +72,32 @@ class PlannedImage:
         return micro_conditioning((height, width), (top, left), (bucket_height, bucket_width))
 
 
-def plan_examples(scan: DatasetScan, spec: BucketSpec) -> list[TrainExample]:
+def plan_examples(
+    scan: DatasetScan, spec: BucketSpec, prior_loss_weight: float = 1.0, held_out: bool = False
+) -> list[TrainExample]:
+    """The scan's training (and regularization) images, or with ``held_out`` its validation images, whose
+    captions are fixed (trigger word only: no shuffle, no dropout) and which are never flipped, so their
+    loss is measured the same way every time."""
     buckets = make_buckets(spec)
-    return [
-        TrainExample(
-            item.path,
-            item.caption,
-            item.repeats,
-            (item.width, item.height),
-            assign_bucket(item.width, item.height, buckets, spec),
+    examples = []
+    for item in scan.held_out if held_out else scan.items:
+        subset = scan.subsets[item.subset]
+        captions = subset.captions
+        if held_out:
+            captions = CaptionOptions(captions.trigger_word, tag_separator=captions.tag_separator)
+        examples.append(
+            TrainExample(
+                item.path,
+                item.caption,
+                item.repeats,
+                (item.width, item.height),
+                assign_bucket(item.width, item.height, buckets, spec),
+                captions,
+                subset.flip and not held_out,
+                prior_loss_weight if item.role == "regularization" else 1.0,
+            )
         )
-        for item in scan.items
-    ]
+    return examples
 
 
 def _rng(seed: int, epoch: int, *position: int) -> random.Random:
@@ -107,8 +124,8 @@ def plan_image(example: TrainExample, index: int, options: AugmentOptions, rng: 
     """The crop, flip and caption of one image in one step, drawn in a fixed order."""
     width, height = example.size
     crop = crop_plan(width, height, example.bucket, options.random_crop, rng, options.bucket_spec)
-    flipped = options.flip and rng.random() < 0.5
-    return PlannedImage(index, crop, flipped, process_caption(example.caption, options.captions, rng))
+    flipped = example.flip and rng.random() < 0.5
+    return PlannedImage(index, crop, flipped, process_caption(example.caption, example.captions, rng))
 
 
 def plan_epoch(

@@ -24,10 +24,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from trainer.builtin.resolve import BUILTIN_PREFIX, builtin_architecture
 from trainer.config.schema import TrainConfig
 from trainer.data.buckets import make_buckets
-from trainer.data.check import check_dataset
+from trainer.data.check import report_for_scan
 from trainer.errors import StudioError
 from trainer.sdxl.configs import Architecture
 
+from .dataset_config import scan_configured
 from .placement import weight_dtype
 from .simulated_run import SimulatedRun
 
@@ -91,7 +92,7 @@ def largest_bucket(config: TrainConfig) -> tuple[int, int]:
     """The largest bucket the dataset uses, or, with no dataset to look at, the largest the settings allow."""
     spec = config.dataset.bucket_spec()
     with contextlib.suppress(StudioError, OSError):
-        report = check_dataset(Path(config.dataset.path), config.dataset.caption_extension, spec, 1)
+        report = report_for_scan(scan_configured(config), spec, 1)
         if report.bucket_counts:
             return max(report.bucket_counts, key=lambda bucket: bucket[0] * bucket[1])
     return max(make_buckets(spec), key=lambda bucket: bucket[0] * bucket[1])

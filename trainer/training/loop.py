@@ -189,7 +189,8 @@ class Trainer:
                 step_noise.rows(shard.offset, len(shard.images)),
                 accelerator.autocast,
             )
-            weighted = (losses * torch.tensor(shard.weights, device=losses.device)).sum()
+            weights = batch.loss_weights * torch.tensor(shard.weights)  # prior_loss_weight; 0 for a stand-in
+            weighted = (losses * weights.to(losses.device)).sum()
             # each process's share of the global mean; averaging over processes (and the group) gives
             # exactly the loss one process would compute on the whole global batch
             accelerator.backward(weighted * processes / shard.global_count / group_size)

@@ -17,16 +17,15 @@ from torch import Tensor
 
 from trainer.config.schema import TrainConfig
 from trainer.data.buckets import crop_plan
-from trainer.data.captions import CaptionOptions, is_randomised, process_caption
-from trainer.data.check import report_for_scan
+from trainer.data.captions import is_randomised, process_caption
 from trainer.data.epoch_plan import AugmentOptions, PlannedImage, TrainExample, epoch_batches, plan_examples
 from trainer.data.latent_cache import LatentCache, fill_cache, vae_fingerprint
-from trainer.data.scan import scan_dataset
 from trainer.errors import DatasetError, TrainingError
 from trainer.files import default_cache_dir
 from trainer.sdxl.objective import training_noise_scheduler
 from trainer.sdxl.text_encoding import encode_captions
 
+from .dataset_config import check_configured, scan_configured, subset_folders
 from .network import Adapters, compile_unet, inject_network, trainable_parameters
 from .optimizers import run_optimizer
 from .placement import load_pipeline, offload_cached, text_encoders_run_every_step
@@ -47,6 +46,7 @@ class Session:
     adapters: Adapters
     trainable: dict[str, torch.nn.Parameter]
     examples: list[TrainExample]
+    validation_examples: list[TrainExample]  # held out: their loss is measured, never trained on
     augment: AugmentOptions
     noise_scheduler: object
     optimizer: torch.optim.Optimizer
@@ -68,15 +68,13 @@ class Session:
 def augment_options(config: TrainConfig) -> AugmentOptions:
     d = config.dataset
     colour = tuple(int(d.background_colour[i : i + 2], 16) for i in (1, 3, 5))
-    return AugmentOptions(
-        captions=CaptionOptions(
-            d.trigger_word, d.shuffle_tags, d.keep_tokens, d.caption_dropout, d.tag_dropout, d.tag_separator
-        ),
-        bucket_spec=config.dataset.bucket_spec(),
-        flip=d.flip,
-        random_crop=d.random_crop,
-        background=colour,
-    )
+    return AugmentOptions(bucket_spec=config.dataset.bucket_spec(), random_crop=d.random_crop, background=colour)
+
+
+def captions_vary(config: TrainConfig) -> bool:
+    """Whether any subset changes its captions between steps (shuffle or dropout), from the settings alone,
+    so the text encoders' placement is known before any folder is scanned."""
+    return any(is_randomised(folder.captions) for folder in subset_folders(config))
 
 
 def sample_prompts(config: TrainConfig) -> list[SamplePrompt]:
@@ -132,7 +130,7 @@ def cacheable_images(examples: list[TrainExample], augment: AugmentOptions) -> l
     planned = []
     for index, example in enumerate(examples):
         crop = crop_plan(*example.size, example.bucket, False, None, augment.bucket_spec)
-        planned += [PlannedImage(index, crop, flipped, "") for flipped in ((False, True) if augment.flip else (False,))]
+        planned += [PlannedImage(index, crop, flipped, "") for flipped in ((False, True) if example.flip else (False,))]
     return planned
 
 
@@ -161,11 +159,11 @@ def _latent_cache(
 
 
 @torch.no_grad()
-def _text_cache(config: TrainConfig, pipe, examples, augment, device) -> dict[str, tuple[Tensor, Tensor]] | None:
+def _text_cache(config: TrainConfig, pipe, examples, device) -> dict[str, tuple[Tensor, Tensor]] | None:
     """Caption -> (prompt embeds, pooled) when every step's caption is fixed and the encoders are frozen."""
-    if text_encoders_run_every_step(config, captions_vary=is_randomised(augment.captions)):
+    if text_encoders_run_every_step(config, captions_vary=any(is_randomised(e.captions) for e in examples)):
         return None
-    captions = sorted({process_caption(e.caption, augment.captions, None) for e in examples})
+    captions = sorted({process_caption(e.caption, e.captions, None) for e in examples})
     cache = {}
     for caption in captions:
         embeds, pooled = encode_captions(
@@ -183,8 +181,8 @@ def prepare_session(
 ) -> Session:
     """``processes``: how many share each global batch (batch_size images each)."""
     # the same pre-flight as `dora-studio check-data`; raises DatasetError when nothing is usable
-    scan = scan_dataset(Path(config.dataset.path), config.dataset.caption_extension)
-    report = report_for_scan(scan, config.dataset.bucket_spec(), config.training.batch_size)
+    scan = scan_configured(config)
+    report = check_configured(config, scan)
     for problem in report.problems[:MAX_PROBLEMS_LOGGED]:
         log.warning("%s%s", "skipped: " if problem.skipped else "", problem.message)
     if len(report.problems) > MAX_PROBLEMS_LOGGED:
@@ -194,10 +192,11 @@ def prepare_session(
             config.dataset.path,
         )
     augment = augment_options(config)
-    examples = plan_examples(scan, augment.bucket_spec)
+    examples = plan_examples(scan, augment.bucket_spec, config.dataset.prior_loss_weight)
+    validation_examples = plan_examples(scan, augment.bucket_spec, held_out=True)
     for note in config.cache_conflicts():
         log.info("note: %s", note)
-    pipe = _load_pipeline(config, device, captions_vary=is_randomised(augment.captions))
+    pipe = _load_pipeline(config, device, captions_vary=captions_vary(config))
     torch.manual_seed(config.training.seed)  # the adapters' random init is part of what the seed fixes
     adapters = inject_network(pipe, config)
     pipe.unet.train()
@@ -211,8 +210,13 @@ def prepare_session(
             pipe.text_encoder_2.gradient_checkpointing_enable()
     if config.training.compile:
         compile_unet(pipe.unet, adapters)
-    latent_cache, examples = _latent_cache(config, pipe, examples, augment, on_caching)
-    text_cache = _text_cache(config, pipe, examples, augment, device)
+    latent_cache, usable = _latent_cache(config, pipe, examples + validation_examples, augment, on_caching)
+    usable = set(usable)
+    examples = [example for example in examples if example in usable]
+    validation_examples = [example for example in validation_examples if example in usable]
+    if not examples:
+        raise DatasetError.at(config.dataset.path, "no training image could be loaded; see the reasons above")
+    text_cache = _text_cache(config, pipe, examples + validation_examples, device)
     offloaded = offload_cached(pipe, latent_cache is not None, text_cache is not None, device)
     global_batch = config.training.batch_size * processes
     batches_per_epoch = len(epoch_batches(examples, global_batch, config.training.seed, epoch=0))
@@ -225,6 +229,7 @@ def prepare_session(
         adapters=adapters,
         trainable=trainable_parameters(adapters),
         examples=examples,
+        validation_examples=validation_examples,
         augment=augment,
         noise_scheduler=training_noise_scheduler(
             dict(pipe.scheduler.config), config.model.prediction_type, config.model.zero_terminal_snr

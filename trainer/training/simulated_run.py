@@ -18,7 +18,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from trainer.adapters.quantized import PlaceholderWeight, is_quantized, quantize_frozen
 from trainer.config.schema import TrainConfig
 from trainer.data.batches import Batch
-from trainer.data.captions import is_randomised
 from trainer.sdxl.configs import Architecture
 from trainer.sdxl.objective import training_noise_scheduler
 
@@ -33,7 +32,7 @@ from .placement import (
     weight_dtype,
 )
 from .sample_prompts import parse_prompt_line
-from .setup import augment_options
+from .setup import captions_vary
 from .step import draw_step_noise, training_loss
 
 TOKENS = 77
@@ -105,8 +104,8 @@ class SimulatedRun:
         self.config, self.arch, self.notes, self.fused_optimizer = config, arch, [], fused_optimizer
         self.bucket = bucket  # (width, height) of the step
         self.dtype = weight_dtype(config)
-        captions_vary = is_randomised(augment_options(config).captions)
-        encoders_every_step = text_encoders_run_every_step(config, captions_vary)
+        vary = captions_vary(config)
+        encoders_every_step = text_encoders_run_every_step(config, vary)
         self.latents_cached = config.dataset.cache_latents and not config.dataset.random_crop
         self.offloaded = parked_components(self.latents_cached, captions_cached=not encoders_every_step)
         self.pipe = SimpleNamespace(tokenizer=_Tokenizer(), tokenizer_2=_Tokenizer())
@@ -117,7 +116,7 @@ class SimulatedRun:
         # training reads the VAE's scaling factor even when its latents come from the cache
         self.pipe.vae = SimpleNamespace(config=SimpleNamespace(**arch.vae)) if self.latents_cached else self._vae()
         on_device = [name for name in ("unet", *TEXT_ENCODERS, "vae") if name not in self.offloaded]
-        for name in quantized_components(config, captions_vary):
+        for name in quantized_components(config, vary):
             model = getattr(self.pipe, name)
             quantize_frozen(model, config.model.base_precision, CPU, self.dtype, storage=PlaceholderWeight)
         self.base_weights = {name: storage_bytes(model_tensors([getattr(self.pipe, name)])) for name in on_device}
@@ -233,9 +232,9 @@ class SimulatedRun:
         latent = (4, height // 8, width // 8)
         captions, time_ids = ["caption"] * size, torch.zeros(size, 6)
         if self.latents_cached:
-            batch = Batch(captions, time_ids, moments=torch.zeros(size, 2 * latent[0], *latent[1:]))
+            batch = Batch(captions, time_ids, torch.ones(size), moments=torch.zeros(size, 2 * latent[0], *latent[1:]))
         else:
-            batch = Batch(captions, time_ids, pixels=torch.zeros(size, 3, height, width))
+            batch = Batch(captions, time_ids, torch.ones(size), pixels=torch.zeros(size, 3, height, width))
         text_cache = None
         if self.pipe.text_encoder is None:  # captions cached: embeddings computed once, in the weights' dtype
             unet = self.pipe.unet.config
