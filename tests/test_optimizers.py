@@ -9,13 +9,19 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch import nn
 
-from trainer.errors import MissingPackageError
+from trainer.adapters.injection import make_adapter
+from trainer.adapters.layers import AdapterSpec
+from trainer.adapters.vera import projections_for
+from trainer.config.parsing import from_dict
+from trainer.config.schema import OptimizerSettings
+from trainer.errors import ConfigError, MissingPackageError
 from trainer.training.optimizers import (
     OPTIMIZERS,
     SCHEDULERS,
     ParamGroup,
     build_optimizer,
     build_scheduler,
+    run_optimizer,
 )
 
 ADAM = {"weight_decay": 0.1, "betas": (0.9, 0.99), "eps": 1e-8}
@@ -139,3 +145,73 @@ def test_missing_package_says_what_to_install(monkeypatch, name, package):
     with pytest.raises(MissingPackageError, match=f"optimizer '{name}' needs the '{package}' package") as info:
         build_optimizer(name, groups()[0], **ADAM, no_decay=None)
     assert f"pip install {package}" in str(info.value)
+
+
+def adapters_of(kind: str) -> dict:
+    """Two UNet layers and one per text encoder, of ``kind`` (lora, dora, vera, dvora), like inject_network's."""
+    spec = AdapterSpec(rank=4, alpha=4.0, dora=kind in ("dora", "dvora"), vera=kind in ("vera", "dvora"))
+    projections = projections_for(0, [(4, 8, 6)]) if spec.vera else None
+
+    def layers(count: int) -> dict:
+        return {f"stem{i}": make_adapter(nn.Linear(8, 6), spec, projections=projections) for i in range(count)}
+
+    return {"unet": layers(2), "te1": layers(1), "te2": layers(1)}
+
+
+def lrs_by_parameter(settings, adapters) -> dict[str, float]:
+    """Each adapter parameter's lr in the run's optimizer, by part/stem/name."""
+    optimizer, _ = run_optimizer(settings, adapters, total_steps=10)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    return {
+        f"{part}/{stem}/{name}": lr_of[id(param)]
+        for part, layers in adapters.items()
+        for stem, layer in layers.items()
+        for name, param in layer.named_parameters(recurse=False)
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "up"), [("lora", "lora_up"), ("dora", "lora_up"), ("vera", "vera_b"), ("dvora", "vera_b")]
+)
+def test_loraplus_raises_only_the_up_lrs_to_ratio_times_each_parts_own(kind, up):
+    adapters = adapters_of(kind)
+    lrs = {"learning_rate": 1e-4, "unet_lr": 2e-4, "text_encoder_1_lr": 3e-5}
+    plain = lrs_by_parameter(OptimizerSettings(**lrs), adapters)
+    plus = lrs_by_parameter(OptimizerSettings(**lrs, loraplus_ratio=16.0), adapters)
+    assert plain.keys() == plus.keys()
+    raised = {key for key in plus if plus[key] != plain[key]}
+    assert raised == {key for key in plus if key.endswith(f"/{up}")}  # magnitudes, down and VeRA's d keep the lr
+    assert all(plus[key] == 16.0 * plain[key] for key in raised)
+    assert {plain[f"{part}/stem0/{up}"] for part in ("unet", "te1", "te2")} == {2e-4, 3e-5, 1e-4}
+
+
+def test_loraplus_groups_are_named_for_the_logs_and_keep_the_no_decay_twin():
+    adapters = adapters_of("dora")
+    optimizer, _ = run_optimizer(OptimizerSettings(loraplus_ratio=4.0, weight_decay=0.1), adapters, total_steps=10)
+    summary = [(g["name"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    assert summary[:3] == [("unet", 1e-4, 0.1), ("unet/no_decay", 1e-4, 0.0), ("unet/up", 4e-4, 0.1)]
+    assert [g["name"] for g in optimizer.param_groups][3:] == [
+        "text_encoder_1", "text_encoder_1/no_decay", "text_encoder_1/up",
+        "text_encoder_2", "text_encoder_2/no_decay", "text_encoder_2/up",
+    ]  # fmt: skip
+    magnitudes = {id(layer.dora_scale) for layer in adapters["unet"].values()}
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == magnitudes
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_loraplus_off_or_one_gives_the_same_groups_as_without(ratio):
+    adapters = adapters_of("dora")
+
+    def summary(settings) -> list:
+        optimizer, _ = run_optimizer(settings, adapters, total_steps=10)
+        return [(g["name"], g["lr"], g["weight_decay"], [id(p) for p in g["params"]]) for g in optimizer.param_groups]
+
+    assert summary(OptimizerSettings(loraplus_ratio=ratio)) == summary(OptimizerSettings())
+
+
+def test_loraplus_with_prodigy_names_the_setting_before_any_model_loads():
+    settings = {"dataset": {"path": "data"}, "optimizer": {"name": "prodigy", "learning_rate": 1.0}}
+    with pytest.raises(ConfigError, match="optimizer.loraplus_ratio: prodigy") as info:
+        from_dict({**settings, "optimizer": {**settings["optimizer"], "loraplus_ratio": 16.0}})
+    assert [p.where for p in info.value.problems] == ["optimizer.loraplus_ratio"]
+    from_dict({**settings, "optimizer": {**settings["optimizer"], "loraplus_ratio": 1.0}})  # 1: LoRA+ is off

@@ -293,6 +293,14 @@ class TrainConfig:
                         "parts; leave them unset and set optimizer.learning_rate (usually 1.0)",
                     )
                 )
+        if self.optimizer.name == "prodigy" and self.optimizer.loraplus_ratio not in (0.0, 1.0):
+            found.append(
+                Problem(
+                    "optimizer.loraplus_ratio",
+                    "prodigy finds one step size for all parameters and refuses groups with different learning "
+                    "rates; set optimizer.loraplus_ratio = 0, or choose another optimizer (adamw) for LoRA+",
+                )
+            )
         for key in ("network.include", "network.exclude"):
             for pattern in lookup(self, key):
                 try:

@@ -4,7 +4,8 @@ Each ``ParamGroup`` (UNet, each text encoder) keeps its own learning rate and it
 show ``lr/<name>``. Parameters the caller marks ``no_decay`` (DoRA magnitudes, which weight decay
 would pull toward zero and so shrink the weight norm) go to a twin group with weight decay 0.
 Optional optimizer packages are imported only when chosen; a missing one says what to install.
-``run_optimizer`` puts a run's adapters into those groups from its settings.
+``run_optimizer`` puts a run's adapters into those groups from its settings, with LoRA+'s up matrices in groups
+of their own (``optimizer.loraplus_ratio``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from .network import Adapters
 
 PART_GROUP_NAMES: dict[Part, str] = {"unet": "unet", "te1": "text_encoder_1", "te2": "text_encoder_2"}
 PART_LR_SETTINGS: dict[Part, str] = {"unet": "unet_lr", "te1": "text_encoder_1_lr", "te2": "text_encoder_2_lr"}
+# The parameters LoRA+ trains at ratio x the lr: the output-side factor that starts at zero. LoRA's and DoRA's
+# lora_up (kohya's rule: "lora_up" in the name); VeRA's and DVoRA's b, which scales B's rows (up = diag(b) B) and
+# starts at zero as lora_up does, while d scales A's (down's) rows and so keeps the lr, as lora_down does.
+# DoRA's magnitude keeps the lr too, as in kohya and LyCORIS (PEFT's LoRA+ would raise every 1-D parameter).
+LORAPLUS_UP_PARAMETERS = frozenset({"lora_up", "vera_b"})
 
 
 @dataclass(frozen=True)
@@ -156,20 +162,35 @@ def _torch_param_groups(
     return torch_groups
 
 
+def part_groups(settings: OptimizerSettings, adapters: Adapters) -> list[ParamGroup]:
+    """One group per model part at its own lr (or ``learning_rate``); with LoRA+ (``loraplus_ratio`` > 0, != 1),
+    each part's up parameters (``LORAPLUS_UP_PARAMETERS``) in a twin group "<part>/up" at ratio x that lr.
+
+    LoRA+ (Hayou et al. 2024, kohya's ``loraplus_lr_ratio``): with one lr for both factors, the zero-initialised
+    up factor learns too slowly for wide layers; a larger lr for it alone fixes that at no cost.
+    """
+    ratio = settings.loraplus_ratio
+    split = ratio not in (0.0, 1.0)  # prodigy with LoRA+ is refused with the other settings (TrainConfig.problems)
+    groups = []
+    for part, layers in adapters.items():
+        lr = getattr(settings, PART_LR_SETTINGS[part]) or settings.learning_rate
+        rest, ups = [], []
+        for layer in layers.values():
+            for name, param in layer.named_parameters(recurse=False):
+                (ups if split and name in LORAPLUS_UP_PARAMETERS else rest).append(param)
+        groups.append(ParamGroup(PART_GROUP_NAMES[part], rest, lr))
+        if ups:
+            groups.append(ParamGroup(f"{PART_GROUP_NAMES[part]}/up", ups, lr * ratio))
+    return groups
+
+
 def run_optimizer(settings: OptimizerSettings, adapters: Adapters, total_steps: int, fused: bool | None = None):
-    """(optimizer, lr schedule) of a run: one group per model part, with its own lr when the settings give one.
+    """(optimizer, lr schedule) of a run: the groups of ``part_groups``.
 
     DoRA magnitudes are never weight-decayed: decay would pull ||W'|| toward zero. ``fused``: AdamW's fused
     kernel (default: on CUDA); the memory estimate counts a CUDA run's.
     """
-    groups = [
-        ParamGroup(
-            PART_GROUP_NAMES[part],
-            [p for layer in layers.values() for p in layer.parameters(recurse=False)],
-            getattr(settings, PART_LR_SETTINGS[part]) or settings.learning_rate,
-        )
-        for part, layers in adapters.items()
-    ]
+    groups = part_groups(settings, adapters)
     magnitudes = {
         id(layer.dora_scale)
         for layers in adapters.values()

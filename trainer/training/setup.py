@@ -26,6 +26,7 @@ from trainer.sdxl.objective import training_noise_scheduler
 from trainer.sdxl.text_encoding import encode_captions
 
 from .dataset_config import check_configured, scan_configured, subset_folders
+from .init_from import init_from_file
 from .network import Adapters, compile_unet, inject_network, trainable_parameters
 from .optimizers import run_optimizer
 from .placement import load_pipeline, offload_cached, text_encoders_run_every_step
@@ -199,6 +200,8 @@ def prepare_session(
     pipe = _load_pipeline(config, device, captions_vary=captions_vary(config))
     torch.manual_seed(config.training.seed)  # the adapters' random init is part of what the seed fixes
     adapters = inject_network(pipe, config)
+    if config.network.init_from:  # a new run from a file's weights (not a resume)
+        init_from_file(Path(config.network.init_from), pipe, adapters, config.network)
     pipe.unet.train()
     if config.network.train_text_encoders:
         pipe.text_encoder.train()
