@@ -17,6 +17,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from trainer.config.kohya_import import load_preset_or_kohya
 from trainer.config.parsing import from_dict
 from trainer.config.presets import config_from_text, config_toml, load_config
 from trainer.data.check import format_report
@@ -80,10 +81,10 @@ class Studio:
         if not upload and path.name not in _preset_choices():
             return [gr.skip()] * len(FORM_KEYS) + [_error_box([Problem(str(name), "unknown preset")])]
         try:
-            config = load_config(path)
+            config, notes = load_preset_or_kohya(path)  # a kohya config is imported, with what did not carry over
         except StudioError as error:
             return [gr.skip()] * len(FORM_KEYS) + [_error_box(error.problems)]
-        return [*form_values(config), f"Loaded {path.name}."]
+        return [*form_values(config), f"Loaded {path.name}." + "".join(f"\n- {note}" for note in notes)]
 
     def check_data(self, *values):
         """The pre-flight report for the form's dataset settings (the rest of the form may be unfinished)."""
@@ -302,7 +303,7 @@ def build(runs_dir: Path) -> gr.Blocks:
             with gr.Tab("Configure", id="configure"):
                 with gr.Row():
                     preset = gr.Dropdown(choices=_preset_choices(), value="quickstart.toml", label="Preset")
-                    upload = gr.File(label="or upload a preset (.toml)", file_types=[".toml"], type="filepath")
+                    upload = gr.File(label="or upload a preset or kohya config", file_types=[".toml", ".json"])
                     load = gr.Button("Load preset")
                 form = build_form(load_config(PRESETS_DIR / "quickstart.toml"))
                 inputs = list(form.values())

@@ -1,5 +1,5 @@
 """The ``dora-studio`` command. Each subcommand is a small function over the engine's modules; those over adapter
-files live in ``cli.adapter_files``.
+files live in ``cli.adapter_files``, the kohya config import in ``cli.import_kohya``.
 
 Subcommands import what they use when they run, so ``--help`` and ``settings`` answer without loading torch.
 """
@@ -18,6 +18,7 @@ from trainer.runs.run_directory import RunDirectory, new_run_name
 
 from .adapter_files import add_adapter_file_commands
 from .common import EXIT_BAD_INPUT, EXIT_OK
+from .import_kohya import add_import_kohya_command
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -267,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", metavar="USER:PASSWORD", help="require this login for every page, file and API call")
     p.add_argument("--runs-dir", default="runs", help="where run folders live (default ./runs)")
     p.set_defaults(func=cmd_ui)
+
+    add_import_kohya_command(sub)
 
     p = sub.add_parser("settings", help="list every preset setting with its default and meaning")
     p.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's)")
