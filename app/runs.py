@@ -150,6 +150,17 @@ def read_metrics(run_dir: Path, after_step: int = 0) -> list[dict]:
     return records
 
 
+def loss_curves(metrics: list[dict]) -> dict[str, list]:
+    """The training loss per step and the validation loss where measured, as columns for one plot."""
+    rows = [
+        (record["step"], value, series)
+        for record in metrics
+        for key, series in (("loss", "training"), ("validation_loss", "validation"))
+        if isinstance(value := record.get(key), (int, float))
+    ]
+    return {"step": [r[0] for r in rows], "loss": [r[1] for r in rows], "series": [r[2] for r in rows]}
+
+
 @dataclass
 class Sample:
     path: Path

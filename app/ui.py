@@ -39,6 +39,7 @@ from .runs import (
     format_eta,
     list_runs,
     log_tail,
+    loss_curves,
     read_adapters,
     read_metrics,
     read_samples,
@@ -178,7 +179,7 @@ class Studio:
         if current == last_signature:
             return [gr.skip()] * outputs
         metrics = read_metrics(run_dir)
-        plot = pd.DataFrame({"step": [m["step"] for m in metrics], "loss": [m["loss"] for m in metrics]})
+        plot = pd.DataFrame(loss_curves(metrics))
         samples = read_samples(run_dir)
         gallery = [(str(s.path), f"{s.epoch_label} · {s.index}: {s.prompt}") for s in samples]
         prompts = sorted({(s.index, s.prompt) for s in samples})
@@ -325,7 +326,7 @@ def build(runs_dir: Path) -> gr.Blocks:
                     sample_now = gr.Button("Sample now")
                     resume = gr.Button("Resume")
                 control = gr.Markdown()
-                loss = gr.LinePlot(x="step", y="loss", label="Loss", height=260)
+                loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=260)
                 gallery = gr.Gallery(label="Samples, newest first", columns=6, height=300, object_fit="contain")
                 prompt = gr.Dropdown(label="Compare one prompt across epochs", choices=[])
                 compare = gr.Gallery(label="Same prompt, oldest first", columns=6, height="auto")

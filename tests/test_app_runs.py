@@ -15,6 +15,7 @@ from app.runs import (
     format_eta,
     list_runs,
     log_tail,
+    loss_curves,
     pid_alive,
     read_adapters,
     read_metrics,
@@ -402,3 +403,18 @@ def test_signature_notices_a_killed_trainer(tmp_path, monkeypatch):
 )
 def test_format_eta(seconds, text):
     assert format_eta(seconds) == text
+
+
+def test_loss_curves_plot_training_and_validation_apart():
+    metrics = [
+        {"step": 0, "validation_loss": 0.5},
+        {"step": 1, "loss": 0.9, "lr": {}},
+        {"step": 2, "loss": 0.7},
+        {"step": 2, "validation_loss": 0.4},
+        {"step": 3, "loss": None},  # nothing to draw
+    ]
+    assert loss_curves(metrics) == {
+        "step": [0, 1, 2, 2],
+        "loss": [0.5, 0.9, 0.7, 0.4],
+        "series": ["validation", "training", "training", "validation"],
+    }

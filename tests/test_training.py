@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def settings(tiny_dir: Path, data_root: Path, cache: Path, **sections) -> dict:
         "saving": {"output_name": "test"},
     }
     for name, values in sections.items():
-        base[name] = {**base[name], **values}
+        base[name] = {**base.get(name, {}), **values}
     return base
 
 
@@ -184,6 +185,11 @@ def _straight_and_resumed(data: dict, root: Path) -> tuple[Path, Path, Path]:
 
 
 def test_stop_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_dir, small_dataset, tmp_path):
+    held_out = tmp_path / "validation"
+    held_out.mkdir()
+    for image in sorted(small_dataset.rglob("*.png"))[:1]:
+        shutil.copy(image, held_out)
+        shutil.copy(image.with_suffix(".txt"), held_out)
     data = settings(
         tiny_dir,
         small_dataset,
@@ -191,15 +197,26 @@ def test_stop_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_dir, sma
         dataset={"flip": True},
         network={"rank_dropout": 0.2},
         sampling={"prompts": []},
+        validation={"path": str(held_out), "every_n_steps": 3},
     )
     straight, resumed, interrupted = _straight_and_resumed(data, tmp_path)
 
-    assert [row["step"] for row in metrics(interrupted)] == list(range(1, 9))  # nothing repeated or missing
+    steps = [row["step"] for row in metrics(interrupted) if "loss" in row]
+    assert steps == list(range(1, 9))  # nothing repeated or missing
     ours, theirs = load_file(resumed), load_file(straight)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
-    losses = [row["loss"] for row in metrics(interrupted)]
-    assert losses == [row["loss"] for row in metrics(tmp_path / "straight")]
+    losses = [row["loss"] for row in metrics(interrupted) if "loss" in row]
+    assert losses == [row["loss"] for row in metrics(tmp_path / "straight") if "loss" in row]
+    # the validation loss: at fixed noise, the same numbers whether the run was stopped and resumed or not
+    validation = [(row["step"], row["validation_loss"]) for row in metrics(interrupted) if "validation_loss" in row]
+    assert [step for step, _ in validation] == [0, 3, 6]
+    assert validation == [
+        (r["step"], r["validation_loss"])
+        for r in metrics(tmp_path / "straight")
+        if "step" in r and "validation_loss" in r
+    ]
+    assert validation[0][1] != validation[-1][1]  # it measures the adapter, which trained
 
 
 def test_resume_refuses_changed_training_settings(tiny_dir, small_dataset, tmp_path):

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from trainer.errors import RunNameError
 from trainer.files import write_bytes_atomically
 
-ACTIVE_STATES = ("starting", "caching", "training", "sampling", "saving")
+ACTIVE_STATES = ("starting", "caching", "training", "validating", "sampling", "saving")
 FINAL_STATES = ("done", "failed", "stopped")
 STATES = (*ACTIVE_STATES, *FINAL_STATES)
 COMMANDS = ("stop", "save", "sample")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +32,7 @@ from trainer.runs.train_state import (
     save_train_state,
 )
 
+from .bad_steps import finite_step
 from .placement import on_device
 from .processes import (
     agree_on_commands,
@@ -46,6 +46,7 @@ from .saving import save_network
 from .setup import Session, prepare_session
 from .signals import StopRequested, StopSignals
 from .step import draw_step_noise, latent_shape, step_seed, training_loss
+from .validation import Validation
 
 log = logging.getLogger("dora_studio")
 
@@ -63,6 +64,7 @@ class Trainer:
         self.accelerator: Accelerator | None = None
         self.report: RunReporter | None = None
         self.session: Session | None = None
+        self.validation: Validation | None = None
 
     # -- entry point -------------------------------------------------------------------------------
 
@@ -126,6 +128,9 @@ class Trainer:
             self._sample(self.run.epoch_samples_dir(0), adapters=False)
         if accelerator.is_main_process:
             self.run.truncate_metrics(self.progress.step)
+        self.validation = Validation(session, accelerator, self.config.validation.seed)
+        if not resumed:
+            self._validate()  # the starting point of the curve
         adapter = self._train_steps()
         self.report.status(
             state="done",
@@ -144,6 +149,8 @@ class Trainer:
         while self.progress.epoch < self.config.training.epochs and self.progress.step < self.session.total_steps:
             if not self._train_epoch():  # max_steps came inside the epoch
                 self._sample(self.run.step_samples_dir(self.progress.step))  # the last look at the run
+                if not self.config.validation.every_n_steps:
+                    self._validate()
                 break
             self.progress.epoch, self.progress.batches_done = self.progress.epoch + 1, 0
             self._epoch_bookkeeping()
@@ -200,7 +207,7 @@ class Trainer:
             if index == group_start + group_size - 1:
                 group_loss = sum_over_processes(accelerator, group_loss)
                 average_gradients(accelerator, session.trainable.values())
-                if self._finite_step(group_loss):
+                if finite_step(accelerator, session.trainable.values(), group_loss, config, self.progress):
                     session.optimizer.step()
                     session.lr_scheduler.step()
                     session.optimizer.zero_grad(set_to_none=True)
@@ -220,39 +227,6 @@ class Trainer:
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
-    def _finite_step(self, loss: float) -> bool:
-        """Clip, and check loss and gradient norm; False: skip this group (allowed), or raise to fail the run.
-
-        With fp16 the gradient scaler itself skips steps whose gradients overflow, so only the loss is
-        checked there.
-        """
-        config = self.config
-        problem = None if math.isfinite(loss) else f"the loss became {loss}"
-        if problem is None:
-            fp16 = config.training.mixed_precision == "fp16"
-            max_norm = config.optimizer.max_grad_norm
-            if max_norm > 0 or not fp16:
-                norm = self.accelerator.clip_grad_norm_(self.session.trainable.values(), max_norm or math.inf)
-                if not fp16 and not math.isfinite(float(norm)):
-                    problem = f"the gradient norm became {float(norm)}"
-        if problem is None:
-            return True
-        where = f"{problem} at step {self.progress.step + 1}"
-        if self.progress.skipped_batches < config.training.max_skipped_batches:
-            self.progress.skipped_batches += 1
-            log.warning(
-                "%s: batch skipped (%d of %d allowed)",
-                where,
-                self.progress.skipped_batches,
-                config.training.max_skipped_batches,
-            )
-            return False
-        raise TrainingError(
-            f"{where}; the run stops here and the last saved adapter and state are kept. Usual fixes: lower the "
-            'learning rate, use mixed_precision = "bf16" instead of fp16, lower noise_offset, or allow a few '
-            "bad batches with training.max_skipped_batches"
-        )
-
     def _after_step(self, loss: float, clock: StepClock) -> None:
         """Report the step just taken, with each part's learning rate (the no-decay twins left out)."""
         lrs = {
@@ -267,6 +241,9 @@ class Trainer:
         local = self.run.take_commands() if self.accelerator.is_main_process else set()
         commands = agree_on_commands(self.accelerator, local | ({"stop"} if self.signals.stop else set()))
         step, saving, sampling = self.progress.step, self.config.saving, self.config.sampling
+        every = self.config.validation.every_n_steps
+        if every and step % every == 0:
+            self._validate()
         if "sample" in commands or (sampling.every_n_steps and step % sampling.every_n_steps == 0):
             self._sample(self.run.step_samples_dir(step))
         if "stop" in commands:
@@ -285,11 +262,22 @@ class Trainer:
 
     def _epoch_bookkeeping(self) -> None:
         epoch, saving, sampling = self.progress.epoch, self.config.saving, self.config.sampling
+        if not self.config.validation.every_n_steps:
+            self._validate()
         if sampling.every_n_epochs and epoch % sampling.every_n_epochs == 0:
             self._sample(self.run.epoch_samples_dir(epoch))
         last = epoch == self.config.training.epochs or self.progress.step >= self.session.total_steps
         if not last and saving.every_n_epochs and epoch % saving.every_n_epochs == 0:
             self._save("epoch")
+
+    def _validate(self) -> None:
+        """Measure the held-out images' loss now (every process takes part), when there are any."""
+        if self.validation:
+            self.report.status(state="validating", message="measuring the validation loss")
+            loss = self.validation.loss()
+            log.info("validation loss at step %d: %.5f", self.progress.step, loss)
+            self.report.validation_done(self.progress.step, loss)
+            self.report.status(state="training", message="training")
 
     def _sample(self, out_dir: Path, adapters: bool = True) -> None:
         session = self.session

@@ -120,6 +120,14 @@ class RunReporter:
                 message=f"step {step}/{self.total_steps}",
             )
 
+    def validation_done(self, step: int, loss: float) -> None:
+        """The held-out images' loss at ``step``: a metrics line of its own, TensorBoard and status."""
+        if self.main_process:
+            self.run.append_metrics({"step": step, "validation_loss": loss, "time": time.time()})
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("loss/validation", loss, step)
+        self.status(validation_loss=loss)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -8,7 +8,8 @@ seed, so the samples of successive epochs differ only by what the adapter learne
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,20 @@ def _generate(pipe, values: dict, device: torch.device) -> Image.Image:
     ).images[0]
 
 
+@contextmanager
+def eval_mode(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Every module in eval mode (adapter dropout off) while inside; each module's own flag put back after,
+    per module rather than per model, since a submodule the trainer keeps in eval (a frozen part) must stay so."""
+    modes = {module: module.training for model in models for module in model.modules()}
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 def generate_samples(
     pipe,
     adapters: Mapping[str, LoRALayer],
@@ -82,34 +97,29 @@ def generate_samples(
     """
     out_dir = Path(out_dir)
     models = [part for part in pipe.components.values() if isinstance(part, nn.Module)]
-    # Per module, not per model: a submodule the trainer keeps in eval (a frozen part) must stay so.
-    modes = {module: module.training for model in models for module in model.modules()}
     merged: list[LoRALayer] = []
     try:
-        for model in models:
-            model.eval()
-        for layer in adapters.values():
-            if layer.can_merge:
-                layer.merge(1.0)
-                merged.append(layer)
-        pipe.set_progress_bar_config(disable=True)
-        device = pipe.unet.device
-        records, paths = [], []
-        # no_grad rather than inference_mode: nothing made here may later be refused by autograd.
-        with torch.no_grad():
-            for index, prompt in enumerate(prompts):
-                values = resolve(prompt, index, defaults)
-                image = _generate(pipe, values, device)
-                path = out_dir / sample_image_name(index)
-                with atomic_path(path) as tmp:
-                    image.save(tmp, format="PNG")
-                paths.append(path)
-                records.append({"file": path.name, **values})
-        with atomic_path(out_dir / PROMPTS_FILE) as tmp:
-            tmp.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return paths
+        with eval_mode(models):
+            for layer in adapters.values():
+                if layer.can_merge:
+                    layer.merge(1.0)
+                    merged.append(layer)
+            pipe.set_progress_bar_config(disable=True)
+            device = pipe.unet.device
+            records, paths = [], []
+            # no_grad rather than inference_mode: nothing made here may later be refused by autograd.
+            with torch.no_grad():
+                for index, prompt in enumerate(prompts):
+                    values = resolve(prompt, index, defaults)
+                    image = _generate(pipe, values, device)
+                    path = out_dir / sample_image_name(index)
+                    with atomic_path(path) as tmp:
+                        image.save(tmp, format="PNG")
+                    paths.append(path)
+                    records.append({"file": path.name, **values})
+            with atomic_path(out_dir / PROMPTS_FILE) as tmp:
+                tmp.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            return paths
     finally:
         for layer in merged:
             layer.unmerge()
-        for module, training in modes.items():
-            module.training = training

@@ -6,6 +6,7 @@ read in one place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from trainer.data.batches import Batch
 from trainer.data.latent_cache import encode_moments, sample_latents
+from trainer.data.masks import mask_weights
 from trainer.sdxl.objective import add_noise, denoising_loss, prediction_target
 from trainer.sdxl.text_encoding import encode_captions
 
@@ -65,7 +67,8 @@ def _conditioning(session: Session, captions: list[str]) -> tuple[torch.Tensor, 
     if session.text_cache is not None:
         embeds, pooled = zip(*(session.text_cache[caption] for caption in captions))
         return torch.stack(embeds), torch.stack(pooled)
-    grad = torch.enable_grad() if session.trains_text_encoders else torch.no_grad()
+    # trained encoders follow the caller's grad mode: on in a training step, off while validating
+    grad = contextlib.nullcontext() if session.trains_text_encoders else torch.no_grad()
     with grad:
         return encode_captions(
             (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), captions, device
@@ -75,7 +78,8 @@ def _conditioning(session: Session, captions: list[str]) -> tuple[torch.Tensor, 
 def training_loss(session: Session, unet, batch: Batch, step_noise: StepNoise, autocast) -> torch.Tensor:
     """Per-sample denoising losses of one batch, as SDXL was trained (diffusers' train_text_to_image_sdxl.py).
 
-    ``step_noise`` holds this batch's rows of the step's draws; ``autocast`` is the accelerator's.
+    ``step_noise`` holds this batch's rows of the step's draws; ``autocast`` is the accelerator's. With masked
+    loss the batch's masks weigh each latent pixel, ``dataset.unmasked_weight`` where a mask is black.
     """
     vae = session.pipe.vae
     moments = batch.moments if batch.moments is not None else encode_moments(vae, batch.pixels.to(session.device))
@@ -90,8 +94,16 @@ def training_loss(session: Session, unet, batch: Batch, step_noise: StepNoise, a
             added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids.to(session.device)},
         ).sample
     target = prediction_target(session.noise_scheduler, latents, step_noise.noise, step_noise.timesteps)
+    weights = None
+    if batch.mask is not None:
+        weights = mask_weights(batch.mask.to(session.device), session.config.dataset.unmasked_weight)
     return denoising_loss(
-        session.noise_scheduler, prediction, target, step_noise.timesteps, session.config.training.min_snr_gamma
+        session.noise_scheduler,
+        prediction,
+        target,
+        step_noise.timesteps,
+        session.config.training.min_snr_gamma,
+        weights,
     )
 
 
