@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_training import settings, small_dataset, train  # noqa: F401 (a fixture)
 
@@ -243,7 +245,11 @@ def test_a_run_with_init_from_trains_from_the_files_weights(tiny_dir, small_data
         sampling={"prompts": []},
         saving={"save_dtype": "fp32"},
     )
-    saved = load_file(train(data, tmp_path / "run"))
+    adapter = train(data, tmp_path / "run")
+    saved = load_file(adapter)
+    with safe_open(adapter, "pt") as opened:  # the file says where it started, by name and content
+        record = json.loads(opened.metadata()["dora_studio.init_from"])
+    assert record == {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     for stem, w in weights.items():
         update = (4.0 / 4) * saved[f"{stem}.lora_up.weight"].flatten(1) @ saved[f"{stem}.lora_down.weight"].flatten(1)
         torch.testing.assert_close(update, (2.0 / 4) * w.up.flatten(1) @ w.down.flatten(1), rtol=1e-5, atol=1e-7)

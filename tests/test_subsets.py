@@ -98,6 +98,12 @@ def test_subsets_repeats_class_tokens_roles_and_weights(tmp_path):
     assert {e.loss_weight for name, e in examples.items() if name in "f.png g.png h.png"} == {0.5}
     assert {e.loss_weight for name, e in examples.items() if name in ("a.png", "d.png")} == {1.0}
 
+    assert scan.folder_counts("train") == {
+        "char/10_zqx woman": {"n_repeats": 10, "img_count": 2},
+        "extra": {"n_repeats": 3, "img_count": 1},
+        "extra/5_x": {"n_repeats": 3, "img_count": 1},
+    }
+    assert scan.folder_counts("regularization") == {"reg": {"n_repeats": 9, "img_count": 3}}  # ss_reg_dataset_dirs
     report = check_configured(config, scan)
     assert report.role_counts == {
         "train": {"images": 4, "per_epoch": 26},

@@ -100,10 +100,11 @@ class DatasetScan:
         name = item.folder.relative_to(root).as_posix() if item.folder != root else root.name
         return f"{root.name}/{name}" if len(self.subsets) > 1 and item.folder != root else name
 
-    def folder_counts(self) -> dict[str, dict[str, int]]:
-        """kohya's ``ss_dataset_dirs``: per folder (relative to the root), its repeats and usable images."""
+    def folder_counts(self, role: str = "train") -> dict[str, dict[str, int]]:
+        """kohya's ``ss_dataset_dirs`` (``ss_reg_dataset_dirs`` for role "regularization"): per folder (relative
+        to its subset's), its repeats and usable images."""
         counts: dict[str, dict[str, int]] = {}
-        for item in self.items:
+        for item in (item for item in self.items if item.role == role):
             entry = counts.setdefault(self._folder_name(item), {"n_repeats": item.repeats, "img_count": 0})
             entry["img_count"] += 1
         return counts

@@ -314,6 +314,7 @@ class Trainer:
                 epoch=epoch,
                 started_at=self.started_at,
                 dataset_dirs=self.session.dataset_dirs,
+                reg_dataset_dirs=self.session.reg_dataset_dirs,
                 tag_frequencies=self.session.tag_frequencies,
             )
             if self.config.saving.save_state:

@@ -11,6 +11,7 @@ from trainer.adapters.injection import adapter_weights
 from trainer.adapters.low_rank import truncate_rank
 from trainer.adapters.weights import AdapterWeights
 from trainer.config.schema import NetworkSettings, TrainConfig
+from trainer.files import file_sha256
 from trainer.kohya.adapter_file import DTYPES, save_adapter
 from trainer.kohya.metadata import EXPORT_RANK_KEY, build_metadata
 
@@ -52,6 +53,14 @@ def _file_rank(rank: int, alpha: float, cut: dict | None) -> tuple[int, float]:
     return cut["rank"], alpha / rank * cut["rank"]
 
 
+INIT_FROM_KEY = "dora_studio.init_from"
+
+
+def _init_from_record(path: str) -> dict[str, str]:
+    """Which file the run started from, by name and content: the path alone may not exist where the file goes."""
+    return {"file": Path(path).name, "sha256": file_sha256(Path(path))}
+
+
 def save_network(
     path: Path,
     adapters: Adapters,
@@ -62,11 +71,13 @@ def save_network(
     started_at: float,
     dataset_dirs: Mapping[str, Mapping[str, int]],
     tag_frequencies: Mapping[str, Mapping[str, int]],
+    reg_dataset_dirs: Mapping[str, Mapping[str, int]] | None = None,
 ) -> None:
     """Write every adapter of the run to ``path`` with kohya's metadata (docs/adapter-format.md), atomically.
 
-    ``dataset_dirs`` and ``tag_frequencies`` are kohya's ``ss_dataset_dirs`` and ``ss_tag_frequency``
-    (``data.scan.DatasetScan.folder_counts`` and ``tag_frequency``).
+    ``dataset_dirs``, ``reg_dataset_dirs`` and ``tag_frequencies`` are kohya's ``ss_dataset_dirs``,
+    ``ss_reg_dataset_dirs`` and ``ss_tag_frequency`` (``data.scan.DatasetScan.folder_counts`` and
+    ``tag_frequency``). A run started from a file (``network.init_from``) records its name and SHA-256.
     """
     net, opt = config.network, config.optimizer
     weights, cut = cut_to_export_rank(adapters, config.saving.export_rank)
@@ -102,6 +113,8 @@ def save_network(
                 {"unet_targets": net.unet_targets, "include": net.include, "exclude": net.exclude}
             )
         }
+        | ({"ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs)} if reg_dataset_dirs else {})
+        | ({INIT_FROM_KEY: json.dumps(_init_from_record(net.init_from))} if net.init_from else {})
         | ({EXPORT_RANK_KEY: json.dumps(cut | {"trained_rank": net.rank, "kind": net.kind})} if cut else {}),
     )
     save_adapter(path, weights, metadata, DTYPES[config.saving.save_dtype])

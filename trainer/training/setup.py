@@ -59,6 +59,7 @@ class Session:
     text_cache: dict[str, tuple[Tensor, Tensor]] | None = None
     offloaded: tuple[str, ...] = ()  # pipeline components in CPU memory until sampling needs them
     dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)  # kohya's ss_dataset_dirs
+    reg_dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)  # kohya's ss_reg_dataset_dirs
     tag_frequencies: dict[str, dict[str, int]] = field(default_factory=dict)  # kohya's ss_tag_frequency
 
     @property
@@ -245,6 +246,7 @@ def prepare_session(
         latent_cache=latent_cache,
         text_cache=text_cache,
         offloaded=offloaded,
-        dataset_dirs=scan.folder_counts(),
+        dataset_dirs=scan.folder_counts("train"),
+        reg_dataset_dirs=scan.folder_counts("regularization"),
         tag_frequencies=scan.tag_frequency(config.dataset.tag_separator),
     )
