@@ -17,6 +17,7 @@ from trainer.errors import Problem
 
 from .dataset_settings import DatasetSettings, ValidationSettings
 from .fields import setting
+from .training_settings import TrainingSettings
 
 ADAPTER_KINDS = ("dora", "lora", "dvora", "vera")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
@@ -135,45 +136,6 @@ class OptimizerSettings:
 
 
 @dataclass
-class TrainingSettings:
-    epochs: int = setting(10, "passes over the dataset (repeats included)", minimum=1)
-    max_steps: int = setting(0, "stop after this many optimizer steps (0: epochs decide)", minimum=0)
-    batch_size: int = setting(1, "images per step", minimum=1)
-    gradient_accumulation: int = setting(1, "batches summed per optimizer step", minimum=1)
-    processes: int = setting(
-        1, "training processes on this machine, one per GPU (batch_size is per process)", minimum=1, maximum=64
-    )
-    process_timeout_minutes: float = setting(
-        30.0,
-        "how long processes wait for each other before a stuck run fails",
-        minimum=1.0,
-        advanced=True,
-    )
-    mixed_precision: str = setting(
-        "bf16", "compute precision (fp16 keeps the VAE in fp32)", choices=("no", "fp16", "bf16")
-    )
-    gradient_checkpointing: bool = setting(False, "recompute activations in backward: much less memory, ~25% slower")
-    compile: bool = setting(
-        False,
-        "torch.compile the UNet: for CUDA, where it fuses kernels; the first steps take minutes to compile",
-        advanced=True,
-    )
-    seed: int = setting(42, "seed for everything random (same seed, same run)", minimum=0)
-    noise_offset: float = setting(
-        0.0, "noise offset (0.03-0.1 helps very dark/bright images)", minimum=0.0, advanced=True
-    )
-    max_skipped_batches: int = setting(
-        0,
-        "batches with a non-finite loss or gradient to skip (each logged) before the run fails",
-        minimum=0,
-        advanced=True,
-    )
-    min_snr_gamma: float = setting(
-        0.0, "min-SNR loss weighting gamma (5 is common; 0: off)", minimum=0.0, advanced=True
-    )
-
-
-@dataclass
 class SamplingSettings:
     prompts: list[str] = setting([], "sample prompts, kohya syntax: text --n negative --w --h --s --l --d")
     prompt_file: str = setting(
@@ -185,6 +147,7 @@ class SamplingSettings:
     steps: int = setting(20, "sampling steps unless a prompt says --s", minimum=1)
     guidance_scale: float = setting(7.0, "CFG scale unless a prompt says --l", minimum=0.0)
     seed: int = setting(0, "seed of the first prompt (prompt i uses seed + i unless it says --d)", minimum=0)
+    use_ema: bool = setting(False, "sample with the adapter's moving average (training.ema_decay)", advanced=True)
 
 
 @dataclass
@@ -205,6 +168,22 @@ class SavingSettings:
     save_state: bool = setting(True, "save optimizer state with each adapter so the run can resume", advanced=True)
     keep_last_states: int = setting(2, "resume states kept (each is about 3x the adapter)", minimum=1, advanced=True)
     tensorboard: bool = setting(False, "also log to TensorBoard in the run folder (needs tensorboard)", advanced=True)
+    wandb: str = setting(
+        "off",
+        "also log to Weights & Biases (needs wandb): online, or offline (a folder in the run; `wandb sync` later)",
+        choices=("off", "online", "offline"),
+        advanced=True,
+    )
+    wandb_project: str = setting("dora-studio", "the Weights & Biases project", advanced=True)
+    thumbnail: bool = setting(
+        False,
+        "embed the newest sample of sampling prompt thumbnail_prompt in each saved adapter (modelspec.thumbnail, "
+        "which model sites and front ends show)",
+        advanced=True,
+    )
+    thumbnail_prompt: int = setting(
+        0, "which sample prompt the thumbnail shows (0: the first)", minimum=0, advanced=True
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -299,6 +278,25 @@ class TrainConfig:
                     "optimizer.loraplus_ratio",
                     "prodigy finds one step size for all parameters and refuses groups with different learning "
                     "rates; set optimizer.loraplus_ratio = 0, or choose another optimizer (adamw) for LoRA+",
+                )
+            )
+        t = self.training
+        if t.min_timestep >= t.max_timestep:
+            found.append(
+                Problem(
+                    "training.min_timestep",
+                    f"{t.min_timestep} must be below training.max_timestep ({t.max_timestep}); timesteps are 0-999",
+                )
+            )
+        if self.sampling.use_ema and not t.ema_decay:
+            found.append(Problem("sampling.use_ema", "needs training.ema_decay (e.g. 0.999): there is no average"))
+        prompts = len(self.sampling.prompts)
+        if self.saving.thumbnail and not self.sampling.prompt_file and self.saving.thumbnail_prompt >= prompts:
+            found.append(
+                Problem(
+                    "saving.thumbnail_prompt",
+                    f"there is no sample prompt {self.saving.thumbnail_prompt} to draw the thumbnail from "
+                    f"({prompts} in sampling.prompts, the first is 0): add prompts or choose another",
                 )
             )
         for key in ("network.include", "network.exclude"):
