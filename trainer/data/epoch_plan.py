@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,8 +27,12 @@ from .buckets import (
     micro_conditioning,
 )
 from .captions import CaptionOptions, process_caption
-from .image_io import load_image_rgb
+from .image_io import load_image_rgb, load_mask_image
+from .masks import MaskSource, full_mask, to_latent_grid
 from .scan import DatasetScan
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class TrainExample:
     captions: CaptionOptions = CaptionOptions()
     flip: bool = False
     loss_weight: float = 1.0  # dataset.prior_loss_weight for regularization images, as kohya weighs them
+    mask: MaskSource | None = None  # where its loss mask comes from (dataset.masked_loss); None: no masked loss
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ def plan_examples(
                 captions,
                 subset.flip and not held_out,
                 prior_loss_weight if item.role == "regularization" else 1.0,
+                item.mask,
             )
         )
     return examples
@@ -169,22 +176,46 @@ def load_pixels(example: TrainExample, planned: PlannedImage, background: tuple[
     try:
         image = load_image_rgb(example.path, background)
     except ImageLoadError as error:
-        # The scan checks files without decoding them all (a truncated BMP, a PNG with a bad stream but good
-        # checksums pass), and a file may change after it: end the run with the file and fix, not a traceback.
-        problem = error.problems[0]
-        raise DatasetError.at(
-            problem.where,
-            f"{problem.message}; it passed the dataset check when the run started. "
-            "Fix or remove it, then continue with --resume auto",
-        ) from None
-    resized_width, resized_height = planned.crop.resized_size
-    if image.size != (resized_width, resized_height):
-        image = image.resize((resized_width, resized_height), resample=_resample(image.size, planned.crop.resized_size))
-    top, left = planned.crop.crop_top_left
-    bucket_width, bucket_height = planned.crop.bucket
-    image = image.crop((left, top, left + bucket_width, top + bucket_height))
+        raise _failed_since_scan(error) from None
+    image = _resize_and_crop(image, planned.crop)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
     return pixels.flip(-1) if planned.flipped else pixels
+
+
+def load_mask(example: TrainExample, planned: PlannedImage) -> Tensor:
+    """The image's loss mask at the latent grid, [1, h, w] in [0, 1]: resized, cropped and flipped exactly as its
+    pixels are (``load_pixels``), then averaged over each latent pixel (``masks.to_latent_grid``); all ones when
+    it has none."""
+    source = example.mask
+    if source is None or source.path is None:
+        return full_mask(planned.crop.bucket)
+    try:
+        image = load_mask_image(source.path, source.alpha)
+    except ImageLoadError as error:
+        raise _failed_since_scan(error) from None
+    mask = torch.from_numpy(np.asarray(_resize_and_crop(image, planned.crop), dtype=np.float32).copy()) / 255
+    return to_latent_grid(mask.flip(-1) if planned.flipped else mask)
+
+
+def _failed_since_scan(error: ImageLoadError) -> DatasetError:
+    """The scan checks files without decoding them all (a truncated BMP, a PNG with a bad stream but good
+    checksums pass), and a file may change after it: end the run with the file and fix, not a traceback."""
+    problem = error.problems[0]
+    return DatasetError.at(
+        problem.where,
+        f"{problem.message}; it passed the dataset check when the run started. "
+        "Fix or remove it, then continue with --resume auto",
+    )
+
+
+def _resize_and_crop(image: Image.Image, crop: CropPlan) -> Image.Image:
+    """The crop plan applied to a PIL image: scaled to ``resized_size``, then cut to the bucket."""
+    resized_width, resized_height = crop.resized_size
+    if image.size != (resized_width, resized_height):
+        image = image.resize((resized_width, resized_height), resample=_resample(image.size, crop.resized_size))
+    top, left = crop.crop_top_left
+    bucket_width, bucket_height = crop.bucket
+    return image.crop((left, top, left + bucket_width, top + bucket_height))
 
 
 def _resample(size: tuple[int, int], target: tuple[int, int]):

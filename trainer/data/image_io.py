@@ -3,7 +3,8 @@
 Two entry points: ``probe_image`` reads the header and checks what it cheaply can of the data (the dataset
 scan calls it on every file), and ``load_image_rgb`` decodes pixels (training calls it). Both refuse
 decompression bombs before any pixel is decoded, and both report failures as ``ImageLoadError`` naming the
-file, the reason and the fix.
+file, the reason and the fix. Masks for masked loss are read the same way, as 8-bit grey
+(``load_mask_image``; ``has_transparency`` tells from the header whether an image's alpha can be one).
 """
 
 from __future__ import annotations
@@ -126,11 +127,15 @@ def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(np.clip(values, 0, 65535) / 257).astype(np.uint8))
 
 
+def _has_alpha(image: Image.Image) -> bool:
+    """An alpha channel or a transparent palette/grey colour; both are known from the header."""
+    return image.mode in {"RGBA", "RGBa", "LA", "La", "PA"} or "transparency" in image.info
+
+
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES:
         image = _sixteen_bit_to_l(image)
-    has_alpha = image.mode in {"RGBA", "RGBa", "LA", "La", "PA"} or "transparency" in image.info
-    if not has_alpha:
+    if not _has_alpha(image):
         return image.convert("RGB")  # also CMYK, YCbCr, L, 1 and opaque palettes
     rgba = image.convert("RGBA")
     canvas = Image.new("RGBA", rgba.size, (*background, 255))
@@ -144,5 +149,25 @@ def load_image_rgb(path: str | Path, background: tuple[int, int, int] = (255, 25
         try:
             upright = ImageOps.exif_transpose(image)  # decodes the pixels
             return _to_rgb(upright, background)
+        except (OSError, ValueError, SyntaxError) as error:
+            raise _unreadable(path, error) from None
+
+
+def has_transparency(path: str | Path) -> bool:
+    """Whether the image has transparency to use as a mask; reads the header only."""
+    with _open(Path(path)) as image:
+        return _has_alpha(image)
+
+
+def load_mask_image(path: str | Path, alpha: bool = False) -> Image.Image:
+    """A mask as 8-bit grey, upright per EXIF as its image is: the file's grey levels (a mask file, its colours
+    as Pillow's "L" weighs them, 16-bit grey scaled rather than clipped), or with ``alpha`` its transparency."""
+    path = Path(path)
+    with _open(path) as image:
+        try:
+            upright = ImageOps.exif_transpose(image)  # decodes the pixels
+            if alpha:
+                return upright.convert("RGBA").getchannel("A")
+            return _sixteen_bit_to_l(upright) if upright.mode in _SIXTEEN_BIT_MODES else upright.convert("L")
         except (OSError, ValueError, SyntaxError) as error:
             raise _unreadable(path, error) from None

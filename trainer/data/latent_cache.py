@@ -6,6 +6,10 @@ cache on or off does not change what is learned. Entries are keyed by the image'
 flip, the background transparency is put on, and the VAE (config and weights), so an edited image, another
 bucket, another background colour or another VAE never reuses a stale latent, while a second run or a
 resume on the same data reuses everything.
+
+With masked loss, each crop's mask at the latent grid is an entry of its own beside the moments, keyed by the
+mask file's bytes (or, for an alpha mask, the image's) and the same crop and flip: an edited mask is read again
+without encoding the image again, and turning masked loss on or off leaves the moments' entries as they are.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import Tensor, nn
 from trainer.errors import DatasetError
 from trainer.files import atomic_path
 
-from .epoch_plan import PlannedImage, TrainExample, load_pixels
+from .epoch_plan import PlannedImage, TrainExample, load_mask, load_pixels
 
 CACHE_FORMAT = 1  # bump when the entry layout changes, so old entries are never misread
 
@@ -69,41 +73,54 @@ class LatentCache:
 
     def key(self, example: TrainExample, planned: PlannedImage, background: tuple[int, int, int]) -> str:
         """Names everything that decides the pixels; the background matters for images with transparency."""
-        if example.path not in self._digests:
-            self._digests[example.path] = file_digest(example.path)
-        (top, left), (width, height) = planned.crop.crop_top_left, planned.crop.bucket
-        resized_width, resized_height = planned.crop.resized_size
-        flip = "f" if planned.flipped else "n"
         red, green, blue = background
-        return (
-            f"{self._digests[example.path][:32]}-{width}x{height}-r{resized_width}x{resized_height}"
-            f"-c{top}_{left}-{flip}-b{red:02x}{green:02x}{blue:02x}"
-        )
+        return f"{self._digest(example.path)}-{_geometry(planned)}-b{red:02x}{green:02x}{blue:02x}"
+
+    def mask_key(self, example: TrainExample, planned: PlannedImage) -> str | None:
+        """The key of the image's mask at this crop; None when there is nothing to read (no masked loss, or
+        no mask: all ones)."""
+        source = example.mask
+        if source is None or source.path is None:
+            return None
+        return f"{self._digest(source.path)}-{_geometry(planned)}-{'alpha' if source.alpha else 'mask'}"
+
+    def _digest(self, path: Path) -> str:
+        if path not in self._digests:
+            self._digests[path] = file_digest(path)
+        return self._digests[path][:32]
 
     def path_for(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
 
-    def load(self, key: str) -> Tensor | None:
-        """The cached moments, or None when absent or unreadable (then it is simply encoded again)."""
+    def load(self, key: str, name: str = "moments") -> Tensor | None:
+        """The cached tensor (moments, or a mask), or None when absent or unreadable (then it is made again)."""
         path = self.path_for(key)
         if not path.is_file():
             return None
         try:
-            return load_file(path)["moments"]
+            return load_file(path)[name]
         except Exception:  # a damaged entry (e.g. a disk that filled up elsewhere) costs one re-encode
             return None
 
-    def has(self, key: str) -> bool:
+    def has(self, key: str, name: str = "moments") -> bool:
         """Whether a readable entry exists; reads only the header, so checking every entry is cheap."""
         try:
             with safe_open(self.path_for(key), "pt") as entry:
-                return "moments" in entry.keys()
+                return name in entry.keys()
         except (OSError, SafetensorError):  # absent, cut short or not safetensors: encode it again
             return False
 
-    def store(self, key: str, moments: Tensor) -> None:
+    def store(self, key: str, tensor: Tensor, name: str = "moments") -> None:
         with atomic_path(self.path_for(key)) as tmp:
-            save_file({"moments": moments.detach().to("cpu", torch.float32).contiguous()}, str(tmp))
+            save_file({name: tensor.detach().to("cpu", torch.float32).contiguous()}, str(tmp))
+
+
+def _geometry(planned: PlannedImage) -> str:
+    """The crop and flip, the same for an image's moments and its mask."""
+    (top, left), (width, height) = planned.crop.crop_top_left, planned.crop.bucket
+    resized_width, resized_height = planned.crop.resized_size
+    flip = "f" if planned.flipped else "n"
+    return f"{width}x{height}-r{resized_width}x{resized_height}-c{top}_{left}-{flip}"
 
 
 @torch.no_grad()
@@ -126,16 +143,21 @@ def fill_cache(
     background: tuple[int, int, int],
     on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> FillResult:
-    """Encode every planned image not yet cached (or cached but unreadable), one image at a time (buckets differ).
+    """Encode every planned image not yet cached (or cached but unreadable), one image at a time (buckets differ),
+    and store the masks of those with masked loss.
 
-    An image that passed the dataset scan but fails to load now (damage the header check cannot see) is
+    An image or mask that passed the dataset scan but fails to load now (damage the header check cannot see) is
     reported rather than ending the run: caching happens before training, so it can simply be left out.
     """
     pending: dict[str, PlannedImage] = {}
+    masks: dict[str, PlannedImage] = {}
     for item in planned:
         key = cache.key(examples[item.example], item, background)
         if key not in pending and not cache.has(key):
             pending[key] = item
+        mask_key = cache.mask_key(examples[item.example], item)
+        if mask_key is not None and mask_key not in masks and not cache.has(mask_key, "mask"):
+            masks[mask_key] = item
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     result = FillResult(0, {})
     for done, (key, item) in enumerate(pending.items(), start=1):
@@ -150,4 +172,12 @@ def fill_cache(
         cache.store(key, encode_moments(vae, pixels)[0])
         result.encoded += 1
         on_progress(done, len(pending))
+    for key, item in masks.items():
+        example = examples[item.example]
+        if example.path in result.unreadable:
+            continue
+        try:
+            cache.store(key, load_mask(example, item), "mask")
+        except DatasetError as error:
+            result.unreadable[example.path] = str(error)
     return result

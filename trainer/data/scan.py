@@ -17,6 +17,7 @@ from trainer.errors import DatasetError, ImageLoadError
 
 from .folders import Folder, ScanProblem, walk_subset
 from .image_io import ImageProbe, probe_image
+from .masks import MaskFinder, MaskSource
 from .subsets import SubsetFolder, balance_regularization, held_out_indices
 
 # kohya's IMAGE_EXTENSIONS (any letter case), plus what Pillow reads safely and users bring: scans as TIFF,
@@ -57,6 +58,7 @@ class ImageItem:
     height: int
     subset: int = 0  # index into DatasetScan.subsets
     role: str = "train"  # its subset's role: train, regularization or validation
+    mask: MaskSource | None = None  # its loss mask with dataset.masked_loss (``masks.MaskFinder``), else None
 
 
 @dataclass
@@ -331,9 +333,15 @@ def _excluded_folders(subsets: list[SubsetFolder], index: int) -> dict[Path, str
     return excluded
 
 
-def scan_subsets(subsets: list[SubsetFolder], held_out_images: int = 0, seed: int = 0) -> DatasetScan:
+def scan_subsets(
+    subsets: list[SubsetFolder], held_out_images: int = 0, seed: int = 0, masked_loss: bool = False
+) -> DatasetScan:
     """Every usable image of every subset with its caption and repeats (regularization balanced, a
-    validation split held out), plus every file left out and why."""
+    validation split held out), plus every file left out and why.
+
+    Images of a subset with a ``mask_path`` get their mask file; with ``masked_loss`` (dataset.masked_loss)
+    the others use their alpha channel. Masks that cannot be used raise ``DatasetError`` here, before training.
+    """
     if not subsets:
         raise DatasetError.at("dataset.path", f"no dataset folder given; {DATASET_FIX}")
     subsets = [
@@ -355,6 +363,11 @@ def scan_subsets(subsets: list[SubsetFolder], held_out_images: int = 0, seed: in
     _balance(scan)
     if held_out_images:
         _hold_out(scan, held_out_images, seed)
+    masks = MaskFinder(subsets, masked_loss, IMAGE_EXTENSIONS)
+    for item in scan.items + scan.held_out:
+        item.mask = masks.source(item.path, item.subset, (item.width, item.height))
+    scan.problems += masks.problems
+    masks.check()
     return scan
 
 

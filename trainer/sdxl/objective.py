@@ -39,18 +39,29 @@ def prediction_target(scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, 
 
 
 def denoising_loss(
-    scheduler: DDPMScheduler, prediction: Tensor, target: Tensor, timesteps: Tensor, min_snr_gamma: float
+    scheduler: DDPMScheduler,
+    prediction: Tensor,
+    target: Tensor,
+    timesteps: Tensor,
+    min_snr_gamma: float,
+    pixel_weights: Tensor | None = None,
 ) -> Tensor:
-    """Per-sample MSE in float32 ([B]), optionally weighted by min-SNR-gamma (Hang et al. 2023).
+    """Per-sample MSE in float32 ([B]), optionally weighted per latent pixel (masked loss) and by
+    min-SNR-gamma (Hang et al. 2023).
 
-    Per sample, so the loop can weigh each process's share of a global batch exactly. The weight is
-    min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v-prediction, as in diffusers'
-    train_text_to_image_lora_sdxl.py. A zero-terminal-SNR schedule has SNR 0 at the last step; its weight
-    is taken as 1 there rather than dividing by zero.
+    Per sample, so the loop can weigh each process's share of a global batch exactly. ``pixel_weights``
+    ([B, 1, h, w], ``data.masks.mask_weights``) multiply the squared error before the usual mean over every
+    latent pixel, as kohya's ``apply_masked_loss`` does; the mean is not divided by the mask's area (OneTrainer's
+    ``normalize_masked_area_loss``, off by default there too), so the loss keeps kohya's scale, and an image
+    with a small mask adds a small gradient rather than its few pixels' error magnified many times over.
+    The min-SNR weight is min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v-prediction,
+    as in diffusers' train_text_to_image_lora_sdxl.py. A zero-terminal-SNR schedule has SNR 0 at the last
+    step; its weight is taken as 1 there rather than dividing by zero.
     """
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
-        dim=list(range(1, prediction.dim()))
-    )
+    squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none")  # [B, C, h, w]
+    if pixel_weights is not None:
+        squared_error = squared_error * pixel_weights
+    per_sample = squared_error.mean(dim=list(range(1, prediction.dim())))
     if min_snr_gamma <= 0:
         return per_sample
     snr = compute_snr(scheduler, timesteps)

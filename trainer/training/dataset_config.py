@@ -67,7 +67,9 @@ def subset_folders(config: TrainConfig) -> list[SubsetFolder]:
 def scan_configured(config: TrainConfig) -> DatasetScan:
     """Every image the config's run would train on, hold out or leave out (raises ``DatasetError`` when
     nothing can train)."""
-    return scan_subsets(subset_folders(config), config.validation.images, config.validation.seed)
+    return scan_subsets(
+        subset_folders(config), config.validation.images, config.validation.seed, config.dataset.masked_loss
+    )
 
 
 def check_configured(config: TrainConfig, scan: DatasetScan | None = None) -> DataReport:

@@ -235,6 +235,8 @@ class SimulatedRun:
             batch = Batch(captions, time_ids, torch.ones(size), moments=torch.zeros(size, 2 * latent[0], *latent[1:]))
         else:
             batch = Batch(captions, time_ids, torch.ones(size), pixels=torch.zeros(size, 3, height, width))
+        if config.dataset.masked_loss:  # the loss then weighs every latent pixel: its temporaries count
+            batch.mask = torch.ones(size, 1, *latent[1:])
         text_cache = None
         if self.pipe.text_encoder is None:  # captions cached: embeddings computed once, in the weights' dtype
             unet = self.pipe.unet.config
