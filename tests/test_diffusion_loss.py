@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from diffusers import EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 
+from trainer.config.training_settings import TrainingSettings
 from trainer.sdxl.configs import SDXL_SCHEDULER_CONFIG
 from trainer.sdxl.objective import add_noise, denoising_loss, prediction_target, training_noise_scheduler
 from trainer.sdxl.text_encoding import encode_captions
@@ -91,7 +92,11 @@ def test_add_noise_is_the_ddpm_forward_process(dtype):
 
 def _noise(scheduler, latents, noise_offset):
     drawn = draw_step_noise(
-        latents.shape[0], tuple(latents.shape[1:]), scheduler.config.num_train_timesteps, noise_offset, latents.device
+        latents.shape[0],
+        tuple(latents.shape[1:]),
+        scheduler.config.num_train_timesteps,
+        TrainingSettings(noise_offset=noise_offset),
+        latents.device,
     )
     return drawn.noise, drawn.timesteps
 
@@ -99,9 +104,9 @@ def _noise(scheduler, latents, noise_offset):
 def test_a_process_share_of_the_step_noise_is_the_same_rows_of_the_global_draw():
     """Two processes each taking their rows of one global draw see what one process sees."""
     torch.manual_seed(3)
-    whole = draw_step_noise(4, (4, 6, 5), 1000, 0.1, torch.device("cpu"))
+    whole = draw_step_noise(4, (4, 6, 5), 1000, TrainingSettings(noise_offset=0.1), torch.device("cpu"))
     torch.manual_seed(3)
-    again = draw_step_noise(4, (4, 6, 5), 1000, 0.1, torch.device("cpu"))
+    again = draw_step_noise(4, (4, 6, 5), 1000, TrainingSettings(noise_offset=0.1), torch.device("cpu"))
     second_half = again.rows(2, 2)
     assert torch.equal(second_half.noise, whole.noise[2:]) and torch.equal(second_half.latent, whole.latent[2:])
     assert torch.equal(second_half.timesteps, whole.timesteps[2:])

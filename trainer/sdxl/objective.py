@@ -7,11 +7,15 @@ v-prediction), with diffusers' own ``compute_snr`` and ``rescale_zero_terminal_s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from torch import Tensor
+
+HUBER_LOSSES = ("huber", "smooth_l1")
 
 
 def training_noise_scheduler(scheduler_config: dict, prediction_type: str, zero_terminal_snr: bool) -> DDPMScheduler:
@@ -38,6 +42,37 @@ def prediction_target(scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, 
     raise ValueError(f"unknown prediction type {scheduler.config.prediction_type!r}")
 
 
+def huber_threshold(scheduler: DDPMScheduler, timesteps: Tensor, huber_c: float, schedule: str) -> Tensor:
+    """kohya's ``get_huber_threshold_if_needed``: constant, decaying exponentially from 1 at t = 0 to
+    ``huber_c`` at the last timestep, or by the noise level: (1 - c) / (1 + sigma_t)^2 + c."""
+    if schedule == "constant":
+        return torch.full(timesteps.shape, huber_c, device=timesteps.device)
+    if schedule == "exponential":
+        rate = -math.log(huber_c) / scheduler.config.num_train_timesteps
+        return torch.exp(-rate * timesteps.float())
+    if schedule == "snr":
+        alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
+    raise ValueError(f"unknown huber schedule {schedule!r}")
+
+
+def elementwise_loss(prediction: Tensor, target: Tensor, loss: str, threshold: Tensor | None = None) -> Tensor:
+    """kohya's ``conditional_loss`` without reduction, in float32; ``threshold`` [B]: the huber / smooth_l1
+    c of each sample. L2 is ``F.mse_loss``, exactly what training computed before the other losses existed."""
+    prediction, target = prediction.float(), target.float()
+    if loss == "l2":
+        return F.mse_loss(prediction, target, reduction="none")
+    if loss == "l1":
+        return F.l1_loss(prediction, target, reduction="none")
+    c = threshold.view(-1, *([1] * (prediction.dim() - 1)))
+    if loss == "huber":
+        return 2 * c * (torch.sqrt((prediction - target) ** 2 + c**2) - c)
+    if loss == "smooth_l1":
+        return 2 * (torch.sqrt((prediction - target) ** 2 + c**2) - c)
+    raise ValueError(f"unknown loss {loss!r}")
+
+
 def denoising_loss(
     scheduler: DDPMScheduler,
     prediction: Tensor,
@@ -45,6 +80,11 @@ def denoising_loss(
     timesteps: Tensor,
     min_snr_gamma: float,
     pixel_weights: Tensor | None = None,
+    *,
+    loss: str = "l2",
+    huber_c: float = 0.1,
+    huber_schedule: str = "snr",
+    debiased: bool = False,
 ) -> Tensor:
     """Per-sample MSE in float32 ([B]), optionally weighted per latent pixel (masked loss) and by
     min-SNR-gamma (Hang et al. 2023).
@@ -57,17 +97,27 @@ def denoising_loss(
     The min-SNR weight is min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v-prediction,
     as in diffusers' train_text_to_image_lora_sdxl.py. A zero-terminal-SNR schedule has SNR 0 at the last
     step; its weight is taken as 1 there rather than dividing by zero.
+
+    ``loss``, ``huber_c`` and ``huber_schedule`` choose the elementwise loss (``elementwise_loss``) as kohya's
+    ``--loss_type``; ``debiased`` weighs each sample by 1/sqrt(SNR) (v-prediction: 1/(SNR + 1)), SNR capped at
+    1000, as kohya's ``--debiased_estimation_loss``. They compose in kohya's order: elementwise loss, pixel
+    weights, mean, min-SNR, debiasing.
     """
-    squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none")  # [B, C, h, w]
+    threshold = huber_threshold(scheduler, timesteps, huber_c, huber_schedule) if loss in HUBER_LOSSES else None
+    error = elementwise_loss(prediction, target, loss, threshold)  # [B, C, h, w]
     if pixel_weights is not None:
-        squared_error = squared_error * pixel_weights
-    per_sample = squared_error.mean(dim=list(range(1, prediction.dim())))
-    if min_snr_gamma <= 0:
-        return per_sample
-    snr = compute_snr(scheduler, timesteps)
-    clipped = torch.clamp(snr, max=min_snr_gamma)
-    if scheduler.config.prediction_type == "v_prediction":
-        weights = clipped / (snr + 1)
-    else:
-        weights = torch.where(snr > 0, clipped / snr.clamp_min(torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
-    return per_sample * weights
+        error = error * pixel_weights
+    per_sample = error.mean(dim=list(range(1, prediction.dim())))
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
+    if min_snr_gamma > 0:
+        snr = compute_snr(scheduler, timesteps)
+        clipped = torch.clamp(snr, max=min_snr_gamma)
+        if v_prediction:
+            weights = clipped / (snr + 1)
+        else:
+            weights = torch.where(snr > 0, clipped / snr.clamp_min(torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+        per_sample = per_sample * weights
+    if debiased:
+        snr = torch.clamp(compute_snr(scheduler, timesteps), max=1000.0)
+        per_sample = per_sample * (1 / (snr + 1) if v_prediction else 1 / torch.sqrt(snr))
+    return per_sample

@@ -186,7 +186,7 @@ class Trainer:
                 shard.global_count,
                 latent_shape(session, batch),
                 session.noise_scheduler.config.num_train_timesteps,
-                config.training.noise_offset,
+                config.training,
                 session.device,
             )
             losses = training_loss(

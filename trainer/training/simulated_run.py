@@ -255,7 +255,7 @@ class SimulatedRun:
             config=config,
         )
         timesteps = schedule.config.num_train_timesteps
-        return batch, draw_step_noise(size, latent, timesteps, config.training.noise_offset, CPU), session
+        return batch, draw_step_noise(size, latent, timesteps, config.training, CPU), session
 
     def count_sampling(self) -> int:
         """Peak bytes of drawing one sample as ``training.sampling`` does, with ``placement.on_device``: the

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from trainer.config.training_settings import TrainingSettings
 from trainer.data.batches import Batch
 from trainer.data.latent_cache import encode_moments, sample_latents
 from trainer.data.masks import mask_weights
+from trainer.sdxl.noise import draw_timesteps, pyramid_noise
 from trainer.sdxl.objective import add_noise, denoising_loss, prediction_target
 from trainer.sdxl.text_encoding import encode_captions
 
@@ -31,30 +33,39 @@ class StepNoise:
     """
 
     latent: Tensor  # eps for sampling the VAE posterior
-    noise: Tensor  # what the UNet must find (noise offset included)
+    noise: Tensor  # what the UNet must find (noise offset and multires noise included)
     timesteps: Tensor
+    perturbation: Tensor | None = None  # input perturbation: noised into the input only, never the target
 
     def rows(self, start: int, count: int) -> StepNoise:
-        return StepNoise(
-            self.latent[start : start + count], self.noise[start : start + count], self.timesteps[start : start + count]
-        )
+        part = slice(start, start + count)
+        perturbation = self.perturbation[part] if self.perturbation is not None else None
+        return StepNoise(self.latent[part], self.noise[part], self.timesteps[part], perturbation)
 
 
 def draw_step_noise(
-    count: int, latent_shape: tuple[int, ...], num_timesteps: int, noise_offset: float, device: torch.device
+    count: int, latent_shape: tuple[int, ...], num_timesteps: int, settings: TrainingSettings, device: torch.device
 ) -> StepNoise:
     """Drawn from torch's global RNG (seeded per step by the loop), by shape (never ``*_like``, whose
-    layout could follow a channels-last input and reorder the numbers).
+    layout could follow a channels-last input and reorder the numbers), in kohya's order.
 
     The noise offset adds a per-channel constant so the model can learn overall brightness
-    (Guttenberg 2023), as in diffusers' ``--noise_offset``.
+    (Guttenberg 2023), as in diffusers' ``--noise_offset``; multires noise (``sdxl.noise.pyramid_noise``)
+    follows it. Input perturbation (Ning et al. 2023, kohya's ``--ip_noise_gamma``) is extra noise in the
+    UNet's input that the target does not contain. Options that are off draw nothing, so the defaults draw
+    exactly what SDXL's training scripts draw.
     """
     latent = torch.randn((count, *latent_shape), device=device)
     noise = torch.randn((count, *latent_shape), device=device)
-    if noise_offset > 0:
-        noise = noise + noise_offset * torch.randn(count, latent_shape[0], 1, 1, device=device)
-    timesteps = torch.randint(0, num_timesteps, (count,), device=device)
-    return StepNoise(latent, noise, timesteps)
+    if settings.noise_offset > 0:
+        noise = noise + settings.noise_offset * torch.randn(count, latent_shape[0], 1, 1, device=device)
+    timesteps = draw_timesteps(count, settings, num_timesteps, device)
+    if settings.multires_noise_iterations:
+        noise = pyramid_noise(noise, settings.multires_noise_iterations, settings.multires_noise_discount)
+    perturbation = None
+    if settings.ip_noise_gamma > 0:
+        perturbation = settings.ip_noise_gamma * torch.randn((count, *latent_shape), device=device)
+    return StepNoise(latent, noise, timesteps, perturbation)
 
 
 def step_seed(seed: int, micro_step: int) -> int:
@@ -86,7 +97,8 @@ def training_loss(session: Session, unet, batch: Batch, step_noise: StepNoise, a
     latents = sample_latents(moments.to(session.device, torch.float32), vae.config.scaling_factor, step_noise.latent)
     with autocast():
         embeds, pooled = _conditioning(session, batch.captions)
-        noisy = add_noise(session.noise_scheduler, latents, step_noise.noise, step_noise.timesteps)
+        noised = step_noise.noise if step_noise.perturbation is None else step_noise.noise + step_noise.perturbation
+        noisy = add_noise(session.noise_scheduler, latents, noised, step_noise.timesteps)
         prediction = unet(
             noisy,
             step_noise.timesteps,
@@ -97,13 +109,18 @@ def training_loss(session: Session, unet, batch: Batch, step_noise: StepNoise, a
     weights = None
     if batch.mask is not None:
         weights = mask_weights(batch.mask.to(session.device), session.config.dataset.unmasked_weight)
+    recipe = session.config.training
     return denoising_loss(
         session.noise_scheduler,
         prediction,
         target,
         step_noise.timesteps,
-        session.config.training.min_snr_gamma,
+        recipe.min_snr_gamma,
         weights,
+        loss=recipe.loss,
+        huber_c=recipe.huber_c,
+        huber_schedule=recipe.huber_schedule,
+        debiased=recipe.debiased_estimation,
     )
 
 
