@@ -61,8 +61,9 @@ class TrainingSettings:
     )
     timestep_distribution: str = setting(
         "uniform",
-        "how timesteps are drawn in [min_timestep, max_timestep): uniform; logit_normal (SD3's, centre "
-        "timestep_bias, spread timestep_scale); sigmoid (OneTrainer's, the same with a sigmoid)",
+        "how timesteps are drawn in [min_timestep, max_timestep): uniform; logit_normal (SD3's: sigmoid of a "
+        "normal with mean timestep_bias and std timestep_scale); sigmoid (OneTrainer's: a density rising as a "
+        "sigmoid of slope timestep_scale, centred at 0.5 + timestep_bias)",
         choices=TIMESTEP_DISTRIBUTIONS,
         advanced=True,
     )
@@ -72,7 +73,8 @@ class TrainingSettings:
     timestep_scale: float = setting(1.0, "logit_normal / sigmoid: the spread", minimum=0.0, advanced=True)
     timestep_shift: float = setting(
         1.0,
-        "shift every draw t (in 0-1) to shift*t / (1 + (shift - 1)*t): above 1 trains noisier timesteps (1: none)",
+        "uniform and logit_normal: shift each draw t (in 0-1) to shift*t / (1 + (shift - 1)*t); above 1 trains "
+        "noisier timesteps (1: none)",
         minimum=0.0,
         advanced=True,
     )
