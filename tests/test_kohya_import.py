@@ -316,6 +316,15 @@ def test_sd_scripts_training_config_with_folders(tmp_path):
         prior_loss_weight = 0.5
         min_snr_gamma = 5
         multires_noise_iterations = 6
+        loss_type = "huber"
+        huber_c = 0.2
+        huber_schedule = "exponential"
+        debiased_estimation_loss = true
+        min_timestep = 100
+        max_timestep = 900
+        ip_noise_gamma = 0.1
+        log_with = "wandb"
+        log_tracker_name = "characters"
         sample_prompts = "prompts.txt"
         sample_every_n_steps = 200
         validate_every_n_steps = 50
@@ -351,8 +360,18 @@ def test_sd_scripts_training_config_with_folders(tmp_path):
     assert config.sampling.prompt_file == str(tmp_path / "prompts.txt")
     assert (config.sampling.every_n_epochs, config.sampling.every_n_steps) == (0, 200)  # kohya: no epochs given
     notes = _notes(imported)
-    for key in ("color_aug", "multires_noise_iterations", "xformers", "my_typo_option", "optimizer_args d_coef"):
+    for key in ("color_aug", "xformers", "my_typo_option", "optimizer_args d_coef"):
         assert f"{key}:" in notes or f"{key}," in notes, key
+    assert training_settings.multires_noise_iterations == 6 and "multires" not in notes  # a recipe option now
+    recipe = training_settings
+    assert (recipe.loss, recipe.huber_c, recipe.huber_schedule, recipe.debiased_estimation) == (
+        "huber",
+        0.2,
+        "exponential",
+        True,
+    )
+    assert (recipe.min_timestep, recipe.max_timestep, recipe.ip_noise_gamma) == (100, 900, 0.1)
+    assert (config.saving.wandb, config.saving.wandb_project) == ("online", "characters")
     assert "max_train_steps: kohya ignores it when max_train_epochs is set" in notes
     assert "network_alpha: not set: kohya scales updates by 1 / dim" in notes
     assert "use_tucker" not in notes and "lr_scheduler_num_cycles" not in notes  # their do-nothing values
@@ -387,6 +406,7 @@ def test_kohya_ss_gui_json(tmp_path):
     for key in ("sample_sampler", "num_cpu_threads_per_process", "xformers", "optimizer_args decouple"):
         assert key in notes, key
     assert "multires" not in notes and "max_token_length" not in notes  # Original noise; 75 is kohya's default
+    assert config.training.multires_noise_iterations == 0  # the GUI passes it only with noise_offset_type Multires
 
 
 @pytest.mark.parametrize(

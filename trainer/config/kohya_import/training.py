@@ -36,6 +36,15 @@ DIRECT = {
     "seed": ("training", "seed", Options.whole),
     "noise_offset": ("training", "noise_offset", Options.number),
     "min_snr_gamma": ("training", "min_snr_gamma", Options.number),
+    "min_timestep": ("training", "min_timestep", Options.whole),
+    "max_timestep": ("training", "max_timestep", Options.whole),
+    "loss_type": ("training", "loss", Options.text),
+    "huber_c": ("training", "huber_c", Options.number),
+    "huber_schedule": ("training", "huber_schedule", Options.text),
+    "debiased_estimation_loss": ("training", "debiased_estimation", Options.flag),
+    "multires_noise_iterations": ("training", "multires_noise_iterations", Options.whole),
+    "multires_noise_discount": ("training", "multires_noise_discount", Options.number),
+    "ip_noise_gamma": ("training", "ip_noise_gamma", Options.number),
     "torch_compile": ("training", "compile", Options.flag),
     "ddp_timeout": ("training", "process_timeout_minutes", Options.number),
     "zero_terminal_snr": ("model", "zero_terminal_snr", Options.flag),
@@ -73,16 +82,8 @@ UNSUPPORTED: dict[str, tuple[str, tuple]] = {
     "base_weights": ("adapters are not merged into the base first here (dora-studio merge does it)", (None,)),
     "noise_offset_random_strength": ("the noise offset has a fixed strength here", (False,)),
     "adaptive_noise_scale": ("the noise offset has a fixed strength here", (None, 0)),
-    "multires_noise_iterations": ("multires noise is not implemented here", (None, 0)),
-    "multires_noise_discount": ("multires noise is not implemented here", (None, 0.3)),
-    "ip_noise_gamma": ("input perturbation noise is not implemented here", (None, 0)),
-    "ip_noise_gamma_random_strength": ("input perturbation noise is not implemented here", (False,)),
-    "debiased_estimation_loss": ("only min-SNR weighting (training.min_snr_gamma) is implemented here", (False,)),
-    "loss_type": ("only the L2 loss is implemented here", ("l2",)),
-    "huber_c": ("only the L2 loss is implemented here", (0.1,)),
-    "huber_schedule": ("only the L2 loss is implemented here", ("snr",)),
-    "min_timestep": ("every timestep trains here", (0,)),
-    "max_timestep": ("every timestep trains here", (1000,)),
+    "ip_noise_gamma_random_strength": ("input perturbation noise has a fixed strength here", (False,)),
+    "huber_scale": ("huber_c's schedules are kohya's at huber_scale 1", (1, 1.0)),
     "v_pred_like_loss": ("not implemented here", (0,)),
     "scale_v_pred_loss_like_noise_pred": ("not implemented here", (False,)),
     "weighted_captions": ("caption weights like (word:1.2) are not read here", (False,)),
@@ -385,6 +386,8 @@ def _saving(options: Options, saving: dict, notes: Notes) -> None:
     if log_with in ("tensorboard", "all") or log_with is None and options.has("logging_dir"):
         saving["tensorboard"] = True
     if log_with in ("wandb", "all"):
-        notes.drop("log_with", "Weights & Biases is not logged to here (saving.tensorboard is)")
+        saving["wandb"] = "online"
+        if options.has("log_tracker_name"):
+            saving["wandb_project"] = options.text("log_tracker_name")
     if options.text("save_model_as") not in (None, "safetensors"):
         notes.drop("save_model_as", "adapters are always saved as .safetensors here")
