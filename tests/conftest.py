@@ -52,3 +52,13 @@ def tiny_adapter_file(tiny_dir):
         return adapters
 
     return write
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two threads spin-waiting on a busy two-core machine make tiny convolutions ~10x slower; a module that
+    runs many of them asks for one thread with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -36,13 +36,7 @@ SPEC_128 = BucketSpec(resolution=128, min_side=128, max_side=128, step=64)  # on
 WHITE = (255, 255, 255)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads spin-waiting on a busy two-core machine make tiny convolutions ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny convolutions run faster on one thread
 
 
 def save(path: Path, array: np.ndarray) -> Path:

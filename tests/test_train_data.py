@@ -44,13 +44,7 @@ SPEC_64 = BucketSpec(resolution=64, min_side=64, max_side=128, step=64)
 WHITE = (255, 255, 255)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads spin-waiting on a busy two-core machine make tiny convolutions ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny convolutions run faster on one thread
 
 
 def save(path: Path, pixels: np.ndarray, caption: str | None = None) -> Path:
