@@ -93,6 +93,7 @@ def test_dora_run_end_to_end(tiny_dir, small_dataset, tmp_path):
         prompts = json.loads((run_dir / f"samples/epoch_{epoch:03d}/prompts.json").read_text())
         assert prompts[0]["prompt"] == "zqx, a square" and prompts[0]["seed"] == 3
         assert Image.open(run_dir / f"samples/epoch_{epoch:03d}/00.png").size == (64, 64)
+    # no moving average (training.ema_decay) and no thumbnail (saving.thumbnail) unless asked for
     assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["test-epoch001.safetensors", "test.safetensors"]
     config_toml = (run_dir / "config.toml").read_text()
     assert 'kind = "dora"' in config_toml and str(small_dataset) in config_toml
@@ -100,6 +101,7 @@ def test_dora_run_end_to_end(tiny_dir, small_dataset, tmp_path):
     loaded = load_adapter(adapter)
     meta = loaded.metadata
     assert meta["ss_steps"] == "8" and meta["ss_network_dim"] == "4" and meta["dora_studio.dora_axis"] == "input"
+    assert "modelspec.thumbnail" not in meta and "dora_studio.ema" not in meta
     assert json.loads(meta["ss_dataset_dirs"]) == {"2_thing": {"n_repeats": 2, "img_count": 4}}
     assert json.loads(meta["ss_tag_frequency"])["2_thing"]["a square"] == 4
     assert len(loaded.adapters) == 722 and all(w.is_dora for w in loaded.adapters.values())
@@ -198,6 +200,7 @@ def test_stop_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_dir, sma
         network={"rank_dropout": 0.2},
         sampling={"prompts": []},
         validation={"path": str(held_out), "every_n_steps": 3},
+        training={"ema_decay": 0.9, "ema_every_n_steps": 2},  # the stop (step 3) falls between two updates
     )
     straight, resumed, interrupted = _straight_and_resumed(data, tmp_path)
 
@@ -206,6 +209,10 @@ def test_stop_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_dir, sma
     ours, theirs = load_file(resumed), load_file(straight)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    # the moving average too: the resume state carries it
+    ours_ema, theirs_ema = load_file(RunDirectory.ema_twin(resumed)), load_file(RunDirectory.ema_twin(straight))
+    assert ours_ema.keys() == ours.keys() and all(torch.equal(ours_ema[key], theirs_ema[key]) for key in ours)
+    assert not all(torch.equal(ours_ema[key], ours[key]) for key in ours)  # an average, not the last weights
     losses = [row["loss"] for row in metrics(interrupted) if "loss" in row]
     assert losses == [row["loss"] for row in metrics(tmp_path / "straight") if "loss" in row]
     # the validation loss: at fixed noise, the same numbers whether the run was stopped and resumed or not

@@ -7,6 +7,7 @@ from collections import Counter
 from trainer.sdxl.naming import parse_stem_part
 
 from .adapter_file import LoadedAdapter
+from .metadata import THUMBNAIL_KEY, describe_thumbnail
 from .vera_file import read_vera_file
 
 # The metadata a user asks about first; the rest is in --json.
@@ -27,13 +28,15 @@ KEY_METADATA = (
     "dora_studio.dora_axis",
     "dora_studio.vera",
     "dora_studio.export_rank",
+    "dora_studio.ema",
     "sshs_model_hash",
 )
 
 
 def summarize(loaded: LoadedAdapter, source: str = "the file") -> dict:
-    """Counts, ranks, alphas, kinds and axes per part (unet / te1 / te2), file dtypes, key metadata, and for a
-    VeRA / DVoRA file its record, checked (``kohya.vera_file``; refused, naming ``source``, when it fails)."""
+    """Counts, ranks, alphas, kinds and axes per part (unet / te1 / te2), file dtypes, key metadata, what its
+    thumbnail is (described, not its base64), and for a VeRA / DVoRA file its record, checked
+    (``kohya.vera_file``; refused, naming ``source``, when it fails)."""
     vera = read_vera_file(loaded, source)
     parts: dict[str, dict] = {}
     for stem, weights in loaded.adapters.items():
@@ -53,6 +56,7 @@ def summarize(loaded: LoadedAdapter, source: str = "the file") -> dict:
         "metadata": {k: loaded.metadata[k] for k in KEY_METADATA if k in loaded.metadata},
         "unknown_keys": loaded.unknown_keys,
         "vera": vera.summary() if vera else None,
+        "thumbnail": describe_thumbnail(loaded.metadata[THUMBNAIL_KEY]) if THUMBNAIL_KEY in loaded.metadata else None,
     }
 
 
@@ -67,6 +71,8 @@ def format_summary(summary: dict) -> str:
             f"alpha {counts(entry['alphas'])}"
         )
     lines.append(f"tensor dtypes: {counts(summary['dtypes'])}")
+    if summary["thumbnail"]:
+        lines.append(f"thumbnail: {summary['thumbnail']}")
     if vera := summary["vera"]:
         parts = "; ".join(
             f"{part} seed {p['seed']}, rank {p['rank']}, {p['in_features']} in, {p['out_features']} out"

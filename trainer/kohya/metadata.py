@@ -5,16 +5,27 @@ Front ends and model sites show these keys; LyCORIS and kohya read the DoRA axis
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
+
+from PIL import Image
 
 from trainer.adapters.dora_norm import DORA_AXES, DoraAxis
 
 VERA_KEY = "dora_studio.vera"  # a VeRA / DVoRA file's record (build_metadata's ``vera``)
 # A file saved below its trained rank (saving.export_rank): the rank it was cut to and what the cut cost.
 EXPORT_RANK_KEY = "dora_studio.export_rank"
+EMA_KEY = "dora_studio.ema"  # a moving average of the trained adapter (training.ema_decay): its decay and cadence
+# ModelSpec's preview image, a data URI: AUTOMATIC1111 pops it from the metadata it shows, SwarmUI shows it and
+# ignores a value that does not start with "data:image/".
+THUMBNAIL_KEY = "modelspec.thumbnail"
+THUMBNAIL_SIDE, THUMBNAIL_QUALITY = 256, 85  # a 256 px JPEG: typically 5-20 KB of a header loaders read whole
 
 
 def build_metadata(
@@ -100,6 +111,30 @@ def network_kind_keys(dora_axis: DoraAxis | None, network_args: Mapping[str, str
         kept = {"algo": "lora", "dora_wd": "True", "wd_on_output": str(dora_axis == "output"), **kept}
     keys = {"ss_network_module": "lycoris.kohya" if dora_axis else "networks.lora", "ss_network_args": json.dumps(kept)}
     return keys | ({"dora_studio.dora_axis": dora_axis} if dora_axis is not None else {})
+
+
+def thumbnail_data_uri(image_path: Path) -> str:
+    """``image_path`` as ModelSpec's thumbnail: a JPEG data URI, shrunk to THUMBNAIL_SIDE on its long side."""
+    with Image.open(image_path) as image:
+        thumbnail = image.convert("RGB")
+    thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)  # never enlarges
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def describe_thumbnail(value: str) -> str:
+    """A thumbnail's kind, size and bytes (``JPEG 256x171, 14.2 KB``), or why it is no image: what ``inspect``
+    prints instead of the base64."""
+    header, _, data = value.partition(",")
+    if not (header.startswith("data:image/") and header.endswith(";base64")):
+        return f"not a base64 image data URI (starts {value[:24]!r})"
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as image:
+            return f"{image.format} {image.width}x{image.height}, {len(raw) / 1024:.1f} KB"
+    except (binascii.Error, OSError) as error:  # bad base64; bytes no image reader knows
+        return f"unreadable image ({error})"
 
 
 def derived_metadata(source: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:

@@ -3,10 +3,11 @@
 Layout: ``config.toml`` (fully resolved settings), ``status.json`` (state, progress, ETA, last message),
 ``metrics.jsonl`` (one line per optimizer step), ``samples/epoch_NNN/`` and ``samples/step_NNNNNN/`` (``NN.png``
 and ``prompts.json``), ``adapters/`` (``NAME-epochNNN``, ``NAME-stepNNNNNN`` and the final ``NAME``, each
-``.safetensors``), ``state/``, ``train.log``, and ``commands/``, where anyone may drop a file named ``stop``,
-``save`` or ``sample`` for the trainer to act on at its next step. A run the studio started also has
-``preset.toml`` (what it asked for) and ``console.log`` (the trainer process's own output); a run analysed
-with ``dora-studio analyze --run`` has ``analysis/``. Files other processes read are replaced atomically.
+``.safetensors``, with its moving average ``...-ema.safetensors`` beside it when ``training.ema_decay`` is set),
+``state/``, ``train.log``, ``tensorboard/`` and ``wandb/`` when asked for, and ``commands/``, where anyone may
+drop a file named ``stop``, ``save`` or ``sample`` for the trainer to act on at its next step. A run the studio
+started also has ``preset.toml`` (what it asked for) and ``console.log`` (the trainer process's own output); a run
+analysed with ``dora-studio analyze --run`` has ``analysis/``. Files other processes read are replaced atomically.
 This module is the only place these names are spelled.
 """
 
@@ -30,6 +31,7 @@ COMMANDS = ("stop", "save", "sample")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # run folder names (the browser may send them)
 SAMPLES_FOLDER = re.compile(r"(epoch|step)_(\d+)")  # one sampling: after an epoch, or at a step
 SAMPLE_IMAGE = re.compile(r"(\d+)\.png")  # the image of sample prompt N
+EMA_SUFFIX = "-ema.safetensors"  # the moving average of an adapter, beside it (training.ema_decay)
 PROMPTS_FILE = "prompts.json"  # beside the images: every value each prompt was drawn with
 AdapterKind = Literal["epoch", "step", "final"]
 
@@ -124,6 +126,11 @@ class RunDirectory:
         return self.root / "tensorboard"
 
     @property
+    def wandb_dir(self) -> Path:
+        """What Weights & Biases writes when given the run's folder (``wandb.init(dir=root)``): its offline runs."""
+        return self.root / "wandb"
+
+    @property
     def analysis_dir(self) -> Path:
         return self.root / "analysis"
 
@@ -147,15 +154,41 @@ class RunDirectory:
         suffix = {"final": "", "epoch": f"-epoch{epoch:03d}", "step": f"-step{step:06d}"}[kind]
         return self.adapters_dir / f"{output_name}{suffix}.safetensors"
 
+    @staticmethod
+    def ema_twin(adapter: Path) -> Path:
+        """Where the moving average of ``adapter`` is saved: ``NAME-ema.safetensors`` beside ``NAME.safetensors``."""
+        return adapter.with_name(adapter.name.removesuffix(".safetensors") + EMA_SUFFIX)
+
     def intermediate_adapters(self, output_name: str) -> list[Path]:
-        """The epoch and step adapters of ``output_name`` (not the final one), oldest first."""
+        """The epoch and step adapters of ``output_name`` (not the final one, nor any moving average), oldest first."""
         found = self.adapters_dir.glob(f"{output_name}-*.safetensors")
-        return sorted(found, key=lambda path: path.stat().st_mtime)
+        return sorted(
+            (path for path in found if not path.name.endswith(EMA_SUFFIX)), key=lambda path: path.stat().st_mtime
+        )
 
     def saved_adapters(self, output_name: str) -> list[Path]:
         """Every adapter of ``output_name`` the run saved, as checkpoints: epoch and step files, then the final one."""
         final = self.adapter_path(output_name, "final")
         return self.intermediate_adapters(output_name) + ([final] if final.is_file() else [])
+
+    def prune_adapters(self, output_name: str, keep_last: int) -> None:
+        """Delete all but the newest ``keep_last`` intermediate adapters (``<= 0`` keeps all), each with its
+        moving average."""
+        for old in self.intermediate_adapters(output_name)[:-keep_last] if keep_last > 0 else []:
+            old.unlink(missing_ok=True)
+            self.ema_twin(old).unlink(missing_ok=True)
+
+    def newest_sample(self, prompt_index: int) -> Path | None:
+        """The newest image of sample prompt ``prompt_index`` drawn with the adapter, or None when there is none
+        yet; the base model's, drawn before training (``epoch_000``), shows no adapter and is never one."""
+        found = [
+            (image.stat().st_mtime_ns, image)
+            for folder in self.samples_dir.glob("*_*")
+            if SAMPLES_FOLDER.fullmatch(folder.name)
+            and folder != self.epoch_samples_dir(0)
+            and (image := folder / sample_image_name(prompt_index)).is_file()
+        ]
+        return max(found)[1] if found else None
 
     @staticmethod
     def verify_result_path(adapter: Path) -> Path:

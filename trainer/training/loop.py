@@ -33,6 +33,7 @@ from trainer.runs.train_state import (
 )
 
 from .bad_steps import finite_step
+from .ema import AdapterEMA
 from .placement import on_device
 from .processes import (
     agree_on_commands,
@@ -65,6 +66,7 @@ class Trainer:
         self.report: RunReporter | None = None
         self.session: Session | None = None
         self.validation: Validation | None = None
+        self.ema: AdapterEMA | None = None  # the adapter's moving average, when training.ema_decay asks for one
 
     # -- entry point -------------------------------------------------------------------------------
 
@@ -108,6 +110,8 @@ class Trainer:
             )
         if self.config.saving.tensorboard:
             self.report.open_tensorboard()  # a missing package is said before any work
+        if self.config.saving.wandb != "off":
+            self.report.open_wandb(self.config.saving.wandb, self.config.saving.wandb_project, to_dict(self.config))
         self.report.status(state="caching", message="checking the dataset and caching latents")
         with accelerator.main_process_first():  # rank 0 builds/caches first; the others then find it all made
             self.session = session = prepare_session(
@@ -123,6 +127,7 @@ class Trainer:
         # of the adapters are averaged by hand (processes.average_gradients), which covers the text encoders too and
         # layers skipped by module dropout, and leaves the pipeline's own modules unwrapped for sampling.
         session.optimizer = accelerator.prepare(session.optimizer)
+        self.ema = AdapterEMA.of_run(session.trainable, self.config.training)
         resumed = self._resume(resume) if resume else False
         if not resumed and self.config.sampling.at_start and session.sample_prompts:
             self._sample(self.run.epoch_samples_dir(0), adapters=False)
@@ -213,6 +218,8 @@ class Trainer:
                     session.optimizer.zero_grad(set_to_none=True)
                     self.progress.step += 1
                     self.progress.batches_done = index + 1
+                    if self.ema is not None:
+                        self.ema.update(self.progress.step)
                     self._after_step(group_loss, clock)
                     self._step_bookkeeping()
                 else:  # a bad group, skipped as training.max_skipped_batches allows
@@ -293,7 +300,11 @@ class Trainer:
             self.config.sampling.seed,
         )
         layers = {stem: layer for part in session.adapters.values() for stem, layer in part.items()} if adapters else {}
-        with on_device(session.pipe, session.offloaded, session.device):
+        use_ema = adapters and self.config.sampling.use_ema  # the average swapped in, the trained weights back after
+        with (
+            on_device(session.pipe, session.offloaded, session.device),
+            self.ema.swapped_in() if use_ema else contextlib.nullcontext(),
+        ):
             generate_samples(session.pipe, layers, session.sample_prompts, defaults, out_dir)
         log.info("samples written to %s", out_dir)
         self.report.status(state="training", message="training")
@@ -316,6 +327,10 @@ class Trainer:
                 dataset_dirs=self.session.dataset_dirs,
                 reg_dataset_dirs=self.session.reg_dataset_dirs,
                 tag_frequencies=self.session.tag_frequencies,
+                thumbnail=self.run.newest_sample(self.config.saving.thumbnail_prompt)
+                if self.config.saving.thumbnail
+                else None,
+                ema=self.ema,
             )
             if self.config.saving.save_state:
                 save_train_state(
@@ -325,7 +340,8 @@ class Trainer:
                     optimizer=self.session.optimizer,
                     lr_scheduler=self.session.lr_scheduler,
                     progress=asdict(self.progress),
-                    extra={"config": to_dict(self.config), "processes": self.accelerator.num_processes},
+                    extra={"config": to_dict(self.config), "processes": self.accelerator.num_processes}
+                    | ({"ema": self.ema.state_dict()} if self.ema else {}),
                 )
                 prune_states(self.run.states_dir, self.config.saving.keep_last_states)
         except OSError as error:  # every write is atomic: what was saved before is still whole
@@ -336,17 +352,10 @@ class Trainer:
                 "and its state are kept"
             ) from error
         if kind != "final":
-            self._prune_adapters()
+            self.run.prune_adapters(self.config.saving.output_name, self.config.saving.keep_last)
         log.info("saved %s", path)
         self.report.status(state="training", message=f"saved {path.name}", last_adapter=str(path))
         return path
-
-    def _prune_adapters(self) -> None:
-        keep = self.config.saving.keep_last
-        if keep <= 0:
-            return
-        for old in self.run.intermediate_adapters(self.config.saving.output_name)[:-keep]:
-            old.unlink(missing_ok=True)
 
     def _caching_progress(self, done: int, total: int) -> None:
         if self.signals.stop:
@@ -370,6 +379,8 @@ class Trainer:
             lr_scheduler=self.session.lr_scheduler,
         )
         self.progress = Progress(**loaded["progress"])
+        if self.ema is not None:
+            self.ema.load_state_dict(loaded["extra"].get("ema"), state_dir)
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             state_dir,

@@ -1,8 +1,8 @@
 """Where a run is, and what it tells the outside while it trains.
 
 ``Progress`` is what a saved state records (with the seeded data order, all a resume needs); ``StepClock``
-times one optimizer step; ``RunReporter`` writes status.json, metrics.jsonl and TensorBoard, draws the
-progress bar and keeps the ETA. Only the main process writes; the others report nothing.
+times one optimizer step; ``RunReporter`` writes status.json, metrics.jsonl, TensorBoard and Weights & Biases,
+draws the progress bar and keeps the ETA. Only the main process writes; the others report nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from trainer.errors import TrainingError
 from trainer.optional_packages import import_optional
 from trainer.runs.run_directory import RunDirectory
 
@@ -49,11 +50,12 @@ class StepClock:
 
 
 class RunReporter:
-    """status.json, metrics.jsonl, TensorBoard, the progress bar and the ETA of one run."""
+    """status.json, metrics.jsonl, TensorBoard, Weights & Biases, the progress bar and the ETA of one run."""
 
     def __init__(self, run: RunDirectory, main_process: bool, show_progress: bool) -> None:
         self.run, self.main_process, self.show_progress = run, main_process, show_progress
         self.tensorboard = None  # a SummaryWriter once open_tensorboard ran
+        self.wandb = None  # a wandb Run once open_wandb ran
         self.bar: tqdm | None = None
         self.total_steps = 0
         self._last_status = 0.0
@@ -71,6 +73,24 @@ class RunReporter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(self.run.tensorboard_dir))
+
+    def open_wandb(self, mode: str, project: str, settings: dict) -> None:
+        """Start a Weights & Biases run (``saving.wandb``: "online" or "offline") in the run folder, with the run's
+        ``settings`` as its config; called before any work, so a missing package or login is said at once.
+        Offline needs no account and no network: ``wandb sync`` uploads the folder later."""
+        if not self.main_process:
+            return
+        wandb = import_optional("wandb", feature="saving.wandb")
+        try:
+            self.wandb = wandb.init(
+                project=project, dir=str(self.run.root), mode=mode, config=settings, name=self.run.root.name
+            )
+        except wandb.errors.Error as error:
+            raise TrainingError.at(
+                "saving.wandb",
+                f'Weights & Biases did not start ({error}); log in with `wandb login`, or choose "offline" '
+                "(no account or network needed; `wandb sync` later)",
+            ) from error
 
     def start_steps(self, total_steps: int, steps_done: int, epochs: int) -> None:
         self.total_steps = total_steps
@@ -100,10 +120,7 @@ class RunReporter:
                     "time": time.time(),
                 }
             )
-        if self.tensorboard is not None:
-            self.tensorboard.add_scalar("loss", loss, step)
-            for name, lr in lrs.items():
-                self.tensorboard.add_scalar(f"lr/{name}", lr, step)
+        self._log_scalars({"loss": loss} | {f"lr/{name}": lr for name, lr in lrs.items()}, step)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}", refresh=False)
         now = time.perf_counter()
@@ -124,12 +141,21 @@ class RunReporter:
         """The held-out images' loss at ``step``: a metrics line of its own, TensorBoard and status."""
         if self.main_process:
             self.run.append_metrics({"step": step, "validation_loss": loss, "time": time.time()})
-        if self.tensorboard is not None:
-            self.tensorboard.add_scalar("loss/validation", loss, step)
+        self._log_scalars({"loss/validation": loss}, step)
         self.status(validation_loss=loss)
+
+    def _log_scalars(self, values: dict[str, float], step: int) -> None:
+        """TensorBoard and Weights & Biases, those that are open, under the same names."""
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,4 +1,5 @@
-"""Saving a run's adapters: the kohya file front ends load, with metadata from the run's settings and data."""
+"""Saving a run's adapters: the kohya file front ends load, with metadata from the run's settings and data, and
+the moving average of the adapter beside it when the run keeps one."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from trainer.adapters.weights import AdapterWeights
 from trainer.config.schema import NetworkSettings, TrainConfig
 from trainer.files import file_sha256
 from trainer.kohya.adapter_file import DTYPES, save_adapter
-from trainer.kohya.metadata import EXPORT_RANK_KEY, build_metadata
+from trainer.kohya.metadata import EMA_KEY, EXPORT_RANK_KEY, THUMBNAIL_KEY, build_metadata, thumbnail_data_uri
+from trainer.runs.run_directory import RunDirectory
 
+from .ema import AdapterEMA
 from .network import Adapters
 
 
@@ -46,11 +49,12 @@ def cut_to_export_rank(adapters: Adapters, rank: int) -> tuple[dict[str, Adapter
     return weights, record
 
 
-def _file_rank(rank: int, alpha: float, cut: dict | None) -> tuple[int, float]:
-    """(rank, alpha) as the file has them: a cut lowers a rank above its own and keeps alpha / rank."""
-    if cut is None or rank <= cut["rank"]:
+def _file_rank(rank: int, alpha: float, export_rank: int) -> tuple[int, float]:
+    """(rank, alpha) as the file has them: a cut (``saving.export_rank``) lowers a rank above its own and keeps
+    alpha / rank."""
+    if not export_rank or rank <= export_rank:
         return rank, alpha
-    return cut["rank"], alpha / rank * cut["rank"]
+    return export_rank, alpha / rank * export_rank
 
 
 INIT_FROM_KEY = "dora_studio.init_from"
@@ -72,17 +76,21 @@ def save_network(
     dataset_dirs: Mapping[str, Mapping[str, int]],
     tag_frequencies: Mapping[str, Mapping[str, int]],
     reg_dataset_dirs: Mapping[str, Mapping[str, int]] | None = None,
+    thumbnail: Path | None = None,
+    ema: AdapterEMA | None = None,
 ) -> None:
     """Write every adapter of the run to ``path`` with kohya's metadata (docs/adapter-format.md), atomically.
 
     ``dataset_dirs``, ``reg_dataset_dirs`` and ``tag_frequencies`` are kohya's ``ss_dataset_dirs``,
     ``ss_reg_dataset_dirs`` and ``ss_tag_frequency`` (``data.scan.DatasetScan.folder_counts`` and
     ``tag_frequency``). A run started from a file (``network.init_from``) records its name and SHA-256.
+    ``thumbnail``: a sample image, embedded as ModelSpec's thumbnail (``saving.thumbnail``). ``ema``: the run's
+    moving average, written the same way beside ``path`` (``RunDirectory.ema_twin``), recording how it averaged.
     """
     net, opt = config.network, config.optimizer
-    weights, cut = cut_to_export_rank(adapters, config.saving.export_rank)
-    rank, alpha = _file_rank(net.rank, net.alpha, cut)
-    conv_rank, conv_alpha = _file_rank(net.conv_rank, net.conv_alpha, cut)
+    export_rank = config.saving.export_rank
+    rank, alpha = _file_rank(net.rank, net.alpha, export_rank)
+    conv_rank, conv_alpha = _file_rank(net.conv_rank, net.conv_alpha, export_rank)
     has_conv = net.unet_targets == "attn+conv"
     metadata = build_metadata(
         network_kind="dora" if net.has_magnitude else "lora",
@@ -107,7 +115,7 @@ def save_network(
         title=config.saving.output_name,
         prediction_type="v" if config.model.prediction_type == "v_prediction" else "epsilon",
         # Cut factors are no longer VeRA's scaled projections: the record would not check, the run's state resumes.
-        vera=vera_record(adapters, net) if net.uses_projections and not cut else None,
+        vera=vera_record(adapters, net) if net.uses_projections and not export_rank else None,
         extra={
             "dora_studio.network": json.dumps(
                 {"unet_targets": net.unet_targets, "include": net.include, "exclude": net.exclude}
@@ -115,6 +123,21 @@ def save_network(
         }
         | ({"ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs)} if reg_dataset_dirs else {})
         | ({INIT_FROM_KEY: json.dumps(_init_from_record(net.init_from))} if net.init_from else {})
-        | ({EXPORT_RANK_KEY: json.dumps(cut | {"trained_rank": net.rank, "kind": net.kind})} if cut else {}),
+        | ({THUMBNAIL_KEY: thumbnail_data_uri(thumbnail)} if thumbnail else {}),
     )
+    _save_weights(path, adapters, config, metadata)
+    if ema is not None:
+        with ema.swapped_in():
+            _save_weights(RunDirectory.ema_twin(path), adapters, config, metadata | {EMA_KEY: json.dumps(ema.record())})
+
+
+def _save_weights(path: Path, adapters: Adapters, config: TrainConfig, metadata: Mapping[str, str]) -> None:
+    """The adapters' weights as they are now, cut to ``saving.export_rank`` with what the cut cost, under
+    ``metadata``."""
+    weights, cut = cut_to_export_rank(adapters, config.saving.export_rank)
+    if cut:
+        metadata = {
+            **metadata,
+            EXPORT_RANK_KEY: json.dumps(cut | {"trained_rank": config.network.rank, "kind": config.network.kind}),
+        }
     save_adapter(path, weights, metadata, DTYPES[config.saving.save_dtype])
