@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from trainer.runs.run_directory import RunDirectory
 from trainer.training import loop
 from trainer.training.estimate import GB, estimate_run
 from trainer.training.memory import MemoryTracker, storage_bytes
-from trainer.training.simulated_run import model_tensors
+from trainer.training.simulated_run import SimulatedRun, model_tensors
 
 TOLERANCE = 0.10  # the bar: within 10% of what is measured
 
@@ -206,3 +207,11 @@ def test_estimate_command_prints_the_items_and_says_when_a_run_will_not_fit(tiny
     assert any("gradient_checkpointing" in tip for tip in report["advice"])
     assert report["offloaded"] == ["vae", "text_encoder", "text_encoder_2"]
     assert 0 < report["training_peak_gb"] * GB < 1e9
+
+
+def test_the_estimate_counts_the_moving_average_as_a_float32_copy_of_the_adapter():
+    params = {"a": torch.zeros(3, 4, dtype=torch.bfloat16), "b": torch.zeros(5)}
+    run = SimpleNamespace(trainable=params, config=from_dict({"dataset": {"path": "d"}}))
+    assert SimulatedRun._ema_bytes(run) == 0
+    run.config.training.ema_decay = 0.999
+    assert SimulatedRun._ema_bytes(run) == (12 + 5) * 4

@@ -126,7 +126,7 @@ class SimulatedRun:
         self._set_training_modes()
         self.optimizer = self._optimizer_with_state()
         self.adapter_bytes = storage_bytes(self.trainable.values())
-        self.state_bytes = self._state_bytes()
+        self.state_bytes = self._state_bytes() + self._ema_bytes()
 
     def _unet(self) -> nn.Module:
         with _default_dtype(self.dtype):
@@ -185,6 +185,11 @@ class SimulatedRun:
             tensors = [value for value in self.optimizer.state.get(param, {}).values() if torch.is_tensor(value)]
             total += storage_bytes(tensors) * count
         return total
+
+    def _ema_bytes(self) -> int:
+        """``training.ema_decay``'s moving average: a float32 copy of every trainable tensor, resident like the
+        optimizer's state (``training.ema``)."""
+        return sum(param.numel() * 4 for param in self.trainable.values()) if self.config.training.ema_decay else 0
 
     def count_training_step(self) -> tuple[int, int]:
         """(peak bytes, activations and temporaries at the peak) of one optimizer step."""
