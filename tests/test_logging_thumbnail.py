@@ -40,6 +40,28 @@ def test_wandb_offline_logs_into_the_run_folder_without_an_account(tmp_path, mon
     assert list(offline_run.glob("run-*.wandb"))  # the history `wandb sync` uploads
 
 
+def test_tensorboard_gets_the_loss_the_learning_rates_and_the_validation_loss(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = RunDirectory(tmp_path / "run")
+    run.create()
+    report = RunReporter(run, main_process=True, show_progress=False)
+    report.open_tensorboard()
+    report.start_steps(total_steps=2, steps_done=0, epochs=1)
+    report.validation_done(0, 0.3)
+    report.step_done(1, 1, 0.25, {"unet": 1e-4, "unet/up": 1.6e-3}, StepClock())
+    report.step_done(2, 1, 0.2, {"unet": 1e-4, "unet/up": 1.6e-3}, StepClock())
+    report.close()
+    events = event_accumulator.EventAccumulator(str(run.tensorboard_dir))
+    events.Reload()
+    scalars = {tag: [(e.step, round(e.value, 6)) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert scalars == {
+        "loss": [(1, 0.25), (2, 0.2)],
+        "lr/unet": [(1, 1e-4), (2, 1e-4)],
+        "lr/unet/up": [(1, 1.6e-3), (2, 1.6e-3)],
+        "loss/validation": [(0, 0.3)],
+    }
+
+
 def test_a_wandb_that_will_not_start_names_the_setting_and_the_ways_out(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb", reason="wandb is optional (pip install wandb)")
 
