@@ -25,6 +25,7 @@ from trainer.errors import Problem, StudioError
 from trainer.runs.run_directory import RunDirectory
 from trainer.training.dataset_config import check_configured
 
+from .captioning import caption_form_dataset, caption_panel
 from .estimate import estimate, format_markdown
 from .export import TOOLS, adapter_summary, analyze_run, make_from_adapter, verify_adapter
 from .form import (
@@ -96,6 +97,13 @@ class Studio:
         except StudioError as error:  # ConfigError and DatasetError both say what to fix
             return _error_box(error.problems), ""
         return "Dataset checked.", format_report(report)
+
+    def caption(self, *values):
+        """Caption the form's dataset with the panel's model (``app.captioning``), then check it again."""
+        form, options = values[: len(FORM_KEYS)], values[len(FORM_KEYS) :]
+        captioned = caption_form_dataset(settings_from_form(list(form))[0], *options)
+        message, report = self.check_data(*form)
+        return message, f"{captioned}\n\n{report}"
 
     def estimate_memory(self, *values):
         """The GPU memory the form's run would need (``dora-studio estimate``), before Start."""
@@ -316,6 +324,7 @@ def build(runs_dir: Path) -> gr.Blocks:
                     download_preset = gr.DownloadButton("Download preset", visible=False)
                     start = gr.Button("Start", variant="primary")
                 memory = gr.Markdown()
+                captioning = caption_panel()
                 report = gr.Code(label="Dataset report", language=None, interactive=False)
             with gr.Tab("Run", id="run"):
                 run = gr.Dropdown(label="Run", choices=[], allow_custom_value=False)
@@ -350,6 +359,7 @@ def build(runs_dir: Path) -> gr.Blocks:
 
         load.click(studio.load_preset, [preset, upload], [*inputs, message])
         check.click(studio.check_data, inputs, [message, report])
+        captioning.run.click(studio.caption, [*inputs, *captioning.fields], [message, report])
         estimate_button.click(studio.estimate_memory, inputs, memory)
         save.click(studio.save_preset, inputs, [download_preset, message])
         start.click(studio.start, inputs, [message, run, tabs])

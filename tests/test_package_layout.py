@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Bottom to top: a package may import itself and the ones before it, never one after it.
 LAYERS = [
     "errors", "files", "optional_packages",
-    "data", "config", "sdxl", "adapters", "kohya", "runs", "builtin", "training",
+    "data", "captioning", "config", "sdxl", "adapters", "kohya", "runs", "builtin", "training",
     "cli",
 ]  # fmt: skip
 MAX_MODULE_LINES = 400

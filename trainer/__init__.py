@@ -6,7 +6,8 @@ The public Python API is importable from here::
     from trainer import RunDirectory, Trainer, load_config
 
 Sub-packages, each one concern, importing only the ones listed before it (tests/test_package_layout.py
-checks): ``data`` (datasets), ``config`` (the settings schema and presets; no torch), ``sdxl`` (the model
+checks): ``data`` (datasets), ``captioning`` (captions written by a tagger or captioner model), ``config``
+(the settings schema and presets; no torch), ``sdxl`` (the model
 family and its names), ``adapters`` (the adapter math, put into SDXL models by stem), ``kohya`` (the adapter
 file), ``runs`` (the run folder), ``builtin`` (built-in models), ``training`` (a run). ``errors`` (one
 error family), ``files`` (atomic writes) and ``optional_packages`` sit under all of them; ``cli`` is on top.

@@ -1,5 +1,5 @@
 """The ``dora-studio`` command. Each subcommand is a small function over the engine's modules; those over adapter
-files live in ``cli.adapter_files``, the kohya config import in ``cli.import_kohya``.
+files live in ``cli.adapter_files``, the kohya config import in ``cli.import_kohya``, captioning in ``cli.caption``.
 
 Subcommands import what they use when they run, so ``--help`` and ``settings`` answer without loading torch.
 """
@@ -17,6 +17,7 @@ from trainer.errors import StudioError, UsageError
 from trainer.runs.run_directory import RunDirectory, new_run_name
 
 from .adapter_files import add_adapter_file_commands
+from .caption import add_caption_command
 from .common import EXIT_BAD_INPUT, EXIT_OK
 from .import_kohya import add_import_kohya_command
 
@@ -270,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ui)
 
     add_import_kohya_command(sub)
+    add_caption_command(sub)
 
     p = sub.add_parser("settings", help="list every preset setting with its default and meaning")
     p.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's)")

@@ -1,19 +1,21 @@
 """``dora-studio check-data``: what a training run would see in a dataset folder, before any model loads.
 
 Folders and repeats, caption gaps, files left out and why, the bucket each image lands in, and the steps
-per epoch counted as kohya counts them, so the numbers match what sd-scripts users expect.
+per epoch counted as kohya counts them, so the numbers match what sd-scripts users expect; then the tags the
+captions use and the captions too long for the text encoders (``tag_stats``).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .buckets import BucketSpec, assign_bucket, make_buckets
 from .scan import DatasetScan, FolderReport, ScanProblem, scan_dataset
 from .subsets import ROLES, SubsetFolder
+from .tag_stats import TagStats, format_tag_stats, tag_statistics
 
 # Enlarging more than this makes soft, blurry training targets; worth a warning, not a refusal.
 UPSCALE_WARNING = 2.0
@@ -35,6 +37,7 @@ class DataReport:
     # kohya's "steps": batches per epoch, which are optimizer steps when gradient_accumulation is 1
     steps_per_epoch: int
     bucket_spec: BucketSpec
+    tags: TagStats = field(default_factory=TagStats)
 
     def to_json(self) -> dict:
         return {
@@ -54,6 +57,7 @@ class DataReport:
             "problems": [{**p.__dict__, "path": str(p.path)} for p in self.problems],
             "other_files": [{**p.__dict__, "path": str(p.path)} for p in self.other_files],
             "ignored_files": self.ignored_files,
+            "tags": self.tags.to_json(),
         }
 
 
@@ -109,6 +113,7 @@ def report_for_scan(scan: DatasetScan, bucket_spec: BucketSpec, batch_size: int)
         batch_size=batch_size,
         steps_per_epoch=steps_per_epoch(counts, batch_size),
         bucket_spec=bucket_spec,
+        tags=tag_statistics(scan),
     )
 
 
@@ -136,6 +141,7 @@ def format_report(report: DataReport) -> str:
     lines += ["", f"buckets at resolution {report.bucket_spec.resolution} (width x height: images per epoch):"]
     lines += [f"  {w:>4}x{h:<4} {count:>6}" for (w, h), count in report.bucket_counts.items()]
     lines += ["", f"steps per epoch at batch size {report.batch_size}: {report.steps_per_epoch}"]
+    lines += ["", *format_tag_stats(report.tags)]
     skipped = [p for p in report.problems if p.skipped]
     warnings = [p for p in report.problems if not p.skipped]
     for title, problems in (

@@ -1,0 +1,68 @@
+"""The Configure tab's "Caption images" panel: ``dora-studio caption`` over the form's dataset folders.
+
+It runs in the studio's process and returns when done (a tagger does a few hundred images a minute on a
+CPU); then the studio shows the dataset report again, tags and long captions included. The folders are the
+form's training and validation subsets, found as a run finds them; regularization folders are left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from trainer.captioning.options import MODES, ModelSettings, TaggerOptions
+from trainer.captioning.run import CaptionPlan, caption_scan, format_caption_report
+from trainer.config.parsing import from_dict
+from trainer.errors import StudioError
+from trainer.training.dataset_config import scan_configured
+
+
+@dataclass
+class CaptionPanel:
+    fields: list[gr.components.Component]  # caption_form_dataset's options, in its order
+    run: gr.Button
+
+
+def caption_panel() -> CaptionPanel:
+    """The collapsed panel; its fields feed ``caption_form_dataset``."""
+    with gr.Accordion("Caption images", open=False):
+        model = gr.Textbox(
+            label="model folder",
+            info="on this machine: a WD14-style tagger (model.onnx and selected_tags.csv) or a transformers "
+            "image-to-text model (BLIP, GIT, Florence-2, ...)",
+        )
+        mode = gr.Radio(
+            list(MODES),
+            value="missing",
+            label="mode",
+            info="missing: only images without a caption; overwrite: every image; append: add the new tags",
+        )
+        with gr.Row():
+            general = gr.Slider(0, 1, value=0.35, step=0.01, label="general threshold (tagger)")
+            character = gr.Slider(0, 1, value=0.85, step=0.01, label="character threshold (tagger)")
+            trigger = gr.Textbox(label="trigger word", info="first in every caption (optional)")
+        run = gr.Button("Caption the dataset's images")
+    return CaptionPanel([model, mode, general, character, trigger], run)
+
+
+def caption_form_dataset(
+    settings: dict[str, Any], model_folder: str, mode: str, general: float, character: float, trigger: str
+) -> str:
+    """Caption the dataset the form's ``settings`` describe; what ``dora-studio caption`` prints, or the problems."""
+    if not model_folder.strip():
+        return "Give the model folder first."
+    try:
+        config = from_dict({name: settings[name] for name in ("dataset", "training", "validation")}, where="form")
+        report = caption_scan(
+            scan_configured(config),
+            Path(model_folder.strip()),
+            ModelSettings(tagger=TaggerOptions(float(general), float(character))),
+            CaptionPlan(mode, trigger.strip()),
+            show_progress=False,
+        )
+    except StudioError as error:
+        return "\n".join(str(problem) for problem in error.problems)
+    return format_caption_report(report)
