@@ -187,7 +187,8 @@ class Studio:
         if current == last_signature:
             return [gr.skip()] * outputs
         metrics = read_metrics(run_dir)
-        plot = pd.DataFrame(loss_curves(metrics))
+        # typed even when empty: a first, untyped frame makes the plot treat the series as numbers for good
+        plot = pd.DataFrame(loss_curves(metrics)).astype({"step": "int64", "loss": "float64", "series": "string"})
         samples = read_samples(run_dir)
         gallery = [(str(s.path), f"{s.epoch_label} · {s.index}: {s.prompt}") for s in samples]
         prompts = sorted({(s.index, s.prompt) for s in samples})
