@@ -150,13 +150,41 @@ def read_metrics(run_dir: Path, after_step: int = 0) -> list[dict]:
     return records
 
 
+def kept_or(chosen: str | None, choices: list[str], preferred: str = "") -> str | None:
+    """A dropdown's value: the user's choice while it is still offered; else ``preferred`` if offered; else the
+    first choice; else None."""
+    if chosen in choices:
+        return chosen
+    if preferred in choices:
+        return preferred
+    return choices[0] if choices else None
+
+
+LOSS_SMOOTHING = 0.9  # TensorBoard's default weight for its smoothed line
+
+
+def smoothed(values: list[float], weight: float = LOSS_SMOOTHING) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so the first points are not pulled
+    toward zero (the average starts empty, not at 0)."""
+    average, out = 0.0, []
+    for count, value in enumerate(values, start=1):
+        average = average * weight + (1 - weight) * value
+        out.append(average / (1 - weight**count))
+    return out
+
+
 def loss_curves(metrics: list[dict]) -> dict[str, list]:
-    """The training loss per step and the validation loss where measured, as columns for one plot."""
+    """Columns for one plot: the training loss per step, its smoothed line, and the validation loss where
+    it was measured."""
     rows = [
         (record["step"], value, series)
         for record in metrics
         for key, series in (("loss", "training"), ("validation_loss", "validation"))
         if isinstance(value := record.get(key), (int, float))
+    ]
+    training = [(step, value) for step, value, series in rows if series == "training"]
+    rows += [
+        (step, value, "training, smoothed") for (step, _), value in zip(training, smoothed([v for _, v in training]))
     ]
     return {"step": [r[0] for r in rows], "loss": [r[1] for r in rows], "series": [r[2] for r in rows]}
 
@@ -211,6 +239,17 @@ def read_samples(run_dir: Path) -> list[Sample]:
                 samples.append(Sample(path, label, order, int(match[1]), prompts.get(path.name, "")))
     samples.sort(key=lambda s: (-s.order, s.index))
     return samples
+
+
+GRID_COLUMNS = 8  # samplings shown side by side; older ones are in the compare view
+
+
+def sample_grid(samples: list[Sample], max_columns: int = GRID_COLUMNS) -> tuple[list[Sample], int]:
+    """The README's grid: one row per prompt, one column per sampling, oldest at the left and the newest at
+    the right (the last ``max_columns`` samplings), in reading order, with its column count for the gallery."""
+    orders = sorted({s.order for s in samples})[-max_columns:]
+    shown = sorted((s for s in samples if s.order in orders), key=lambda s: (s.index, s.order))
+    return shown, max(len(orders), 1)
 
 
 def samples_for_prompt(samples: list[Sample], index: int) -> list[Sample]:

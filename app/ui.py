@@ -27,7 +27,8 @@ from trainer.training.dataset_config import check_configured
 
 from .captioning import caption_form_dataset, caption_panel
 from .estimate import estimate, format_markdown
-from .export import TOOLS, adapter_summary, analyze_run, make_from_adapter, verify_adapter
+from .export import TOOLS
+from .export_tab import ExportHandlers
 from .form import (
     FORM_KEYS,
     build_form,
@@ -38,13 +39,14 @@ from .form import (
 from .launcher import resume_run, send_command, start_run
 from .runs import (
     format_eta,
+    kept_or,
     list_runs,
     log_tail,
     loss_curves,
-    read_adapters,
     read_metrics,
     read_samples,
     read_status,
+    sample_grid,
     samples_for_prompt,
     signature,
 )
@@ -65,7 +67,7 @@ def _error_box(problems: list[Problem]) -> str:
     )
 
 
-class Studio:
+class Studio(ExportHandlers):
     """The handlers, bound to one runs folder."""
 
     def __init__(self, runs_dir: Path):
@@ -165,8 +167,11 @@ class Studio:
             return f"{parts[0]}\n{text}\n\n> **{message}**"
         return f"{parts[0]}\n{text}\n\n{message}"
 
-    def refresh(self, name: str | None, last_signature: str):
-        """Everything the Run tab shows; unchanged runs skip every output (no traffic, no flicker)."""
+    def refresh(self, name: str | None, last_signature: str, adapter: str | None = None, prompt: str | None = None):
+        """Everything the Run tab shows; unchanged runs skip every output (no traffic, no flicker).
+
+        The user's adapter and prompt stay chosen while they exist; otherwise the run's final adapter (else its
+        newest) and the first prompt are, so Export and the compare view open on something."""
         outputs = 7
         if not name:
             # The adapter dropdown gets None, not "": "" is no choice, so its change event would fail.
@@ -190,16 +195,21 @@ class Studio:
         # typed even when empty: a first, untyped frame makes the plot treat the series as numbers for good
         plot = pd.DataFrame(loss_curves(metrics)).astype({"step": "int64", "loss": "float64", "series": "string"})
         samples = read_samples(run_dir)
-        gallery = [(str(s.path), f"{s.epoch_label} · {s.index}: {s.prompt}") for s in samples]
+        grid, columns = sample_grid(samples)
+        gallery = gr.Gallery(
+            value=[(str(s.path), f"{s.epoch_label} · {s.index}: {s.prompt}") for s in grid], columns=columns
+        )
         prompts = sorted({(s.index, s.prompt) for s in samples})
         choices = [(f"{index}: {prompt[:60]}", str(index)) for index, prompt in prompts]
+        adapters = self._adapter_choices(run_dir)
+        last = Path(read_status(run_dir).last_adapter).name
         return [
             self._status_markdown(name),
             plot,
             gallery,
-            gr.Dropdown(choices=choices),
+            gr.Dropdown(choices=choices, value=kept_or(prompt, [value for _, value in choices])),
             log_tail(run_dir),
-            gr.Dropdown(choices=self._adapter_choices(run_dir)),
+            gr.Dropdown(choices=adapters, value=kept_or(adapter, adapters, preferred=last)),
             current,
         ]
 
@@ -232,49 +242,6 @@ class Studio:
         except StudioError as error:
             return str(error)
         return f"Resuming {name}."
-
-    # -- export --------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _adapter_choices(run_dir: Path) -> list[str]:
-        return [path.name for path in read_adapters(run_dir)]
-
-    def _adapter(self, name: str | None, adapter: str | None) -> tuple[RunDirectory, Path] | None:
-        """The run and one of its adapter files, as the browser names them; None unless both exist."""
-        if not name or not adapter:
-            return None
-        run = self._run(name)
-        path = run.adapters_dir / adapter
-        return (run, path) if path.parent == run.adapters_dir and path.is_file() and "/" not in adapter else None
-
-    def show_adapter(self, name: str | None, adapter: str | None):
-        found = self._adapter(name, adapter)
-        if found is None:
-            return "", gr.DownloadButton(visible=False), ""
-        run, path = found
-        return (
-            adapter_summary(path),
-            gr.DownloadButton(value=str(path), visible=True),
-            verify_adapter(run, path, now=False),
-        )
-
-    def verify(self, name: str | None, adapter: str | None) -> str:
-        found = self._adapter(name, adapter)
-        return verify_adapter(*found, now=True) if found else "Choose an adapter first."
-
-    def make_file(self, name: str | None, adapter: str | None, tool: str, rank: float | None):
-        """Resize or convert the chosen adapter (``export.make_from_adapter``): the report, and the new file."""
-        found = self._adapter(name, adapter)
-        text, out = (
-            make_from_adapter(*found, tool, int(rank) if rank else None)
-            if found
-            else ("Choose an adapter first.", None)
-        )
-        return text, gr.DownloadButton(value=str(out), visible=True) if out else gr.DownloadButton(visible=False)
-
-    def analysis(self, name: str | None, now: bool) -> tuple[str | None, str]:
-        """The run's ΔM-against-ΔD plot and per-block text (``dora-studio analyze --run``); ``now``: analyze first."""
-        return analyze_run(self._run(name), now) if name else (None, "Choose a run first.")
 
     # -- API (plain types, for scripts and gradio_client) -------------------------------------------
 
@@ -336,8 +303,13 @@ def build(runs_dir: Path) -> gr.Blocks:
                     sample_now = gr.Button("Sample now")
                     resume = gr.Button("Resume")
                 control = gr.Markdown()
-                loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=260)
-                gallery = gr.Gallery(label="Samples, newest first", columns=6, height=300, object_fit="contain")
+                loss = gr.LinePlot(x="step", y="loss", color="series", x_axis_format="d", label="Loss", height=260)
+                gallery = gr.Gallery(
+                    label="Samples: a row per prompt, a column per sampling, the newest at the right",
+                    columns=6,
+                    height="auto",
+                    object_fit="contain",
+                )
                 prompt = gr.Dropdown(label="Compare one prompt across epochs", choices=[])
                 compare = gr.Gallery(label="Same prompt, oldest first", columns=6, height="auto")
                 log = gr.Textbox(label="Log (last lines)", lines=12, max_lines=12, autoscroll=True)
@@ -366,8 +338,9 @@ def build(runs_dir: Path) -> gr.Blocks:
         start.click(studio.start, inputs, [message, run, tabs])
         demo.load(studio.initial_run, None, run)
         refresh_outputs = [status, loss, gallery, prompt, log, adapter, last_signature]
-        gr.Timer(POLL_SECONDS).tick(studio.refresh, [run, last_signature], refresh_outputs, show_progress="hidden")
-        run.change(studio.refresh, [run, gr.Textbox(value="", visible=False)], refresh_outputs)
+        timer = gr.Timer(POLL_SECONDS)
+        timer.tick(studio.refresh, [run, last_signature, adapter, prompt], refresh_outputs, show_progress="hidden")
+        run.change(studio.refresh, [run, gr.Textbox(value="", visible=False), adapter, prompt], refresh_outputs)
         prompt.change(studio.compare, [run, prompt], compare)
         stop.click(lambda name: studio.command(name, "stop"), run, control)
         save_now.click(lambda name: studio.command(name, "save"), run, control)

@@ -11,8 +11,10 @@ import pytest
 
 from app import runs
 from app.runs import (
+    Sample,
     active_run,
     format_eta,
+    kept_or,
     list_runs,
     log_tail,
     loss_curves,
@@ -21,6 +23,7 @@ from app.runs import (
     read_metrics,
     read_samples,
     read_status,
+    sample_grid,
     samples_for_prompt,
     signature,
 )
@@ -413,8 +416,29 @@ def test_loss_curves_plot_training_and_validation_apart():
         {"step": 2, "validation_loss": 0.4},
         {"step": 3, "loss": None},  # nothing to draw
     ]
+    smooth_2 = (0.9 * 0.1 * 0.9 + 0.1 * 0.7) / (1 - 0.9**2)  # TensorBoard's debiased average of 0.9 then 0.7
     assert loss_curves(metrics) == {
-        "step": [0, 1, 2, 2],
-        "loss": [0.5, 0.9, 0.7, 0.4],
-        "series": ["validation", "training", "training", "validation"],
+        "step": [0, 1, 2, 2, 1, 2],
+        "loss": [0.5, 0.9, 0.7, 0.4, pytest.approx(0.9), pytest.approx(smooth_2)],
+        "series": ["validation", "training", "training", "validation", "training, smoothed", "training, smoothed"],
     }
+    assert smooth_2 == pytest.approx((0.9 * 0.9 + 0.7) / 1.9)  # the weights of a debiased average: 0.9 and 1
+
+
+def test_the_sample_grid_is_a_row_per_prompt_and_the_newest_samplings_at_the_right():
+    samples = [
+        Sample(Path(f"{order}-{index}.png"), f"epoch {order}", order, index, "p")
+        for order in range(10)
+        for index in (1, 0)
+    ]
+    grid, columns = sample_grid(samples, max_columns=3)
+    assert columns == 3
+    assert [(s.index, s.order) for s in grid] == [(0, 7), (0, 8), (0, 9), (1, 7), (1, 8), (1, 9)]
+    assert sample_grid([]) == ([], 1)
+
+
+def test_a_dropdown_keeps_the_users_choice_else_the_preferred_else_the_first():
+    assert kept_or("b", ["a", "b"], preferred="a") == "b"
+    assert kept_or("gone", ["a", "b"], preferred="b") == "b"
+    assert kept_or(None, ["a", "b"], preferred="missing") == "a"
+    assert kept_or(None, []) is None
