@@ -26,6 +26,7 @@ from trainer.runs.run_directory import RunDirectory
 from trainer.training.dataset_config import check_configured
 
 from .captioning import caption_form_dataset, caption_panel
+from .compare_tab import compare_tab
 from .estimate import estimate, format_markdown
 from .export import TOOLS
 from .export_tab import ExportHandlers
@@ -328,6 +329,8 @@ def build(runs_dir: Path) -> gr.Blocks:
                     make = gr.Button("Make")
                 made = gr.Code(label="resize / convert: the error of each layer against this adapter", language=None)
                 download_made = gr.DownloadButton("Download the new file", visible=False)
+            with gr.Tab("Compare", id="compare"):
+                compare_tab(runs_dir)
         last_signature = gr.Textbox(visible=False)
 
         load.click(studio.load_preset, [preset, upload], [*inputs, message])
