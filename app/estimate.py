@@ -18,6 +18,8 @@ from trainer.config.schema import TrainConfig
 from trainer.files import write_bytes_atomically
 
 ESTIMATE_TIMEOUT_S = 900
+CARDS_GB = (8, 12, 16, 24)  # the cards artists ask about
+CUDA_CONTEXT_GB = 0.5  # what the CUDA context and allocator take before training does (about, on consumer cards)
 ITEMS = {
     "adapter_gb": "adapter",
     "gradients_gb": "gradients",
@@ -58,6 +60,12 @@ def _model_is_here(path: str) -> bool:
     return path.startswith("builtin:") or Path(path).expanduser().exists()
 
 
+def cards_line(peak_gb: float) -> str:
+    """Which common cards the run fits on, their memory less what CUDA itself takes."""
+    marks = [f"{card} GB {'✓' if peak_gb + CUDA_CONTEXT_GB <= card * 1024**3 / 1e9 else '✗'}" for card in CARDS_GB]
+    return "Fits on: " + " · ".join(marks)
+
+
 def format_markdown(result: dict) -> str:
     """The items as a table, the peak against the GPU's memory, and what to change when it does not fit."""
     if "error" in result:
@@ -71,7 +79,8 @@ def format_markdown(result: dict) -> str:
     device = result.get("device_memory_gb")
     verdict = f"Estimated peak **{result['peak_gb']:.2f} GB**"
     verdict += f" of this GPU's {device:.1f} GB." if device else " (no GPU here to compare with)."
-    lines = [verdict, "", f"At the largest bucket, {width}x{height}, batch {result['batch_size']}:", "",
+    lines = [verdict, "", cards_line(result["peak_gb"]), "",
+             f"At the largest bucket, {width}x{height}, batch {result['batch_size']}:", "",
              "| on the GPU | |", "|---|---|", *rows]  # fmt: skip
     if result.get("from_sdxl_configs"):
         lines += ["", "The model is not on this machine: estimated from SDXL's own configs."]

@@ -19,7 +19,7 @@ import pandas as pd
 
 from trainer.config.kohya_import import load_preset_or_kohya
 from trainer.config.parsing import from_dict
-from trainer.config.presets import config_from_text, config_toml, load_config
+from trainer.config.presets import config_from_text, config_toml, load_config, preset_purpose
 from trainer.data.check import format_report
 from trainer.errors import Problem, StudioError
 from trainer.runs.run_directory import RunDirectory
@@ -61,6 +61,11 @@ def _preset_choices() -> list[str]:
     return sorted(p.name for p in PRESETS_DIR.glob("*.toml"))
 
 
+def _preset_options() -> list[tuple[str, str]]:
+    """The picker's entries: each preset's name with its one-line purpose."""
+    return [(f"{name} · {preset_purpose(PRESETS_DIR / name)}".rstrip(" ·"), name) for name in _preset_choices()]
+
+
 def _error_box(problems: list[Problem]) -> str:
     """One bullet per problem, its setting or file first."""
     return "**Please fix:**\n" + "\n".join(
@@ -90,6 +95,17 @@ class Studio(ExportHandlers):
         except StudioError as error:
             return [gr.skip()] * len(FORM_KEYS) + [_error_box(error.problems)]
         return [*form_values(config), f"Loaded {path.name}." + "".join(f"\n- {note}" for note in notes)]
+
+    def settings_of_run(self, name: str | None):
+        """The Configure form filled with a run's own settings (its config.toml), to train again from them."""
+        if not name:
+            return [gr.skip()] * len(FORM_KEYS) + ["No run selected.", gr.skip()]
+        try:
+            config = load_config(self._run(name).config_path)
+        except StudioError as error:
+            return [gr.skip()] * len(FORM_KEYS) + [_error_box(error.problems), gr.skip()]
+        message = f"The settings of run {name}: change what you like, then Start a new run."
+        return [*form_values(config), message, gr.Tabs(selected="configure")]
 
     def check_data(self, *values):
         """The pre-flight report for the form's dataset settings (the rest of the form may be unfinished)."""
@@ -280,7 +296,7 @@ def build(runs_dir: Path) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Configure", id="configure"):
                 with gr.Row():
-                    preset = gr.Dropdown(choices=_preset_choices(), value="quickstart.toml", label="Preset")
+                    preset = gr.Dropdown(choices=_preset_options(), value="quickstart.toml", label="Preset")
                     upload = gr.File(label="or upload a preset or kohya config", file_types=[".toml", ".json"])
                     load = gr.Button("Load preset")
                 form = build_form(load_config(PRESETS_DIR / "quickstart.toml"))
@@ -303,6 +319,7 @@ def build(runs_dir: Path) -> gr.Blocks:
                     save_now = gr.Button("Save now")
                     sample_now = gr.Button("Sample now")
                     resume = gr.Button("Resume")
+                    again = gr.Button("Train again from these settings")
                 control = gr.Markdown()
                 loss = gr.LinePlot(x="step", y="loss", color="series", x_axis_format="d", label="Loss", height=260)
                 gallery = gr.Gallery(
@@ -349,6 +366,7 @@ def build(runs_dir: Path) -> gr.Blocks:
         save_now.click(lambda name: studio.command(name, "save"), run, control)
         sample_now.click(lambda name: studio.command(name, "sample"), run, control)
         resume.click(studio.resume, run, control)
+        again.click(studio.settings_of_run, run, [*inputs, message, tabs])
         adapter.change(studio.show_adapter, [run, adapter], [summary, download, verified])
         verify.click(studio.verify, [run, adapter], verified)
         analyze.click(lambda name: studio.analysis(name, now=True), run, analysis)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from app.form import config_from_form
 from app.ui import Studio
 from trainer.adapters.weights import AdapterWeights
 from trainer.kohya.adapter_file import save_adapter
@@ -60,3 +61,14 @@ def test_resize_and_convert_buttons_make_files_apart_from_the_checkpoints(tmp_pa
     assert text.startswith("Give a rank") and not button.visible
     text, button = studio.make_file("trained", "tiny.safetensors", "resize", 2)  # rank 2: nothing to cut
     assert text.startswith("error: ") and "nothing was written" in text and not button.visible
+
+
+def test_train_again_fills_the_form_with_the_runs_own_settings(tmp_path, tiny_dir):
+    _run(tmp_path, "trained", tiny_dir, checkpoints=1)
+    studio = Studio(tmp_path)
+    *values, message, tabs = studio.settings_of_run("trained")
+    config, problems = config_from_form(values)
+    assert problems == [] and config.model.path == str(tiny_dir) and config.saving.output_name == "tiny"
+    assert "trained" in message and tabs.selected == "configure"
+    *_, message, _ = studio.settings_of_run("missing")
+    assert "missing" in message

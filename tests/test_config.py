@@ -12,7 +12,14 @@ import pytest
 from trainer.cli import main
 from trainer.config.docs import settings_markdown, settings_text
 from trainer.config.parsing import from_dict, to_dict
-from trainer.config.presets import apply_overrides, config_toml, load_config, read_preset, write_config
+from trainer.config.presets import (
+    apply_overrides,
+    config_toml,
+    load_config,
+    preset_purpose,
+    read_preset,
+    write_config,
+)
 from trainer.config.schema import SECTIONS, TrainConfig, all_keys, fields_of
 from trainer.errors import ConfigError, Problem
 
@@ -506,3 +513,13 @@ def test_settings_command_prints_every_key(markdown, capsys):
 
 def test_schema_sections_are_the_config_sections():
     assert [f.name for f in dataclasses.fields(TrainConfig)] == list(SECTIONS)
+
+
+def test_a_presets_purpose_is_its_first_comment_sentence(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text("# For 8 GB cards: QDoRA. Needs torchao.\n# more\n[network]\n", encoding="utf-8")
+    assert preset_purpose(preset) == "For 8 GB cards: QDoRA"
+    assert preset_purpose(preset, limit=10) == "For 8 GB…"
+    preset.write_text("[network]\nrank = 4\n", encoding="utf-8")
+    assert preset_purpose(preset) == ""
+    assert all(preset_purpose(path) for path in (REPO / "presets").glob("*.toml"))  # every shipped preset says

@@ -91,6 +91,9 @@ def test_the_configure_tab_shows_the_items_the_peak_and_what_to_change():
     assert "will not fit" not in format_markdown({**RESULT, "fits": True})
     assert "no GPU here" in format_markdown({**RESULT, "device_memory_gb": None})
     assert format_markdown({"error": "boom"}) == "**Could not estimate memory:** boom"
+    # the peak plus 0.5 GB for CUDA itself against each card's GiB: 4.99 GB fits 8 GiB (8.59 GB), 8.2 GB does not
+    assert "Fits on: 8 GB ✓ · 12 GB ✓ · 16 GB ✓ · 24 GB ✓" in text
+    assert "Fits on: 8 GB ✗ · 12 GB ✓" in format_markdown({**RESULT, "peak_gb": 8.2})
 
 
 def test_the_studio_runs_the_estimate_once_per_settings(tmp_path, monkeypatch):

@@ -113,6 +113,19 @@ def load_config(preset: str | Path | None, overrides: list[str] = ()) -> TrainCo
     return from_dict(data, where=str(preset) if preset else "settings")
 
 
+def preset_purpose(path: Path, limit: int = 80) -> str:
+    """A preset's one-line purpose, for pickers: its first comment's first sentence, cut at ``limit``."""
+    try:
+        first = next((line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()), "")
+    except OSError:
+        return ""
+    if not first.startswith("#"):
+        return ""
+    text = first.lstrip("# ").strip()
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
 def config_toml(config: TrainConfig) -> str:
     return tomli_w.dumps(to_dict(config))
 
