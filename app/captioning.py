@@ -1,12 +1,14 @@
-"""The Configure tab's "Caption images" panel: ``dora-studio caption`` over the form's dataset folders.
+"""The Dataset tab's "Caption images" panel: ``dora-studio caption`` over the dataset shown, or some of its images.
 
 It runs in the studio's process and returns when done (a tagger does a few hundred images a minute on a
-CPU); then the studio shows the dataset report again, tags and long captions included. The folders are the
-form's training and validation subsets, found as a run finds them; regularization folders are left alone.
+CPU; its progress bar is the tab's); then the tab scans again, so the new captions can be reviewed and
+edited there. The images are the dataset's training and validation images, found as a run finds them (the
+whole dataset, or those the tab names); regularization folders are left alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,13 @@ from trainer.config.parsing import from_dict
 from trainer.errors import StudioError
 from trainer.training.dataset_config import scan_configured
 
+SCOPES = ("the whole dataset", "the images shown", "the selected image")
+
 
 @dataclass
 class CaptionPanel:
     fields: list[gr.components.Component]  # caption_form_dataset's options, in its order
+    scope: gr.Radio  # one of SCOPES: which images the tab asks for
     run: gr.Button
 
 
@@ -44,14 +49,22 @@ def caption_panel() -> CaptionPanel:
             general = gr.Slider(0, 1, value=0.35, step=0.01, label="general threshold (tagger)")
             character = gr.Slider(0, 1, value=0.85, step=0.01, label="character threshold (tagger)")
             trigger = gr.Textbox(label="trigger word", info="first in every caption (optional)")
-        run = gr.Button("Caption the dataset's images")
-    return CaptionPanel([model, mode, general, character, trigger], run)
+        scope = gr.Radio(list(SCOPES), value=SCOPES[0], label="caption")
+        run = gr.Button("Caption images")
+    return CaptionPanel([model, mode, general, character, trigger], scope, run)
 
 
 def caption_form_dataset(
-    settings: dict[str, Any], model_folder: str, mode: str, general: float, character: float, trigger: str
+    settings: dict[str, Any],
+    model_folder: str,
+    mode: str,
+    general: float,
+    character: float,
+    trigger: str,
+    images: Collection[Path] | None = None,
 ) -> str:
-    """Caption the dataset the form's ``settings`` describe; what ``dora-studio caption`` prints, or the problems."""
+    """Caption the dataset the ``settings`` describe (``images``: only those of its images); what
+    ``dora-studio caption`` prints, or the problems."""
     if not model_folder.strip():
         return "Give the model folder first."
     try:
@@ -61,7 +74,7 @@ def caption_form_dataset(
             Path(model_folder.strip()),
             ModelSettings(tagger=TaggerOptions(float(general), float(character))),
             CaptionPlan(mode, trigger.strip()),
-            show_progress=False,
+            images=images,
         )
     except StudioError as error:
         return "\n".join(str(problem) for problem in error.problems)

@@ -25,8 +25,8 @@ from trainer.errors import Problem, StudioError
 from trainer.runs.run_directory import RunDirectory
 from trainer.training.dataset_config import check_configured
 
-from .captioning import caption_form_dataset, caption_panel
 from .compare_tab import compare_tab
+from .dataset_tab import dataset_tab
 from .estimate import estimate, format_markdown
 from .export import TOOLS
 from .export_tab import ExportHandlers
@@ -38,6 +38,7 @@ from .form import (
     settings_from_form,
 )
 from .launcher import resume_run, send_command, start_run
+from .problems import error_box
 from .runs import (
     format_eta,
     kept_or,
@@ -66,13 +67,6 @@ def _preset_options() -> list[tuple[str, str]]:
     return [(f"{name} · {preset_purpose(PRESETS_DIR / name)}".rstrip(" ·"), name) for name in _preset_choices()]
 
 
-def _error_box(problems: list[Problem]) -> str:
-    """One bullet per problem, its setting or file first."""
-    return "**Please fix:**\n" + "\n".join(
-        f"- `{p.where}`: {p.message}" if p.where else f"- {p.message}" for p in problems
-    )
-
-
 class Studio(ExportHandlers):
     """The handlers, bound to one runs folder."""
 
@@ -89,11 +83,11 @@ class Studio(ExportHandlers):
     def load_preset(self, name: str | None, upload: str | None):
         path = Path(upload) if upload else PRESETS_DIR / (name or "quickstart.toml")
         if not upload and path.name not in _preset_choices():
-            return [gr.skip()] * len(FORM_KEYS) + [_error_box([Problem(str(name), "unknown preset")])]
+            return [gr.skip()] * len(FORM_KEYS) + [error_box([Problem(str(name), "unknown preset")])]
         try:
             config, notes = load_preset_or_kohya(path)  # a kohya config is imported, with what did not carry over
         except StudioError as error:
-            return [gr.skip()] * len(FORM_KEYS) + [_error_box(error.problems)]
+            return [gr.skip()] * len(FORM_KEYS) + [error_box(error.problems)]
         return [*form_values(config), f"Loaded {path.name}." + "".join(f"\n- {note}" for note in notes)]
 
     def settings_of_run(self, name: str | None):
@@ -103,7 +97,7 @@ class Studio(ExportHandlers):
         try:
             config = load_config(self._run(name).config_path)
         except StudioError as error:
-            return [gr.skip()] * len(FORM_KEYS) + [_error_box(error.problems), gr.skip()]
+            return [gr.skip()] * len(FORM_KEYS) + [error_box(error.problems), gr.skip()]
         message = f"The settings of run {name}: change what you like, then Start a new run."
         return [*form_values(config), message, gr.Tabs(selected="configure")]
 
@@ -114,21 +108,14 @@ class Studio(ExportHandlers):
             sections = {name: settings[name] for name in ("dataset", "training", "validation")}
             report = check_configured(from_dict(sections, where="form"))
         except StudioError as error:  # ConfigError and DatasetError both say what to fix
-            return _error_box(error.problems), ""
+            return error_box(error.problems), ""
         return "Dataset checked.", format_report(report)
-
-    def caption(self, *values):
-        """Caption the form's dataset with the panel's model (``app.captioning``), then check it again."""
-        form, options = values[: len(FORM_KEYS)], values[len(FORM_KEYS) :]
-        captioned = caption_form_dataset(settings_from_form(list(form))[0], *options)
-        message, report = self.check_data(*form)
-        return message, f"{captioned}\n\n{report}"
 
     def estimate_memory(self, *values):
         """The GPU memory the form's run would need (``dora-studio estimate``), before Start."""
         config, problems = config_from_form(list(values))
         if config is None:
-            return _error_box(problems)
+            return error_box(problems)
         folder = self.runs_dir / ".estimates"
         folder.mkdir(exist_ok=True)
         return format_markdown(estimate(config, folder))
@@ -136,7 +123,7 @@ class Studio(ExportHandlers):
     def save_preset(self, *values):
         config, problems = config_from_form(list(values))
         if config is None:
-            return gr.skip(), _error_box(problems)
+            return gr.skip(), error_box(problems)
         folder = self.runs_dir / ".presets"
         folder.mkdir(exist_ok=True)
         path = folder / f"{config.saving.output_name}.toml"
@@ -146,11 +133,11 @@ class Studio(ExportHandlers):
     def start(self, *values):
         config, problems = config_from_form(list(values))
         if config is None:
-            return _error_box(problems), gr.skip(), gr.skip()
+            return error_box(problems), gr.skip(), gr.skip()
         try:
             name = start_run(self.runs_dir, config)
         except StudioError as error:
-            return _error_box(error.problems), gr.skip(), gr.skip()
+            return error_box(error.problems), gr.skip(), gr.skip()
         return f"Started run **{name}**.", gr.Dropdown(choices=self._run_names(), value=name), gr.Tabs(selected="run")
 
     # -- watch ---------------------------------------------------------------------------------------
@@ -179,7 +166,7 @@ class Studio(ExportHandlers):
         text = " · ".join(parts[1:])
         message = status.message or ""
         if status.problems:
-            return f"{parts[0]}\n{text}\n\n{_error_box(status.problems)}"
+            return f"{parts[0]}\n{text}\n\n{error_box(status.problems)}"
         if status.state in ("failed", "died"):
             return f"{parts[0]}\n{text}\n\n> **{message}**"
         return f"{parts[0]}\n{text}\n\n{message}"
@@ -309,8 +296,9 @@ def build(runs_dir: Path) -> gr.Blocks:
                     download_preset = gr.DownloadButton("Download preset", visible=False)
                     start = gr.Button("Start", variant="primary")
                 memory = gr.Markdown()
-                captioning = caption_panel()
                 report = gr.Code(label="Dataset report", language=None, interactive=False)
+            with gr.Tab("Dataset", id="dataset") as data_tab:
+                dataset_tab(studio.runs_dir, inputs, data_tab)
             with gr.Tab("Run", id="run"):
                 run = gr.Dropdown(label="Run", choices=[], allow_custom_value=False)
                 status = gr.Markdown()
@@ -352,7 +340,6 @@ def build(runs_dir: Path) -> gr.Blocks:
 
         load.click(studio.load_preset, [preset, upload], [*inputs, message])
         check.click(studio.check_data, inputs, [message, report])
-        captioning.run.click(studio.caption, [*inputs, *captioning.fields], [message, report])
         estimate_button.click(studio.estimate_memory, inputs, memory)
         save.click(studio.save_preset, inputs, [download_preset, message])
         start.click(studio.start, inputs, [message, run, tabs])

@@ -1,4 +1,5 @@
-"""The studio in a real browser: configure the quick start, train it, watch it, reload, export the adapter.
+"""The studio in a real browser: fix a caption on the Dataset tab, configure the quick start, train it, watch
+it, reload, export the adapter.
 
 The UI runs as ``dora-studio ui`` in its own process and trains the built-in tiny model for 12 steps, so
 this is the whole path a user takes, from a click to a downloaded file that ``inspect`` reads. A
@@ -221,6 +222,7 @@ def test_quickstart_in_a_browser(studio, browser_page, tmp_path):
     page.on("websocket", lambda socket_: requests.append(socket_.url))
     stages = Stages(page)
     try:
+        _dataset_tab(page, url, tmp_path, stages)
         _configure_and_start(page, url, stages)
         run_name = _watch_the_run(page, runs_dir, stages)
         _reload_mid_run(page, run_name, stages)
@@ -234,6 +236,45 @@ def test_quickstart_in_a_browser(studio, browser_page, tmp_path):
     assert not foreign, f"the page reached beyond this machine: {foreign}"
     assert any(urlsplit(u).hostname in LOCAL_HOSTS for u in requests)  # the recorder did record
     assert not stages.errors, f"the page showed errors: {stages.errors}"
+
+
+def _dataset_tab(page, url: str, tmp_path: Path, stages: Stages) -> None:
+    """The Dataset tab on a copy of the example dataset: its thumbnails; a caption edited and saved, an image
+    excluded and restored, each checked on disk."""
+    dataset = tmp_path / "dataset"
+    shutil.copytree(ROOT / "datasets_example", dataset)
+    folder = dataset / "10_zqx"
+    page.goto(url)
+    page.get_by_role("tab", name="Dataset").click()
+    box = page.get_by_label("folder to show")
+    expect(box).to_have_value(re.compile("datasets_example"), timeout=STEP_TIMEOUT_MS)  # the form's, opened
+    box.fill(str(dataset))
+    page.get_by_role("button", name="Open", exact=True).click()
+    thumbnail = page.locator("img[alt^='zqx_01.png: ']")
+    expect(thumbnail).to_be_visible(timeout=STEP_TIMEOUT_MS)
+    page.wait_for_function(
+        "img => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle(), timeout=STEP_TIMEOUT_MS
+    )
+    stages.snap("dataset")
+
+    thumbnail.click()
+    image = page.get_by_label("image", exact=True)
+    expect(image).to_have_value("10_zqx/zqx_01.png", timeout=STEP_TIMEOUT_MS)
+    caption = page.get_by_role("textbox", name=re.compile(r"^caption saved as UTF-8"))
+    expect(caption).to_have_value(" ".join((folder / "zqx_01.txt").read_text().split()), timeout=STEP_TIMEOUT_MS)
+    caption.fill("zqx, edited in the browser")
+    page.get_by_role("button", name="Save caption").click()
+    expect(page.get_by_text("Saved zqx_01.txt.")).to_be_visible(timeout=STEP_TIMEOUT_MS)
+    assert (folder / "zqx_01.txt").read_text(encoding="utf-8") == "zqx, edited in the browser\n"
+
+    page.get_by_role("button", name=re.compile(r"^Exclude")).click()
+    expect(image).to_have_value("10_zqx/0_excluded/zqx_01.png", timeout=STEP_TIMEOUT_MS)
+    assert not (folder / "zqx_01.png").exists() and (folder / "0_excluded" / "zqx_01.txt").is_file()
+    stages.snap("dataset-excluded")
+    page.get_by_role("button", name="Restore", exact=True).click()
+    expect(image).to_have_value("10_zqx/zqx_01.png", timeout=STEP_TIMEOUT_MS)
+    assert (folder / "zqx_01.png").is_file() and (folder / "zqx_01.txt").is_file()
+    assert not (folder / "0_excluded").exists()
 
 
 def _configure_and_start(page, url: str, stages: Stages) -> None:
@@ -272,7 +313,7 @@ def _watch_the_run(page, runs_dir: Path, stages: Stages) -> str:
     run_dropdown = page.get_by_label("Run", exact=True)
     expect(run_dropdown).to_have_value(re.compile(r"^quickstart-dora-\d{8}-\d{6}"), timeout=STEP_TIMEOUT_MS)
     run_name = run_dropdown.input_value()
-    assert [p.name for p in runs_dir.iterdir() if p.is_dir()] == [run_name]
+    assert [p.name for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")] == [run_name]
     assert re.search(rf"(?m)^max_steps = {MAX_STEPS}$", (runs_dir / run_name / "preset.toml").read_text())
     stages.snap("run-started")
 

@@ -351,5 +351,8 @@ def test_the_studio_captions_the_forms_dataset(tagger_dir, tmp_path):
     text = caption_form_dataset(settings, str(tagger_dir), "missing", 0.35, 0.85, "sks")
     assert "captions written: 1" in text and "already captioned" in text
     assert _caption(folder, "a") == "mine" and _caption(folder, "b").startswith("sks, red theme, 1girl")
+    only_a = caption_form_dataset(settings, str(tagger_dir), "overwrite", 0.35, 0.85, "", images=[folder / "a.png"])
+    assert "captions written: 1" in only_a  # the Dataset tab's selection: b is left as it was
+    assert _caption(folder, "a") != "mine" and _caption(folder, "b").startswith("sks, red theme")
     assert "holds no captioning model" in caption_form_dataset(settings, str(tmp_path), "overwrite", 0.35, 0.85, "")
     assert caption_form_dataset(settings, " ", "missing", 0.35, 0.85, "") == "Give the model folder first."

@@ -10,6 +10,7 @@ the run, and running it again continues where it stopped (``journal``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,14 +99,25 @@ def _unreadable_caption(path: Path, error: OSError) -> Problem:
 
 
 def caption_scan(
-    scan: DatasetScan, model_folder: Path, settings: ModelSettings, plan: CaptionPlan, show_progress: bool = True
+    scan: DatasetScan,
+    model_folder: Path,
+    settings: ModelSettings,
+    plan: CaptionPlan,
+    show_progress: bool = True,
+    images: Collection[Path] | None = None,
 ) -> CaptionReport:
     """Caption the scan's training and validation images with the model in ``model_folder`` (loaded only when
-    there is something to caption)."""
+    there is something to caption); ``images``: only those of them (the studio's selection), else all."""
+    chosen = None if images is None else {Path(path).resolve() for path in images}
+
+    def wanted(path: Path) -> bool:
+        return chosen is None or path.resolve() in chosen
+
     report = CaptionReport(f"{model_folder} (not loaded: nothing to caption)")
-    report.failed += [Problem("", p.message) for p in scan.problems if p.kind in UNREADABLE_KINDS]  # names the file
+    unreadable = [p for p in scan.problems if p.kind in UNREADABLE_KINDS and wanted(p.path)]
+    report.failed += [Problem("", p.message) for p in unreadable]  # the message names the file
     journal = None if plan.dry_run or plan.mode == "missing" else _journal(scan, model_folder, settings, plan)
-    todo = _todo(_targets(scan), plan, journal, report)
+    todo = _todo([target for target in _targets(scan) if wanted(target[0])], plan, journal, report)
     if todo:
         model = open_caption_model(model_folder, settings)
         report.model = model.description

@@ -142,10 +142,18 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
-def load_image_rgb(path: str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """The image as 8-bit RGB, upright per EXIF, transparency composited onto ``background``."""
+def load_image_rgb(
+    path: str | Path, background: tuple[int, int, int] = (255, 255, 255), draft_side: int | None = None
+) -> Image.Image:
+    """The image as 8-bit RGB, upright per EXIF, transparency composited onto ``background``.
+
+    ``draft_side``: a JPEG may be decoded at 1/2 to 1/8 scale while both sides stay at least this long
+    (libjpeg's scaled decoding, several times cheaper; the studio's thumbnails); other formats decode whole.
+    """
     path = Path(path)
     with _open(path) as image:
+        if draft_side:
+            image.draft("RGB", (draft_side, draft_side))
         try:
             upright = ImageOps.exif_transpose(image)  # decodes the pixels
             return _to_rgb(upright, background)
