@@ -13,6 +13,7 @@ from trainer.errors import StudioError
 from trainer.runs.run_directory import RunDirectory
 
 from .compare import loss_curves_of, sampling_labels, settings_difference, side_by_side
+from .plots import loss_frame
 from .runs import list_runs, read_samples
 
 MIN_RUNS = 2
@@ -33,14 +34,13 @@ def compare_runs(runs_dir: Path, names: list[str] | None):
     """The settings table, the loss chart and the choices of prompt and sampling for the chosen runs."""
     runs = _chosen(runs_dir, names)
     if len(runs) < MIN_RUNS:
-        empty = pd.DataFrame({"step": [], "loss": [], "series": []})
-        return "Choose two or more runs.", None, empty, gr.Dropdown(choices=[]), gr.Dropdown(choices=[])
+        return "Choose two or more runs.", None, loss_frame({}), gr.Dropdown(choices=[]), gr.Dropdown(choices=[])
     header, rows = settings_difference(runs)
     table = pd.DataFrame(rows, columns=header) if rows else None
     note = (
         f"{len(rows)} {'setting differs' if len(rows) == 1 else 'settings differ'}." if rows else "The same settings."
     )
-    curves = pd.DataFrame(loss_curves_of(runs)).astype({"step": "int64", "loss": "float64", "series": "string"})
+    curves = loss_frame(loss_curves_of(runs))
     prompts = sorted({(s.index, s.prompt) for s in read_samples(runs[0])})
     prompt_choices = [(f"{index}: {prompt[:60]}", str(index)) for index, prompt in prompts]
     samplings = sampling_labels(runs)
@@ -65,7 +65,7 @@ def compare_tab(runs_dir: Path) -> None:
     runs = gr.Dropdown(label="Runs to compare", multiselect=True, choices=[])
     note = gr.Markdown()
     table = gr.Dataframe(label="Settings that differ", interactive=False, wrap=True)
-    curves = gr.LinePlot(x="step", y="loss", color="series", x_axis_format="d", label="Loss (smoothed)", height=260)
+    curves = gr.LinePlot(x="step", y="loss", color="series", x_axis_format="d", label="Loss (smoothed)", height=340)
     with gr.Row():
         prompt = gr.Dropdown(label="Prompt", choices=[])
         sampling = gr.Dropdown(label="Sampling", choices=[])

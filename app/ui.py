@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from trainer.config.kohya_import import load_preset_or_kohya
 from trainer.config.parsing import from_dict
@@ -38,6 +37,7 @@ from .form import (
     settings_from_form,
 )
 from .launcher import resume_run, send_command, start_run
+from .plots import loss_frame
 from .problems import error_box
 from .runs import (
     format_eta,
@@ -196,8 +196,7 @@ class Studio(ExportHandlers):
         if current == last_signature:
             return [gr.skip()] * outputs
         metrics = read_metrics(run_dir)
-        # typed even when empty: a first, untyped frame makes the plot treat the series as numbers for good
-        plot = pd.DataFrame(loss_curves(metrics)).astype({"step": "int64", "loss": "float64", "series": "string"})
+        plot = loss_frame(loss_curves(metrics))
         samples = read_samples(run_dir)
         grid, columns = sample_grid(samples)
         gallery = gr.Gallery(
@@ -309,7 +308,7 @@ def build(runs_dir: Path) -> gr.Blocks:
                     resume = gr.Button("Resume")
                     again = gr.Button("Train again from these settings")
                 control = gr.Markdown()
-                loss = gr.LinePlot(x="step", y="loss", color="series", x_axis_format="d", label="Loss", height=260)
+                loss = gr.LinePlot(x="step", y="loss", color="series", x_axis_format="d", label="Loss", height=340)
                 gallery = gr.Gallery(
                     label="Samples: a row per prompt, a column per sampling, the newest at the right",
                     columns=6,

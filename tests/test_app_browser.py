@@ -228,6 +228,7 @@ def test_quickstart_in_a_browser(studio, browser_page, tmp_path):
         _reload_mid_run(page, run_name, stages)
         _wait_until_finished(page, run_name, runs_dir, stages)
         _export(page, runs_dir / run_name, tmp_path, stages)
+        _compare(page, runs_dir, run_name, stages)
     except Exception:
         with contextlib.suppress(Exception):  # the failure itself matters more than its picture
             stages.snap("failed")
@@ -323,6 +324,7 @@ def _watch_the_run(page, runs_dir: Path, stages: Stages) -> str:
     )
     loss_line = page.locator(".vega-embed g.mark-line path").first
     expect(loss_line).to_have_attribute("d", re.compile(r"^M[^M]*L"), timeout=STEP_TIMEOUT_MS)  # 2+ points
+    expect(loss_line).to_have_attribute("stroke", re.compile(r"^#"), timeout=STEP_TIMEOUT_MS)  # and visible
     sample = page.locator("img[alt^='base model · 0: ']")
     expect(sample).to_be_attached(timeout=STEP_TIMEOUT_MS)
     sample.scroll_into_view_if_needed()
@@ -355,6 +357,28 @@ def _wait_until_finished(page, run_name: str, runs_dir: Path, stages: Stages) ->
     expect(page.locator(f"img[alt^='step {MAX_STEPS} · ']")).to_have_count(prompts, timeout=STEP_TIMEOUT_MS)
     assert (runs_dir / run_name / "samples" / f"step_{MAX_STEPS:06d}").is_dir()
     stages.snap("finished")
+
+
+def _compare(page, runs_dir: Path, run_name: str, stages: Stages) -> None:
+    """Two runs side by side: the finished one and a copy of it said to be rank 8 (no second training)."""
+    copy = runs_dir / f"{run_name}-r8"
+    shutil.copytree(runs_dir / run_name, copy)
+    config = copy / "config.toml"
+    config.write_text(re.sub(r"(?m)^rank = \d+$", "rank = 8", config.read_text(encoding="utf-8")), encoding="utf-8")
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_role("button", name="Refresh the list of runs").click()
+    runs = page.get_by_label("Runs to compare")
+    for name in (run_name, copy.name):
+        runs.click()
+        page.get_by_role("option", name=name, exact=True).click()
+    expect(page.get_by_text("1 setting differs.")).to_be_visible(timeout=STEP_TIMEOUT_MS)
+    # the chart's lines are drawn, and in colour (an empty first frame once left them without a stroke)
+    chart = page.get_by_role("tabpanel").locator(".vega-embed g.mark-line path")  # the shown tab's only
+    expect(chart.first).to_have_attribute("d", re.compile(r"^M[^M]*L"), timeout=STEP_TIMEOUT_MS)
+    expect(chart.first).to_have_attribute("stroke", re.compile(r"^#"), timeout=STEP_TIMEOUT_MS)
+    # the first prompt at the newest sampling both runs have: the final samples at step 12, one per run
+    expect(page.locator(f"img[alt$=' · step {MAX_STEPS}']")).to_have_count(2, timeout=STEP_TIMEOUT_MS)
+    stages.snap("compare")
 
 
 def _export(page, run_dir: Path, tmp_path: Path, stages: Stages) -> None:

@@ -12,6 +12,7 @@ from test_app_runs import make_run, write_samples
 
 from app.compare import loss_curves_of, sampling_labels, settings_difference, side_by_side
 from app.compare_tab import compare_runs, compare_samples
+from app.plots import loss_frame
 
 
 def _run(runs_dir: Path, name: str, config: str, losses: list[float], samplings: list[str]) -> Path:
@@ -70,3 +71,9 @@ def test_the_tab_needs_two_runs_and_refuses_names_outside_the_runs_folder(tmp_pa
     assert set(curves["series"]) == {"one", "two", "one, validation", "two, validation"}
     images = compare_samples(tmp_path, ["one", "two"], "0", "epoch 1")
     assert [label for _, label in images] == ["one · epoch 1", "two · epoch 1"]
+
+
+def test_a_loss_chart_gets_nothing_rather_than_an_empty_frame():
+    assert loss_frame({}) is None and loss_frame({"step": [], "loss": [], "series": []}) is None
+    frame = loss_frame({"step": [1], "loss": [0.5], "series": ["training"]})
+    assert dict(frame.dtypes.astype(str)) == {"step": "int64", "loss": "float64", "series": "string"}
