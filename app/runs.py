@@ -13,6 +13,7 @@ import math
 import os
 import shlex
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,6 +300,25 @@ def log_tail(run_dir: Path, lines: int = 40) -> str:
         if console:
             text = f"{text}\n\n--- console.log ---\n{console}" if text else console
     return text
+
+
+def run_label(status: RunStatus, runs_dir: Path) -> str:
+    """How the run picker names a run: its name, its adapter's kind and rank, and when it last changed. The
+    kind and rank come from the settings the studio started it with (``preset.toml``), else the trainer's
+    ``config.toml``, and are left out when neither can be read. Its state is not in the label, which is drawn
+    when the list is: the status under the picker says it as it changes."""
+    parts = [status.name]
+    run = RunDirectory(Path(runs_dir) / status.name)
+    for settings in (run.preset_path, run.config_path):
+        try:
+            network = tomllib.loads(settings.read_text(encoding="utf-8"))["network"]
+            parts.append(f"{network['kind']} r{network['rank']}")
+            break
+        except (OSError, ValueError, KeyError, TypeError):  # tomllib.TOMLDecodeError is a ValueError
+            continue
+    if status.updated_at is not None:
+        parts.append(time.strftime("%Y-%m-%d %H:%M", time.localtime(status.updated_at)))
+    return " · ".join(parts)
 
 
 def list_runs(runs_dir: Path) -> list[RunStatus]:

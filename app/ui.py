@@ -48,6 +48,7 @@ from .runs import (
     read_metrics,
     read_samples,
     read_status,
+    run_label,
     sample_grid,
     samples_for_prompt,
     signature,
@@ -138,19 +139,21 @@ class Studio(ExportHandlers):
             name = start_run(self.runs_dir, config)
         except StudioError as error:
             return error_box(error.problems), gr.skip(), gr.skip()
-        return f"Started run **{name}**.", gr.Dropdown(choices=self._run_names(), value=name), gr.Tabs(selected="run")
+        return f"Started run **{name}**.", gr.Dropdown(choices=self._run_choices(), value=name), gr.Tabs(selected="run")
 
     # -- watch ---------------------------------------------------------------------------------------
 
-    def _run_names(self) -> list[str]:
-        return [run.name for run in list_runs(self.runs_dir)]
+    def _run_choices(self) -> list[tuple[str, str]]:
+        """The run picker's entries: each run's label (``runs.run_label``) and its name."""
+        return [(run_label(run, self.runs_dir), run.name) for run in list_runs(self.runs_dir)]
 
     def initial_run(self):
         """On page load: the active run, else the newest, so a reload or a new tab shows the same run."""
         runs = list_runs(self.runs_dir)
         active = next((run for run in runs if run.alive), None)
         chosen = active or (runs[0] if runs else None)
-        return gr.Dropdown(choices=[run.name for run in runs], value=chosen.name if chosen else None)
+        choices = [(run_label(run, self.runs_dir), run.name) for run in runs]
+        return gr.Dropdown(choices=choices, value=chosen.name if chosen else None)
 
     def _status_markdown(self, name: str) -> str:
         status = read_status(self._run(name).root)

@@ -312,8 +312,10 @@ def _status(page, run_name: str):
 
 def _watch_the_run(page, runs_dir: Path, stages: Stages) -> str:
     run_dropdown = page.get_by_label("Run", exact=True)
-    expect(run_dropdown).to_have_value(re.compile(r"^quickstart-dora-\d{8}-\d{6}"), timeout=STEP_TIMEOUT_MS)
-    run_name = run_dropdown.input_value()
+    # the picker shows each run as "name · kind rank · date"
+    expect(run_dropdown).to_have_value(re.compile(r"^quickstart-dora-\d{8}-\d{6} · "), timeout=STEP_TIMEOUT_MS)
+    run_name = run_dropdown.input_value().split(" · ")[0]
+    expect(run_dropdown).to_have_value(re.compile(r" · dora r16 · "), timeout=STEP_TIMEOUT_MS)
     assert [p.name for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")] == [run_name]
     assert re.search(rf"(?m)^max_steps = {MAX_STEPS}$", (runs_dir / run_name / "preset.toml").read_text())
     stages.snap("run-started")
@@ -340,7 +342,9 @@ def _reload_mid_run(page, run_name: str, stages: Stages) -> None:
     stages.collect_errors("before reload")
     page.reload()
     page.get_by_role("tab", name="Run").click()
-    expect(page.get_by_label("Run", exact=True)).to_have_value(run_name, timeout=STEP_TIMEOUT_MS)
+    expect(page.get_by_label("Run", exact=True)).to_have_value(
+        re.compile(f"^{re.escape(run_name)} · "), timeout=STEP_TIMEOUT_MS
+    )
     status = _status(page, run_name)
     expect(status).to_contain_text(re.compile(rf"step \d+ / {MAX_STEPS}"), timeout=STEP_TIMEOUT_MS)
     if "finished" in status.inner_text():

@@ -23,6 +23,7 @@ from app.runs import (
     read_metrics,
     read_samples,
     read_status,
+    run_label,
     sample_grid,
     samples_for_prompt,
     signature,
@@ -442,3 +443,14 @@ def test_a_dropdown_keeps_the_users_choice_else_the_preferred_else_the_first():
     assert kept_or("gone", ["a", "b"], preferred="b") == "b"
     assert kept_or(None, ["a", "b"], preferred="missing") == "a"
     assert kept_or(None, []) is None
+
+
+def test_the_run_picker_names_kind_rank_and_date(tmp_path):
+    root = make_run(tmp_path, "my-run", state="done", updated_at=1.8e9)
+    (root / "config.toml").write_text('[network]\nkind = "dora"\nrank = 16\n')
+    assert run_label(read_status(root), tmp_path).startswith("my-run · dora r16 · 2027-")  # 1.8e9 s: January 2027
+    (root / "preset.toml").write_text('[network]\nkind = "lora"\nrank = 8\n')  # what the studio started it with
+    assert run_label(read_status(root), tmp_path).startswith("my-run · lora r8 · ")
+    for path in (root / "preset.toml", root / "config.toml"):
+        path.write_text("not toml [")
+    assert run_label(read_status(root), tmp_path).count(" · ") == 1  # name and date: no kind to say
