@@ -58,9 +58,8 @@ class DatasetRow:
 
 
 def caption_file(image: Path, subset: SubsetFolder) -> Path:
-    """The image's caption file; "txt" means ".txt", as the scan takes it."""
-    extension = subset.caption_extension
-    return image.with_suffix(extension if extension.startswith(".") else "." + extension)
+    """The image's caption file (``SubsetFolder`` takes "txt" as ".txt", as the scan does)."""
+    return image.with_suffix(subset.caption_extension)
 
 
 def subset_of(subsets: list[SubsetFolder], path: Path) -> SubsetFolder | None:

@@ -10,7 +10,7 @@ named in the report with the reason it is left out, so nobody believes they trai
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.errors import DatasetError, ImageLoadError
@@ -344,13 +344,6 @@ def scan_subsets(
     """
     if not subsets:
         raise DatasetError.at("dataset.path", f"no dataset folder given; {DATASET_FIX}")
-    subsets = [
-        replace(
-            s,
-            caption_extension=s.caption_extension if s.caption_extension.startswith(".") else "." + s.caption_extension,
-        )
-        for s in subsets
-    ]  # as kohya does: "txt" means ".txt"
     _check_folders(subsets)
     scan = DatasetScan(subsets[0].path, subsets)
     for index in range(len(subsets)):

@@ -29,6 +29,11 @@ class SubsetFolder:
     flip: bool = False
     mask_path: Path | None = None  # a folder of same-name masks (kept out of the image scan)
 
+    def __post_init__(self) -> None:
+        # as kohya does: "txt" means ".txt"; once here, so every reader of the subset agrees
+        if not self.caption_extension.startswith("."):
+            object.__setattr__(self, "caption_extension", "." + self.caption_extension)
+
 
 def balance_regularization(train_total: int, reg_repeats: list[int]) -> list[int]:
     """Each regularization image's repeats after kohya's balancing; 0: the image is not used.
