@@ -12,7 +12,7 @@ from pathlib import Path
 
 from trainer.runs.run_directory import RunDirectory
 
-from .runs import Sample, read_metrics, read_samples, smoothed
+from .runs import Sample, loss_curves, read_metrics, read_samples
 
 UNREADABLE = "(unreadable)"
 
@@ -50,18 +50,19 @@ def settings_difference(run_dirs: list[Path]) -> tuple[list[str], list[list[str]
 
 
 def loss_curves_of(run_dirs: list[Path]) -> dict[str, list]:
-    """Each run's smoothed training loss (and its validation loss), one series per run, for one chart."""
-    rows = []
+    """Each run's smoothed training loss (and its validation loss), one series per run, for one chart: the Run
+    tab's curves (``runs.loss_curves``) without the raw training line, named by run."""
+    names = {"training, smoothed": "{run}", "validation": "{run}, validation"}  # in this order, per run
+    columns: dict[str, list] = {"step": [], "loss": [], "series": []}
     for run_dir in run_dirs:
-        metrics = read_metrics(run_dir)
-        training = [(m["step"], m["loss"]) for m in metrics if isinstance(m.get("loss"), (int, float))]
-        rows += [(step, value, run_dir.name) for (step, _), value in zip(training, smoothed([v for _, v in training]))]
-        rows += [
-            (m["step"], m["validation_loss"], f"{run_dir.name}, validation")
-            for m in metrics
-            if isinstance(m.get("validation_loss"), (int, float))
-        ]
-    return {"step": [r[0] for r in rows], "loss": [r[1] for r in rows], "series": [r[2] for r in rows]}
+        curves = loss_curves(read_metrics(run_dir))
+        rows = list(zip(curves["step"], curves["loss"], curves["series"]))
+        for series, name in names.items():
+            for step, loss, _ in (row for row in rows if row[2] == series):
+                columns["step"].append(step)
+                columns["loss"].append(loss)
+                columns["series"].append(name.format(run=run_dir.name))
+    return columns
 
 
 def sampling_labels(run_dirs: list[Path]) -> list[str]:
