@@ -74,9 +74,10 @@ def augment_options(config: TrainConfig) -> AugmentOptions:
 
 
 def captions_vary(config: TrainConfig) -> bool:
-    """Whether any subset changes its captions between steps (shuffle or dropout), from the settings alone,
-    so the text encoders' placement is known before any folder is scanned."""
-    return any(is_randomised(folder.captions) for folder in subset_folders(config))
+    """Whether any subset that trains changes its captions between steps (shuffle or dropout), from the
+    settings alone, so the text encoders' placement and the text cache are decided before any folder is
+    scanned, and alike. Validation captions are fixed whatever their subset says (``plan_examples``)."""
+    return any(is_randomised(folder.captions) for folder in subset_folders(config) if folder.role != "validation")
 
 
 def sample_prompts(config: TrainConfig) -> list[SamplePrompt]:
@@ -163,7 +164,7 @@ def _latent_cache(
 @torch.no_grad()
 def _text_cache(config: TrainConfig, pipe, examples, device) -> dict[str, tuple[Tensor, Tensor]] | None:
     """Caption -> (prompt embeds, pooled) when every step's caption is fixed and the encoders are frozen."""
-    if text_encoders_run_every_step(config, captions_vary=any(is_randomised(e.captions) for e in examples)):
+    if text_encoders_run_every_step(config, captions_vary(config)):
         return None
     captions = sorted({process_caption(e.caption, e.captions, None) for e in examples})
     cache = {}
