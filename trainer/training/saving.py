@@ -3,6 +3,7 @@ the moving average of the adapter beside it when the run keeps one."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Mapping
@@ -60,8 +61,10 @@ def _file_rank(rank: int, alpha: float, export_rank: int) -> tuple[int, float]:
 INIT_FROM_KEY = "dora_studio.init_from"
 
 
+@functools.cache
 def _init_from_record(path: str) -> dict[str, str]:
-    """Which file the run started from, by name and content: the path alone may not exist where the file goes."""
+    """Which file the run started from, by name and content: the path alone may not exist where the file goes.
+    Read once per run (the file is the run's starting point, not something it writes), not at every save."""
     return {"file": Path(path).name, "sha256": file_sha256(Path(path))}
 
 
