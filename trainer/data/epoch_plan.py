@@ -135,6 +135,11 @@ def plan_image(example: TrainExample, index: int, options: AugmentOptions, rng: 
     return PlannedImage(index, crop, flipped, process_caption(example.caption, example.captions, rng))
 
 
+def centred_crop(example: TrainExample, spec: BucketSpec) -> CropPlan:
+    """The crop an image gets without random cropping: what the latent cache holds and validation measures."""
+    return crop_plan(*example.size, example.bucket, False, None, spec)
+
+
 def plan_epoch(
     examples: list[TrainExample], options: AugmentOptions, batch_size: int, seed: int, epoch: int
 ) -> list[list[PlannedImage]]:

@@ -16,9 +16,15 @@ import torch
 from torch import Tensor
 
 from trainer.config.schema import TrainConfig
-from trainer.data.buckets import crop_plan
 from trainer.data.captions import is_randomised, process_caption
-from trainer.data.epoch_plan import AugmentOptions, PlannedImage, TrainExample, epoch_batches, plan_examples
+from trainer.data.epoch_plan import (
+    AugmentOptions,
+    PlannedImage,
+    TrainExample,
+    centred_crop,
+    epoch_batches,
+    plan_examples,
+)
 from trainer.data.latent_cache import LatentCache, fill_cache, vae_fingerprint
 from trainer.errors import DatasetError, TrainingError
 from trainer.files import default_cache_dir
@@ -132,7 +138,7 @@ def cacheable_images(examples: list[TrainExample], augment: AugmentOptions) -> l
     """Every crop a run can use when crops are centred: one per image, and its mirror when flipping."""
     planned = []
     for index, example in enumerate(examples):
-        crop = crop_plan(*example.size, example.bucket, False, None, augment.bucket_spec)
+        crop = centred_crop(example, augment.bucket_spec)
         planned += [PlannedImage(index, crop, flipped, "") for flipped in ((False, True) if example.flip else (False,))]
     return planned
 

@@ -15,9 +15,8 @@ import torch
 from accelerate import Accelerator
 
 from trainer.data.batches import EpochBatches
-from trainer.data.buckets import crop_plan
 from trainer.data.captions import process_caption
-from trainer.data.epoch_plan import PlannedImage, TrainExample
+from trainer.data.epoch_plan import PlannedImage, TrainExample, centred_crop
 
 from .processes import sum_over_processes
 from .sampling import eval_mode
@@ -31,7 +30,7 @@ def validation_batches(examples: list[TrainExample], session: Session, batch_siz
     """The held-out images in batches that never mix buckets: centred crops, no flip, fixed captions."""
     by_bucket: dict[tuple[int, int], list[PlannedImage]] = {}
     for index, example in enumerate(examples):
-        crop = crop_plan(*example.size, example.bucket, False, None, session.augment.bucket_spec)
+        crop = centred_crop(example, session.augment.bucket_spec)
         caption = process_caption(example.caption, example.captions, None)
         by_bucket.setdefault(example.bucket, []).append(PlannedImage(index, crop, False, caption))
     return [
