@@ -5,6 +5,7 @@ pretraining never used; each sample (20 Euler steps, guidance 5) is read by
 ``quality_metrics.read_picture``. Chance is 1/4 for the shape, 1/7 for the colour, 1/9 for the position.
 
     python bench/toy_accuracy.py [--count 48] [--prefix zqx] [--device cuda]   # --prefix: a word before each caption
+    python bench/toy_accuracy.py --weights FILE   # a toy model rebuilt by make-toy-model --out FILE (or its .partial)
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from pathlib import Path
 
 import torch
 from quality_metrics import read_picture
 
 from trainer.builtin.resolve import resolve_builtin
 from trainer.builtin.shapes import PLAIN_SHAPES
+from trainer.builtin.toy import load_toy_pipeline
 from trainer.builtin.toy_pretrain import random_scene
 from trainer.sdxl.model_files import load_sdxl_pipeline
 
@@ -29,8 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=48)
     parser.add_argument("--prefix", default="", help="put this word first in every caption, as a trigger word")
     parser.add_argument("--device", default="cpu", help="where to sample (the seeds draw on the CPU either way)")
+    parser.add_argument("--weights", type=Path, help="a toy weights file instead of the packaged model")
     args = parser.parse_args(argv)
-    pipe = load_sdxl_pipeline(resolve_builtin("builtin:toy-sdxl")).to(args.device)
+    pipe = load_toy_pipeline(args.weights) if args.weights else load_sdxl_pipeline(resolve_builtin("builtin:toy-sdxl"))
+    pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     rng = random.Random(CAPTION_SEED)
     scenes = [random_scene(rng) for _ in range(args.count)]
