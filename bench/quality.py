@@ -19,6 +19,7 @@ Then, on a held-out set of new zqx pictures drawn by ``trainer.builtin.shapes`` 
 
     python bench/quality.py               # ranks 2 4 8 16 (VeRA, DVoRA: 64 256), every variant, 3 seeds
     python bench/quality.py --seeds 1     # one seed per cell: a third of the time
+    python bench/quality.py --steps 320 --ranks 4,16 --variants "LoRA,DoRA input axis"   # longer, fewer
     python bench/quality.py --quick       # a smoke test of all of it in about a minute (numbers mean nothing)
 
 Writes ``quality.json`` and ``quality-decomposition.png`` to ``--out`` (default bench/results/).
@@ -361,11 +362,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the bench runs")
     parser.add_argument("--seeds", type=int, help="run only this many seeds (default: the plan's 3)")
     parser.add_argument("--variants", help=f"a comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--ranks", help="comma-separated LoRA/DoRA ranks (default: the plan's 2,4,8,16)")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: the plan's 64)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.seeds:
         plan = replace(plan, seeds=tuple(range(args.seeds)))
+    if args.ranks:
+        plan = replace(plan, ranks=tuple(int(rank) for rank in args.ranks.split(",")))
+    if args.steps:  # four checkpoints per run, as the full plan saves, for the decomposition's trajectory
+        plan = replace(plan, steps=args.steps, checkpoint_every=max(1, args.steps // 4))
     variants = args.variants.split(",") if args.variants else list(VARIANTS)
     if unknown := set(variants) - set(VARIANTS):
         parser.error(f"unknown variants {sorted(unknown)}")
