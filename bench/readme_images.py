@@ -2,16 +2,19 @@
 
     python bench/readme_images.py                      # writes docs/toy-sdxl-samples.png
     python bench/readme_images.py --run RUN_DIR        # also docs/quickstart-before-after.png from a quick start
+    python bench/readme_images.py --run RUN_DIR --read-only   # only print what each sample of the run draws
 
 The first grid samples the toy model (20 Euler steps, guidance 5, seeds 0 and 1) from captions of the kind
 it was pretrained on, one row per caption. The second lays out a finished run's per-epoch samples, one row
-per sample prompt, from the base model (epoch 0) to the last epoch.
+per sample prompt, from the base model (epoch 0) to the last epoch, and prints what the exact reader
+(``quality_metrics.read_picture``) sees in each of its samples: which shape, the ``zqx`` ring included.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -83,22 +86,48 @@ def toy_samples(out: Path) -> None:
     label_grid(rows, list(TOY_PROMPTS), [f"seed {seed}" for seed in seeds]).save(out)
 
 
-def quickstart_grid(run_dir: Path, out: Path) -> None:
-    """Rows: the run's sample prompts; columns: samples/epoch_000 (the base model) to the last epoch."""
+def run_samples(run_dir: Path) -> tuple[list[str], list[str], list[list[Image.Image]]]:
+    """(prompts, column labels, one row of pictures per prompt: samples/epoch_000 to the last epoch)."""
     epochs = sorted(run_dir.glob("samples/epoch_*"))
     if not epochs:
         raise SystemExit(f"{run_dir}: no samples/epoch_NNN folders; is it a finished run with sampling.at_start?")
     prompts = json.loads((epochs[0] / "prompts.json").read_text(encoding="utf-8"))
     rows = [[Image.open(folder / record["file"]).convert("RGB") for folder in epochs] for record in prompts]
     columns = ["base" if folder.name == "epoch_000" else f"epoch {int(folder.name[6:])}" for folder in epochs]
-    label_grid(rows, [record["prompt"] for record in prompts], columns, scale=1).save(out)
+    return [record["prompt"] for record in prompts], columns, rows
+
+
+def quickstart_grid(run_dir: Path, out: Path) -> None:
+    """Rows: the run's sample prompts; columns: samples/epoch_000 (the base model) to the last epoch."""
+    prompts, columns, rows = run_samples(run_dir)
+    label_grid(rows, prompts, columns, scale=1).save(out)
+
+
+def print_readings(run_dir: Path) -> None:
+    """What each sample draws, read exactly against the background its prompt names."""
+    from quality_metrics import read_picture
+
+    prompts, columns, rows = run_samples(run_dir)
+    for prompt, pictures in zip(prompts, rows):
+        background = re.search(r"on an? (.+?) background", prompt)
+        if background is None:
+            print(f"{prompt}: names no background, not read")
+            continue
+        readings = [read_picture(picture, background.group(1)) for picture in pictures]
+        print(prompt)
+        print("  " + ", ".join(f"{column}: {reading.shape}" for column, reading in zip(columns, readings)))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument("--run", type=Path, help="a finished quick-start run folder: draw its before/after grid")
+    parser.add_argument("--read-only", action="store_true", help="with --run: print its readings, draw nothing")
     args = parser.parse_args(argv)
+    if args.run:
+        print_readings(args.run)
+    if args.read_only:
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     toy_samples(args.out / "toy-sdxl-samples.png")
     print(f"wrote {args.out / 'toy-sdxl-samples.png'}")
