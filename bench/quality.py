@@ -128,8 +128,7 @@ def train(variant: str, rank: int, seed: int, plan: Plan, work: Path) -> list[tu
     settings = overrides(variant, rank, seed) + [
         f"training.max_steps={plan.steps}",
         "training.epochs=1000",
-        "sampling.at_start=false",
-        "sampling.every_n_epochs=0",
+        "sampling.prompts=[]",  # the bench samples held-out captions itself; the trainer's samples go unread
         "saving.every_n_epochs=0",
         f"saving.every_n_steps={plan.checkpoint_every}",
         "saving.save_state=false",
