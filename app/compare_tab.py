@@ -14,7 +14,7 @@ from trainer.runs.run_directory import RunDirectory
 
 from .compare import loss_curves_of, sampling_labels, settings_difference, side_by_side
 from .plots import loss_frame
-from .runs import list_runs, read_samples
+from .runs import list_runs, prompt_choices, read_samples
 
 MIN_RUNS = 2
 
@@ -41,14 +41,13 @@ def compare_runs(runs_dir: Path, names: list[str] | None):
         f"{len(rows)} {'setting differs' if len(rows) == 1 else 'settings differ'}." if rows else "The same settings."
     )
     curves = loss_frame(loss_curves_of(runs))
-    prompts = sorted({(s.index, s.prompt) for s in read_samples(runs[0])})
-    prompt_choices = [(f"{index}: {prompt[:60]}", str(index)) for index, prompt in prompts]
+    prompts = prompt_choices(read_samples(runs[0]))
     samplings = sampling_labels(runs)
     return (
         note,
         table,
         curves,
-        gr.Dropdown(choices=prompt_choices, value=prompt_choices[0][1] if prompt_choices else None),
+        gr.Dropdown(choices=prompts, value=prompts[0][1] if prompts else None),
         gr.Dropdown(choices=samplings, value=samplings[-1] if samplings else None),
     )
 

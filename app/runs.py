@@ -253,6 +253,12 @@ def sample_grid(samples: list[Sample], max_columns: int = GRID_COLUMNS) -> tuple
     return shown, max(len(orders), 1)
 
 
+def prompt_choices(samples: list[Sample]) -> list[tuple[str, str]]:
+    """A prompt picker's entries: ``index: prompt`` (cut at 60 characters) and the index, by index."""
+    prompts = sorted({(s.index, s.prompt) for s in samples})
+    return [(f"{index}: {prompt[:60]}", str(index)) for index, prompt in prompts]
+
+
 def samples_for_prompt(samples: list[Sample], index: int) -> list[Sample]:
     """One prompt across the run, oldest first: how the adapter changed the same picture."""
     return sorted((s for s in samples if s.index == index), key=lambda s: s.order)

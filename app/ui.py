@@ -40,11 +40,13 @@ from .launcher import resume_run, send_command, start_run
 from .plots import loss_frame
 from .problems import error_box
 from .runs import (
+    RunStatus,
     format_eta,
     kept_or,
     list_runs,
     log_tail,
     loss_curves,
+    prompt_choices,
     read_metrics,
     read_samples,
     read_status,
@@ -139,21 +141,21 @@ class Studio(ExportHandlers):
             name = start_run(self.runs_dir, config)
         except StudioError as error:
             return error_box(error.problems), gr.skip(), gr.skip()
-        return f"Started run **{name}**.", gr.Dropdown(choices=self._run_choices(), value=name), gr.Tabs(selected="run")
+        runs = gr.Dropdown(choices=self._run_choices(list_runs(self.runs_dir)), value=name)
+        return f"Started run **{name}**.", runs, gr.Tabs(selected="run")
 
     # -- watch ---------------------------------------------------------------------------------------
 
-    def _run_choices(self) -> list[tuple[str, str]]:
+    def _run_choices(self, runs: list[RunStatus]) -> list[tuple[str, str]]:
         """The run picker's entries: each run's label (``runs.run_label``) and its name."""
-        return [(run_label(run, self.runs_dir), run.name) for run in list_runs(self.runs_dir)]
+        return [(run_label(run, self.runs_dir), run.name) for run in runs]
 
     def initial_run(self):
         """On page load: the active run, else the newest, so a reload or a new tab shows the same run."""
         runs = list_runs(self.runs_dir)
         active = next((run for run in runs if run.alive), None)
         chosen = active or (runs[0] if runs else None)
-        choices = [(run_label(run, self.runs_dir), run.name) for run in runs]
-        return gr.Dropdown(choices=choices, value=chosen.name if chosen else None)
+        return gr.Dropdown(choices=self._run_choices(runs), value=chosen.name if chosen else None)
 
     def _status_markdown(self, name: str) -> str:
         status = read_status(self._run(name).root)
@@ -205,8 +207,7 @@ class Studio(ExportHandlers):
         gallery = gr.Gallery(
             value=[(str(s.path), f"{s.epoch_label} · {s.index}: {s.prompt}") for s in grid], columns=columns
         )
-        prompts = sorted({(s.index, s.prompt) for s in samples})
-        choices = [(f"{index}: {prompt[:60]}", str(index)) for index, prompt in prompts]
+        choices = prompt_choices(samples)
         adapters = self._adapter_choices(run_dir)
         last = Path(read_status(run_dir).last_adapter).name
         return [
