@@ -73,3 +73,15 @@ def test_quality_bench_quick(tmp_path):
         assert plot.width > 400
     assert "Held-out denoising loss" in result.stdout and "Weight decomposition" in result.stdout
     assert "Per layer type, as the paper plots it" in result.stdout
+
+
+def test_first_step_bench_reads_where_a_drawn_shape_is_and_names_its_third():
+    from toy_first_step import ink_centroid, third_of
+
+    rng = random.Random(7)
+    for _ in range(40):
+        scene = random_scene(rng)
+        x, y = ink_centroid(paint(scene), scene.background)
+        # a flat symmetric shape's ink is centred on it (the triangle is drawn about its centroid, too)
+        assert abs(x - scene.centre[0]) < 1.0 and abs(y - scene.centre[1]) < 1.0, (scene, x, y)
+        assert third_of(scene.centre, scene.size) == scene.position
