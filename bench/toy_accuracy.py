@@ -18,11 +18,9 @@ from pathlib import Path
 import torch
 from quality_metrics import read_picture
 
-from trainer.builtin.resolve import resolve_builtin
 from trainer.builtin.shapes import PLAIN_SHAPES
-from trainer.builtin.toy import load_toy_pipeline
+from trainer.builtin.toy import TOY_ASSET, load_toy_pipeline
 from trainer.builtin.toy_pretrain import random_scene
-from trainer.sdxl.model_files import load_sdxl_pipeline
 
 CAPTION_SEED = 4242
 
@@ -32,9 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=48)
     parser.add_argument("--prefix", default="", help="put this word first in every caption, as a trigger word")
     parser.add_argument("--device", default="cpu", help="where to sample (the seeds draw on the CPU either way)")
-    parser.add_argument("--weights", type=Path, help="a toy weights file instead of the packaged model")
+    parser.add_argument("--weights", type=Path, default=TOY_ASSET, help="toy weights (default: the packaged model)")
     args = parser.parse_args(argv)
-    pipe = load_toy_pipeline(args.weights) if args.weights else load_sdxl_pipeline(resolve_builtin("builtin:toy-sdxl"))
+    pipe = load_toy_pipeline(args.weights)
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     rng = random.Random(CAPTION_SEED)

@@ -24,10 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.builtin.resolve import resolve_builtin
 from trainer.builtin.shapes import BACKGROUNDS, Scene
-from trainer.builtin.toy import TOY_RESOLUTION, load_toy_pipeline
-from trainer.sdxl.model_files import load_sdxl_pipeline
+from trainer.builtin.toy import TOY_ASSET, TOY_RESOLUTION, load_toy_pipeline
 
 POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 DEFAULT_CAPTION = "a large red circle on a white background, {position}"
@@ -83,12 +81,12 @@ def first_step_pictures(pipe, captions: list[str], seed: int, guidance: float = 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", type=Path, help="a toy weights file instead of the packaged model")
+    parser.add_argument("--weights", type=Path, default=TOY_ASSET, help="toy weights (default: the packaged model)")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--caption", default=DEFAULT_CAPTION, help="a caption with {position} where its place goes")
     parser.add_argument("--background", default="white", help="the caption's background (the ink is read against it)")
     args = parser.parse_args(argv)
-    pipe = load_toy_pipeline(args.weights) if args.weights else load_sdxl_pipeline(resolve_builtin("builtin:toy-sdxl"))
+    pipe = load_toy_pipeline(args.weights)
     captions = [args.caption.format(position=position) for position in POSITIONS]
     size = (TOY_RESOLUTION, TOY_RESOLUTION)
     centres = {
